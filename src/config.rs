@@ -1,0 +1,351 @@
+//! The TOML configuration (`stepgate.toml`) and the command-line overrides applied on top of it.
+//!
+//! Loading happens in two stages: serde reads the raw file (unknown keys are rejected, and a bad value is
+//! reported with the file, line and key), then [`Config::validate`] checks what serde cannot. Relative
+//! paths resolve against the folder of the config file. Every key has a default, so flags alone can run
+//! stepgate.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:5432";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// How stepgate talks to the upstream server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS when the server offers it, plain TCP otherwise.
+    Prefer,
+    /// TLS or nothing (like libpq's sslmode=require: encrypted, certificate not verified).
+    Require,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The file as written, before validation. Field docs are the reference for each key.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Address clients connect to. [127.0.0.1:6432]
+    listen: Option<String>,
+    /// The PostgreSQL server (host:port). [127.0.0.1:5432]
+    upstream: Option<String>,
+    /// disable | prefer | require. [disable]
+    upstream_tls: Option<UpstreamTls>,
+    /// Where stepgate keeps its state, relative to this file. [./stepgate-state]
+    state_dir: Option<PathBuf>,
+    /// Client connections accepted at once; more get SQLSTATE 53300. [1000]
+    max_connections: Option<usize>,
+    /// Time a client has to finish the startup and login. [10s]
+    #[serde(default, deserialize_with = "de_duration")]
+    startup_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT, how long open sessions may run before they are closed. [30s]
+    #[serde(default, deserialize_with = "de_duration")]
+    shutdown_timeout: Option<Duration>,
+    /// Largest message a client may send after login. [1GiB]
+    #[serde(default, deserialize_with = "de_size")]
+    max_message_size: Option<usize>,
+    /// text | json. [text]
+    log_format: Option<LogFormat>,
+    /// Terminate client TLS.
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    required: bool,
+}
+
+/// Client-side TLS: certificate chain and key (PEM), and whether plaintext clients are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub required: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub upstream: String,
+    pub upstream_tls: UpstreamTls,
+    pub state_dir: PathBuf,
+    pub max_connections: usize,
+    pub startup_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_message_size: usize,
+    pub log_format: LogFormat,
+    pub tls: Option<TlsConfig>,
+}
+
+/// Command-line flags that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub upstream_tls: Option<UpstreamTls>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.into(),
+            upstream: DEFAULT_UPSTREAM.into(),
+            upstream_tls: UpstreamTls::Disable,
+            state_dir: PathBuf::from("stepgate-state"),
+            max_connections: 1000,
+            startup_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+            max_message_size: 1 << 30,
+            log_format: LogFormat::Text,
+            tls: None,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (if given) and applies `overrides`. Without a file, defaults and flags are used and
+    /// relative paths resolve against the current directory.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let base = path.parent().unwrap_or(Path::new("."));
+                Self::from_toml(&text, base, &path.display().to_string())?
+            }
+            None => Config::default(),
+        };
+        config.with_overrides(overrides)
+    }
+
+    /// Parses TOML text; `base` is the folder relative paths resolve against, `source` names the file in
+    /// errors.
+    pub fn from_toml(text: &str, base: &Path, source: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: source.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let d = Config::default();
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let config = Config {
+            listen: raw.listen.unwrap_or(d.listen),
+            upstream: raw.upstream.unwrap_or(d.upstream),
+            upstream_tls: raw.upstream_tls.unwrap_or_default(),
+            state_dir: resolve(raw.state_dir.unwrap_or(d.state_dir)),
+            max_connections: raw.max_connections.unwrap_or(d.max_connections),
+            startup_timeout: raw.startup_timeout.unwrap_or(d.startup_timeout),
+            shutdown_timeout: raw.shutdown_timeout.unwrap_or(d.shutdown_timeout),
+            max_message_size: raw.max_message_size.unwrap_or(d.max_message_size),
+            log_format: raw.log_format.unwrap_or_default(),
+            tls: raw.tls.map(|t| TlsConfig {
+                cert: resolve(t.cert),
+                key: resolve(t.key),
+                required: t.required,
+            }),
+        };
+        config.validate(source)?;
+        Ok(config)
+    }
+
+    fn with_overrides(mut self, o: &Overrides) -> Result<Config, ConfigError> {
+        if let Some(v) = &o.listen {
+            self.listen = v.clone();
+        }
+        if let Some(v) = &o.upstream {
+            self.upstream = v.clone();
+        }
+        if let Some(v) = &o.state_dir {
+            self.state_dir = v.clone();
+        }
+        if let Some(v) = o.upstream_tls {
+            self.upstream_tls = v;
+        }
+        if let Some(v) = o.log_format {
+            self.log_format = v;
+        }
+        self.validate("command line")?;
+        Ok(self)
+    }
+
+    fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid {
+            path: source.to_string(),
+            key,
+            message,
+        };
+        for (key, addr) in [("listen", &self.listen), ("upstream", &self.upstream)] {
+            if split_host_port(addr).is_none() {
+                return Err(invalid(key, format!("{addr:?} is not host:port")));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1".into()));
+        }
+        if self.startup_timeout.is_zero() {
+            return Err(invalid("startup_timeout", "must be above zero".into()));
+        }
+        if !(MIN_MESSAGE_SIZE..=MAX_MESSAGE_SIZE).contains(&self.max_message_size) {
+            return Err(invalid(
+                "max_message_size",
+                format!("must be between {MIN_MESSAGE_SIZE} bytes and 1GiB"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Smallest accepted `max_message_size`: PostgreSQL clients need at least this for ordinary traffic.
+pub const MIN_MESSAGE_SIZE: usize = 64 * 1024;
+/// PostgreSQL's own limit (MaxAllocSize).
+pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
+
+/// Splits `host:port` (`[v6]:port` too). Returns None when there is no valid port.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty()).then_some((host, port))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"10s\": {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    match SizeValue::deserialize(d)? {
+        SizeValue::Bytes(n) => Ok(Some(n as usize)),
+        SizeValue::Text(s) => parse_size(&s).map(Some).ok_or_else(|| {
+            serde::de::Error::custom(format!("{s:?} is not a size like \"1GiB\", \"64MB\" or 1048576"))
+        }),
+    }
+}
+
+/// Parses `1GiB`, `64 MB`, `512kB`, `1048576`. Binary and decimal suffixes both mean powers of 1024, as in
+/// PostgreSQL's own memory settings.
+pub fn parse_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..split].parse().ok()?;
+    let unit: u64 = match s[split..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    usize::try_from(n.checked_mul(unit)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/sg"), "stepgate.toml")
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse("state_dir = \"state\"\n[tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n").unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+        assert_eq!(c.state_dir, PathBuf::from("/etc/sg/state"));
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/etc/sg/c.pem"));
+        assert_eq!(tls.key, PathBuf::from("/abs/k.pem"));
+        assert_eq!(c.max_message_size, 1 << 30);
+        assert_eq!(c.startup_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("listen = \"127.0.0.1:1\"\nlsten = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("stepgate.toml"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("lsten"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_line() {
+        let err = parse("\nstartup_timeout = \"ten\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("startup_timeout"), "{err}");
+        let err = parse("max_message_size = \"12 parsecs\"").unwrap_err().to_string();
+        assert!(err.contains("max_message_size"), "{err}");
+        let err = parse("upstream = \"nohost\"").unwrap_err().to_string();
+        assert!(err.contains("upstream"), "{err}");
+        let err = parse("upstream_tls = \"sometimes\"").unwrap_err().to_string();
+        assert!(err.contains("upstream_tls"), "{err}");
+    }
+
+    #[test]
+    fn overrides_win() {
+        let o = Overrides {
+            listen: Some("0.0.0.0:7000".into()),
+            upstream: Some("db:5433".into()),
+            ..Default::default()
+        };
+        let c = parse("listen = \"127.0.0.1:1\"").unwrap().with_overrides(&o).unwrap();
+        assert_eq!((c.listen.as_str(), c.upstream.as_str()), ("0.0.0.0:7000", "db:5433"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("64 kB"), Some(65536));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("1.5GB"), None);
+        assert_eq!(split_host_port("[::1]:5432"), Some(("::1", 5432)));
+    }
+}

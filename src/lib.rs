@@ -1,0 +1,14 @@
+//! stepgate: a PostgreSQL wire-protocol proxy that brings step-up authentication to databases.
+//!
+//! Clients connect to stepgate as if it were PostgreSQL; it relays their traffic to the upstream server.
+//! Module map (see DESIGN.md "Layout"): [`wire`] is sans-IO framing, [`proxy`] the listener and session
+//! driver, [`config`] the TOML configuration, [`devdb`] the throwaway PostgreSQL used by the demo and the
+//! tests.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod demo;
+pub mod devdb;
+pub mod logging;
+pub mod proxy;
+pub mod wire;

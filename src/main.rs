@@ -1,0 +1,144 @@
+//! The `stepgate` command line. Thin by design: parse flags, load the config, call the library, print the
+//! error chain and exit non-zero.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stepgate::config::{Config, LogFormat, Overrides, UpstreamTls, DEFAULT_LISTEN};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "stepgate",
+    version,
+    about = "PostgreSQL proxy with step-up authentication for dangerous statements",
+    long_about = "stepgate sits between PostgreSQL clients and the server. Clients connect to it exactly as \
+                  they would to PostgreSQL; their traffic is relayed to the upstream server.",
+    after_help = "Examples:\n  stepgate demo                       throwaway PostgreSQL + stepgate on 127.0.0.1:6432\n  \
+                  stepgate serve --upstream 127.0.0.1:5432\n  stepgate serve --config /etc/stepgate/stepgate.toml"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy.
+    #[command(after_help = "Examples:\n  stepgate serve --listen 127.0.0.1:6432 --upstream 127.0.0.1:5432\n  \
+                            stepgate serve --config stepgate.toml --upstream db.internal:5432\n\n\
+                            Flags override the config file; without --config, defaults and flags are used.\n\
+                            SIGTERM or SIGINT stops accepting and lets sessions finish (shutdown_timeout).\n\
+                            Logs go to stderr; RUST_LOG=debug shows more.")]
+    Serve {
+        /// The TOML configuration file (relative paths inside it resolve against its folder).
+        #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address to accept clients on [default: 127.0.0.1:6432].
+        #[arg(long)]
+        listen: Option<String>,
+        /// The PostgreSQL server, host:port [default: 127.0.0.1:5432].
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Directory for stepgate's state [default: ./stepgate-state].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// TLS to the upstream server [default: disable].
+        #[arg(long, value_enum)]
+        upstream_tls: Option<UpstreamTls>,
+        /// Log format [default: text].
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+    /// Start a throwaway PostgreSQL with stepgate in front of it.
+    #[command(after_help = "Needs the PostgreSQL server binaries (initdb, postgres) and psql.\n\n\
+                            Examples:\n  stepgate demo            runs until Ctrl-C, then removes everything\n  \
+                            stepgate demo --check    runs the walkthrough unattended; exit 0 when it all works")]
+    Demo {
+        /// Run the walkthrough unattended and exit 0 (all steps passed) or 1.
+        #[arg(long)]
+        check: bool,
+        /// Address for stepgate [default: 127.0.0.1:6432; with --check a free port].
+        #[arg(long)]
+        listen: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("stepgate: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Serve {
+            config,
+            listen,
+            upstream,
+            state_dir,
+            upstream_tls,
+            log_format,
+        } => {
+            let overrides = Overrides {
+                listen,
+                upstream,
+                state_dir,
+                upstream_tls,
+                log_format,
+            };
+            let config = Config::load(config.as_deref(), &overrides)?;
+            stepgate::logging::init(config.log_format);
+            runtime()?.block_on(async move {
+                let server = stepgate::proxy::Server::bind(config).await?;
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                server.run(shutdown).await;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Cmd::Demo { check, listen } => {
+            stepgate::logging::init(LogFormat::Text);
+            let listen = listen.unwrap_or_else(|| {
+                if check {
+                    "127.0.0.1:0".into()
+                } else {
+                    DEFAULT_LISTEN.into()
+                }
+            });
+            let result = runtime()?.block_on(stepgate::demo::run(stepgate::demo::DemoOptions { listen, check }));
+            match result {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) if check => {
+                    eprintln!("stepgate demo --check failed: {e:#}");
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Cancels `token` on the first SIGTERM or SIGINT.
+async fn stop_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    token.cancel();
+}

@@ -1,0 +1,581 @@
+//! One client connection: startup negotiation, the login relay, then the steady-state relay in both
+//! directions, until either side ends.
+//!
+//! Both directions run as two futures of one task, so a client that pipelines faster than it reads can never
+//! deadlock the proxy (each direction blocks only on its own socket). The frontend direction peeks every
+//! message header and forwards the original bytes; only the messages it must look at (Terminate, and before
+//! login the SASL initial response) are held until complete. The backend direction does the same for
+//! ReadyForQuery, authentication requests, BackendKeyData and errors.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::stream::{ClientStream, MaybeTls};
+use super::{upstream, Shared};
+use crate::wire::frame::{self, FrameError, FrameScanner, Step};
+use crate::wire::reply::ErrorReply;
+use crate::wire::startup::{self, StartupError, StartupMessage, StartupPacket};
+
+/// Largest frontend message before login (password, SASL): 64 KiB.
+pub const MAX_AUTH_MESSAGE: usize = 64 * 1024;
+/// Upper bound on any backend message (PostgreSQL's own messages stay below 1 GiB plus headers).
+const MAX_BACKEND_MESSAGE: usize = i32::MAX as usize;
+/// How much to ask the kernel for per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Error)]
+enum NegotiateError {
+    #[error("{0}")]
+    Startup(#[from] StartupError),
+    #[error("received unencrypted data after SSL request")]
+    DataAfterSslRequest,
+    #[error("a second SSL request")]
+    RepeatedSslRequest,
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("client closed the connection during startup")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the startup negotiation produced.
+enum Opening {
+    Session {
+        client: ClientStream,
+        startup: StartupMessage,
+        leftover: BytesMut,
+    },
+    Cancel {
+        pid: i32,
+        key: i32,
+        raw: [u8; 16],
+    },
+}
+
+/// Entry point of a connection's task.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("session", id, peer = %peer);
+    async move {
+        let _ = tcp.set_nodelay(true);
+        let deadline = Instant::now() + shared.config.startup_timeout;
+        let opening = tokio::select! {
+            r = negotiate(&shared, tcp) => r,
+            _ = tokio::time::sleep_until(deadline) => {
+                debug!("no startup packet before startup_timeout");
+                return;
+            }
+        };
+        match opening {
+            Ok(Opening::Cancel { pid, key, raw }) => relay_cancel(&shared, pid, key, raw).await,
+            Ok(Opening::Session {
+                mut client,
+                startup,
+                leftover,
+            }) => {
+                if permit.is_none() {
+                    let err = ErrorReply::fatal("53300", "sorry, too many clients already")
+                        .with_detail(format!(
+                            "stepgate accepts at most {} connections (max_connections)",
+                            shared.config.max_connections
+                        ));
+                    send_and_close(&mut client, &err).await;
+                    warn!("refused a client: max_connections reached");
+                    return;
+                }
+                session(&shared, client, startup, leftover, deadline).await;
+            }
+            Err(NegotiateError::Closed) => debug!("client closed before startup"),
+            Err(e) => warn!(error = %e, "startup rejected"),
+        }
+        drop(permit);
+    }
+    .instrument(span)
+    .await
+}
+
+/// Reads untagged packets until a StartupMessage or CancelRequest, answering SSL and GSS requests.
+async fn negotiate(shared: &Shared, tcp: TcpStream) -> Result<Opening, NegotiateError> {
+    let mut client: ClientStream = MaybeTls::Plain(tcp);
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut ssl_requested = false;
+    loop {
+        let parsed = match startup::parse(&buf) {
+            Ok(p) => p,
+            Err(e) => {
+                let code = match e {
+                    StartupError::UnsupportedProtocol(..) => "0A000",
+                    _ => "08P01",
+                };
+                send_and_close(&mut client, &ErrorReply::fatal(code, format!("stepgate: {e}"))).await;
+                return Err(e.into());
+            }
+        };
+        let Some((packet, used)) = parsed else {
+            // Bounded: parse() rejects a declared length above MAX_STARTUP_LEN before we get here.
+            buf.reserve(1024);
+            if client.read_buf(&mut buf).await? == 0 {
+                return Err(NegotiateError::Closed);
+            }
+            continue;
+        };
+        buf.advance(used);
+        match packet {
+            StartupPacket::Ssl => {
+                if ssl_requested || client.is_tls() {
+                    return Err(NegotiateError::RepeatedSslRequest);
+                }
+                ssl_requested = true;
+                // CVE-2021-23214: bytes sent before the handshake must not be read as if encrypted.
+                if !buf.is_empty() {
+                    return Err(NegotiateError::DataAfterSslRequest);
+                }
+                let MaybeTls::Plain(mut tcp) = client else {
+                    unreachable!("checked above")
+                };
+                match &shared.tls_acceptor {
+                    Some(acceptor) => {
+                        tcp.write_all(b"S").await?;
+                        let tls = acceptor
+                            .accept(tcp)
+                            .await
+                            .map_err(NegotiateError::Handshake)?;
+                        client = MaybeTls::Tls(Box::new(tls));
+                    }
+                    None => {
+                        tcp.write_all(b"N").await?;
+                        client = MaybeTls::Plain(tcp);
+                    }
+                }
+            }
+            StartupPacket::GssEnc => {
+                if !buf.is_empty() {
+                    return Err(NegotiateError::DataAfterSslRequest);
+                }
+                client.write_all(b"N").await?;
+            }
+            StartupPacket::Cancel { pid, key, raw } => {
+                return Ok(Opening::Cancel { pid, key, raw });
+            }
+            StartupPacket::Startup(startup) => {
+                return Ok(Opening::Session {
+                    client,
+                    startup,
+                    leftover: buf,
+                });
+            }
+        }
+    }
+}
+
+/// Relays a CancelRequest to the upstream, but only for a key one of our sessions handed out.
+async fn relay_cancel(shared: &Shared, pid: i32, key: i32, raw: [u8; 16]) {
+    if !shared.cancel_keys.contains_key(&(pid, key)) {
+        debug!(pid, "cancel request for an unknown key ignored");
+        return;
+    }
+    match upstream::connect(shared, shared.config.startup_timeout).await {
+        Ok(mut up) => {
+            if let Err(e) = up.write_all(&raw).await {
+                warn!(error = %e, "could not relay the cancel request");
+                return;
+            }
+            let _ = up.flush().await;
+            // The server closes the connection once it has processed the request.
+            let mut sink = [0u8; 16];
+            let _ = tokio::time::timeout(Duration::from_secs(5), up.read(&mut sink)).await;
+            info!(pid, "cancel request relayed");
+        }
+        Err(e) => warn!(error = %e, "could not relay the cancel request"),
+    }
+}
+
+async fn send_and_close<W: AsyncWrite + Unpin>(w: &mut W, err: &ErrorReply) {
+    let _ = w.write_all(&err.to_bytes()).await;
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
+
+/// Flags the two directions share. Each is written by one direction and read by the other.
+#[derive(Default)]
+struct Flags {
+    /// The upstream sent its first ReadyForQuery: login is complete.
+    logged_in: AtomicBool,
+    /// The client sent Terminate: an upstream close is expected.
+    client_terminated: AtomicBool,
+    /// The upstream asked for SASL: the client's next password message is a SASLInitialResponse.
+    sasl_initial_next: AtomicBool,
+    /// The upstream sent a FATAL error: it explains the close itself.
+    upstream_fatal: AtomicBool,
+    /// Everything written to the client so far ends at a message boundary.
+    client_at_boundary: AtomicBool,
+}
+
+#[derive(Debug, Error)]
+enum FrontendError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("the client asked for SCRAM channel binding ({0}), which cannot pass through a proxy")]
+    ChannelBinding(String),
+    #[error("client: {0}")]
+    ClientIo(std::io::Error),
+    #[error("upstream: {0}")]
+    UpstreamIo(std::io::Error),
+}
+
+enum FrontendEnd {
+    Terminate,
+    Eof,
+}
+
+enum BackendEnd {
+    Eof,
+    LoginFailed,
+}
+
+enum Ending {
+    Frontend(Result<FrontendEnd, FrontendError>),
+    Backend(Result<BackendEnd, std::io::Error>),
+    LoginTimeout,
+    Shutdown,
+}
+
+async fn session(
+    shared: &Shared,
+    mut client: ClientStream,
+    mut startup: StartupMessage,
+    leftover: BytesMut,
+    deadline: Instant,
+) {
+    let user = startup.get_lossy("user");
+    let database = startup.get_lossy("database");
+    let application_name = startup.get_lossy("application_name");
+    if let Some(tls) = &shared.config.tls {
+        if tls.required && !client.is_tls() {
+            let err = ErrorReply::fatal("28000", "stepgate: TLS is required")
+                .with_hint("connect with sslmode=require");
+            send_and_close(&mut client, &err).await;
+            info!(%user, %database, "refused a plaintext client (tls.required)");
+            return;
+        }
+    }
+    let settings = match startup.take_stepgate_settings() {
+        Ok(s) => s,
+        Err(e) => {
+            send_and_close(&mut client, &ErrorReply::fatal("42501", format!("stepgate: {e}"))).await;
+            warn!(%user, %database, error = %e, "startup refused");
+            return;
+        }
+    };
+    info!(
+        %user, %database, %application_name,
+        tls = client.is_tls(),
+        stepgate_settings = settings.len(),
+        "client connected"
+    );
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let mut up = match upstream::connect(shared, remaining.max(Duration::from_millis(1))).await {
+        Ok(up) => up,
+        Err(e) => {
+            warn!(error = %e, "upstream connection failed");
+            send_and_close(&mut client, &ErrorReply::fatal("08006", format!("stepgate: {e}"))).await;
+            return;
+        }
+    };
+    if let Err(e) = up.write_all(&startup.encode()).await {
+        let err = ErrorReply::fatal("08006", format!("stepgate: upstream write failed: {e}"));
+        send_and_close(&mut client, &err).await;
+        return;
+    }
+    let _ = up.flush().await;
+    let _ = settings; // kept for the token issue: the session's stepgate.* settings from startup
+
+    let flags = Flags::default();
+    flags.client_at_boundary.store(true, Ordering::Relaxed);
+    let mut keys: Vec<(i32, i32)> = Vec::new();
+    let client_tls = client.is_tls();
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut up_rd, mut up_wr) = tokio::io::split(up);
+    let ending = {
+        let fe = frontend(&mut client_rd, &mut up_wr, leftover, &flags, shared);
+        let be = backend(&mut up_rd, &mut client_wr, &flags, shared, &mut keys);
+        tokio::pin!(fe, be);
+        let login_timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(login_timer);
+        let mut timer_armed = true;
+        loop {
+            tokio::select! {
+                r = &mut fe => break Ending::Frontend(r),
+                r = &mut be => break Ending::Backend(r),
+                _ = &mut login_timer, if timer_armed => {
+                    if flags.logged_in.load(Ordering::Acquire) {
+                        timer_armed = false;
+                    } else {
+                        break Ending::LoginTimeout;
+                    }
+                }
+                _ = shared.force_close.cancelled() => break Ending::Shutdown,
+            }
+        }
+    };
+    for k in &keys {
+        shared.cancel_keys.remove(k);
+    }
+    let at_boundary = flags.client_at_boundary.load(Ordering::Relaxed);
+    let reply = match ending {
+        Ending::Frontend(Ok(FrontendEnd::Terminate)) => {
+            debug!("client terminated the session");
+            None
+        }
+        Ending::Frontend(Ok(FrontendEnd::Eof)) => {
+            debug!("client closed the connection");
+            None
+        }
+        Ending::Frontend(Err(FrontendError::ClientIo(e))) => {
+            debug!(error = %e, "client connection failed");
+            None
+        }
+        Ending::Frontend(Err(FrontendError::UpstreamIo(e))) => Some(
+            ErrorReply::fatal("08006", format!("stepgate: lost the upstream connection: {e}")),
+        ),
+        Ending::Frontend(Err(FrontendError::Frame(e))) => {
+            warn!(error = %e, "protocol violation by the client");
+            Some(ErrorReply::fatal("08P01", format!("stepgate: invalid frontend message: {e}")))
+        }
+        Ending::Frontend(Err(e @ FrontendError::ChannelBinding(_))) => {
+            warn!(error = %e, "channel binding refused");
+            Some(
+                ErrorReply::fatal("28000", format!("stepgate: {e}"))
+                    .with_hint("connect with channel_binding=disable: the client's TLS session ends at stepgate, so the server cannot bind to it"),
+            )
+        }
+        Ending::Backend(Ok(BackendEnd::LoginFailed)) => {
+            info!("login refused by the upstream server");
+            None
+        }
+        Ending::Backend(r) => {
+            if flags.client_terminated.load(Ordering::Acquire) || flags.upstream_fatal.load(Ordering::Acquire) {
+                None
+            } else {
+                let why = match r {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "connection closed".to_string(),
+                };
+                warn!(error = %why, "upstream connection lost");
+                Some(
+                    ErrorReply::fatal(
+                        "08006",
+                        format!("stepgate: lost the connection to the upstream server at {}: {why}", shared.config.upstream),
+                    ),
+                )
+            }
+        }
+        Ending::LoginTimeout => Some(ErrorReply::fatal(
+            "57014",
+            format!(
+                "stepgate: canceling authentication due to timeout (startup_timeout = {:?})",
+                shared.config.startup_timeout
+            ),
+        )),
+        Ending::Shutdown => Some(ErrorReply::fatal(
+            "57P01",
+            "stepgate: terminating connection because stepgate is shutting down",
+        )),
+    };
+    if let Some(reply) = reply {
+        if at_boundary {
+            let _ = client_wr.write_all(&reply.to_bytes()).await;
+            let _ = client_wr.flush().await;
+        }
+    }
+    let _ = client_wr.shutdown().await;
+    let _ = up_wr.shutdown().await;
+    info!(%user, %database, tls = client_tls, "session ended");
+}
+
+/// Client → upstream.
+async fn frontend<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    mut buf: BytesMut,
+    flags: &Flags,
+    shared: &Shared,
+) -> Result<FrontendEnd, FrontendError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut scanner = FrameScanner::new(MAX_AUTH_MESSAGE);
+    let mut logged_in = false;
+    loop {
+        if !logged_in && flags.logged_in.load(Ordering::Acquire) {
+            logged_in = true;
+            scanner.set_max_len(shared.config.max_message_size);
+        }
+        let mut ready = 0;
+        let mut terminate = false;
+        loop {
+            let inspect = |t: u8| t == b'X' || (!logged_in && t == b'p');
+            match scanner.step(&buf[ready..], inspect)? {
+                Step::NeedMore => break,
+                Step::Message { tag, len } => {
+                    let msg = &buf[ready..ready + len];
+                    match tag {
+                        b'X' => terminate = true,
+                        b'p' if flags.sasl_initial_next.swap(false, Ordering::AcqRel) => {
+                            let mechanism = frame::cstr(frame::body(msg)).map(|(m, _)| m).unwrap_or(&[]);
+                            if mechanism.ends_with(b"-PLUS") {
+                                return Err(FrontendError::ChannelBinding(
+                                    String::from_utf8_lossy(mechanism).into_owned(),
+                                ));
+                            }
+                        }
+                        _ => {}
+                    }
+                    ready += len;
+                    if terminate {
+                        break;
+                    }
+                }
+                Step::Stream { now, .. } => ready += now,
+                Step::Pass(n) => ready += n,
+            }
+        }
+        if ready > 0 {
+            wr.write_all(&buf[..ready]).await.map_err(FrontendError::UpstreamIo)?;
+            wr.flush().await.map_err(FrontendError::UpstreamIo)?;
+            buf.advance(ready);
+        }
+        if terminate {
+            flags.client_terminated.store(true, Ordering::Release);
+            return Ok(FrontendEnd::Terminate);
+        }
+        buf.reserve(READ_CHUNK);
+        let n = rd.read_buf(&mut buf).await.map_err(FrontendError::ClientIo)?;
+        if n == 0 {
+            return Ok(FrontendEnd::Eof);
+        }
+    }
+}
+
+/// Upstream → client.
+async fn backend<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    flags: &Flags,
+    shared: &Shared,
+    keys: &mut Vec<(i32, i32)>,
+) -> Result<BackendEnd, std::io::Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut scanner = FrameScanner::new(MAX_BACKEND_MESSAGE);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut logged_in = false;
+    loop {
+        buf.reserve(READ_CHUNK);
+        if rd.read_buf(&mut buf).await? == 0 {
+            return Ok(BackendEnd::Eof);
+        }
+        let mut ready = 0;
+        let mut login_failed = false;
+        loop {
+            let inspect = |t: u8| matches!(t, b'Z' | b'E') || (!logged_in && matches!(t, b'R' | b'K'));
+            let step = scanner
+                .step(&buf[ready..], inspect)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            match step {
+                Step::NeedMore => break,
+                Step::Message { tag, len } => {
+                    let body = frame::body(&buf[ready..ready + len]);
+                    match tag {
+                        b'Z' if !logged_in => {
+                            logged_in = true;
+                            flags.logged_in.store(true, Ordering::Release);
+                        }
+                        b'R' if body.len() >= 4 => {
+                            let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                            if code == 10 {
+                                flags.sasl_initial_next.store(true, Ordering::Release);
+                            }
+                        }
+                        b'K' if body.len() == 8 => {
+                            let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                            let key = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                            shared.cancel_keys.insert((pid, key), ());
+                            keys.push((pid, key));
+                        }
+                        b'E' => {
+                            if is_fatal(body) {
+                                flags.upstream_fatal.store(true, Ordering::Release);
+                            }
+                            if !logged_in {
+                                login_failed = true;
+                            }
+                        }
+                        _ => {}
+                    }
+                    ready += len;
+                }
+                Step::Stream { now, .. } => ready += now,
+                Step::Pass(n) => ready += n,
+            }
+        }
+        if ready > 0 {
+            flags.client_at_boundary.store(false, Ordering::Relaxed);
+            wr.write_all(&buf[..ready]).await?;
+            wr.flush().await?;
+            buf.advance(ready);
+            flags
+                .client_at_boundary
+                .store(scanner.at_boundary(), Ordering::Relaxed);
+        }
+        if login_failed {
+            return Ok(BackendEnd::LoginFailed);
+        }
+    }
+}
+
+/// True when an ErrorResponse body has severity FATAL or PANIC.
+fn is_fatal(body: &[u8]) -> bool {
+    let mut rest = body;
+    while let Some((&kind, after)) = rest.split_first() {
+        let Some((value, after)) = frame::cstr(after) else {
+            return false;
+        };
+        if kind == b'V' || kind == b'S' {
+            return value == b"FATAL" || value == b"PANIC";
+        }
+        rest = after;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fatal_detection() {
+        assert!(is_fatal(b"SFATAL\0VFATAL\0C57P01\0\0"));
+        assert!(!is_fatal(b"SERROR\0C42601\0\0"));
+        assert!(!is_fatal(b"S"));
+    }
+}

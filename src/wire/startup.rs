@@ -1,0 +1,408 @@
+//! The untagged packets a connection opens with: StartupMessage, SSLRequest, GSSENCRequest and
+//! CancelRequest, plus the handling of `stepgate.*` startup settings.
+//!
+//! Limits follow PostgreSQL's own: a startup packet is at most [`MAX_STARTUP_LEN`] bytes, and the length is
+//! checked before any of its body is read.
+
+use thiserror::Error;
+
+use super::frame::cstr;
+
+/// Protocol 3.0 as sent in a StartupMessage.
+pub const PROTOCOL_3_0: u32 = 3 << 16;
+pub const SSL_REQUEST_CODE: u32 = 80_877_103;
+pub const GSSENC_REQUEST_CODE: u32 = 80_877_104;
+pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+/// PostgreSQL's MAX_STARTUP_PACKET_LENGTH.
+pub const MAX_STARTUP_LEN: usize = 10_000;
+/// Prefix of the settings stepgate keeps for itself (case-insensitive, as PostgreSQL folds names).
+pub const SETTING_PREFIX: &str = "stepgate.";
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StartupError {
+    #[error("invalid startup packet length {0}")]
+    BadLength(u32),
+    #[error("startup packet of {0} bytes exceeds the limit of {MAX_STARTUP_LEN} bytes")]
+    TooLong(u32),
+    #[error("unsupported frontend protocol {0}.{1}: stepgate supports protocol 3")]
+    UnsupportedProtocol(u16, u16),
+    #[error("malformed startup packet: {0}")]
+    Malformed(&'static str),
+    #[error("startup option {0:?} names a stepgate setting in a form stepgate does not accept; use -c stepgate.<name>=<value>")]
+    OddStepgateOption(String),
+    #[error("stepgate setting {0} is not valid UTF-8")]
+    NotUtf8(String),
+}
+
+/// A parsed untagged packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupPacket {
+    Ssl,
+    GssEnc,
+    /// The original 16 bytes are kept so they can be forwarded unchanged.
+    Cancel { pid: i32, key: i32, raw: [u8; 16] },
+    Startup(StartupMessage),
+}
+
+/// A StartupMessage: protocol version and the parameters as raw bytes (their encoding is the client's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupMessage {
+    pub version: u32,
+    pub params: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Parses one untagged packet from the front of `buf`. `Ok(None)` means more bytes are needed; on success
+/// the packet and the number of bytes it used are returned.
+pub fn parse(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, StartupError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if len < 8 {
+        return Err(StartupError::BadLength(len));
+    }
+    if len as usize > MAX_STARTUP_LEN {
+        return Err(StartupError::TooLong(len));
+    }
+    let len = len as usize;
+    if buf.len() < len {
+        return Ok(None);
+    }
+    let code = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let packet = match code {
+        SSL_REQUEST_CODE if len == 8 => StartupPacket::Ssl,
+        GSSENC_REQUEST_CODE if len == 8 => StartupPacket::GssEnc,
+        CANCEL_REQUEST_CODE if len == 16 => {
+            let mut raw = [0u8; 16];
+            raw.copy_from_slice(&buf[..16]);
+            StartupPacket::Cancel {
+                pid: i32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]),
+                key: i32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]),
+                raw,
+            }
+        }
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE | CANCEL_REQUEST_CODE => {
+            return Err(StartupError::Malformed("request code with a wrong length"))
+        }
+        version => {
+            let (major, minor) = ((version >> 16) as u16, (version & 0xffff) as u16);
+            if major != 3 {
+                return Err(StartupError::UnsupportedProtocol(major, minor));
+            }
+            StartupPacket::Startup(StartupMessage {
+                version,
+                params: parse_params(&buf[8..len])?,
+            })
+        }
+    };
+    Ok(Some((packet, len)))
+}
+
+fn parse_params(mut rest: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StartupError> {
+    let mut params = Vec::new();
+    loop {
+        let (key, after) = cstr(rest).ok_or(StartupError::Malformed("missing terminator"))?;
+        if key.is_empty() {
+            if !after.is_empty() {
+                return Err(StartupError::Malformed("bytes after the terminator"));
+            }
+            return Ok(params);
+        }
+        let (value, after) = cstr(after).ok_or(StartupError::Malformed("parameter without a value"))?;
+        params.push((key.to_vec(), value.to_vec()));
+        rest = after;
+    }
+}
+
+fn is_stepgate_name(name: &[u8]) -> bool {
+    name.len() >= SETTING_PREFIX.len()
+        && name[..SETTING_PREFIX.len()].eq_ignore_ascii_case(SETTING_PREFIX.as_bytes())
+}
+
+fn mentions_stepgate(s: &[u8]) -> bool {
+    s.windows(SETTING_PREFIX.len())
+        .any(|w| w.eq_ignore_ascii_case(SETTING_PREFIX.as_bytes()))
+}
+
+impl StartupMessage {
+    /// The value of a parameter, if present.
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == key.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// A parameter as text for logs and session fields (lossy; never used for forwarding).
+    pub fn get_lossy(&self, key: &str) -> String {
+        self.get(key)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Removes every `stepgate.*` setting, whether given as its own startup parameter or inside `options`
+    /// as `-c stepgate.x=…`, `-cstepgate.x=…` or `--stepgate.x=…`, and returns them as (lower-cased name,
+    /// value). Any other mention of stepgate inside `options` is refused rather than forwarded.
+    pub fn take_stepgate_settings(&mut self) -> Result<Vec<(String, String)>, StartupError> {
+        let mut taken = Vec::new();
+        let mut kept = Vec::with_capacity(self.params.len());
+        for (key, value) in std::mem::take(&mut self.params) {
+            if is_stepgate_name(&key) {
+                taken.push(setting(&key, &value)?);
+            } else if key == b"options" {
+                let rest = take_from_options(&value, &mut taken)?;
+                if !rest.is_empty() {
+                    kept.push((key, rest));
+                }
+            } else {
+                kept.push((key, value));
+            }
+        }
+        self.params = kept;
+        Ok(taken)
+    }
+
+    /// Encodes the packet for the upstream server.
+    pub fn encode(&self) -> Vec<u8> {
+        let len = 8 + self
+            .params
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>()
+            + 1;
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.extend_from_slice(&self.version.to_be_bytes());
+        for (k, v) in &self.params {
+            out.extend_from_slice(k);
+            out.push(0);
+            out.extend_from_slice(v);
+            out.push(0);
+        }
+        out.push(0);
+        out
+    }
+}
+
+fn setting(name: &[u8], value: &[u8]) -> Result<(String, String), StartupError> {
+    let name = String::from_utf8(name.to_vec())
+        .map_err(|_| StartupError::NotUtf8("name".into()))?
+        .to_ascii_lowercase();
+    let value = String::from_utf8(value.to_vec()).map_err(|_| StartupError::NotUtf8(name.clone()))?;
+    Ok((name, value))
+}
+
+/// Splits `options` the way PostgreSQL's `pg_split_opts` does: on whitespace, with a backslash escaping the
+/// next byte.
+pub fn split_options(options: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < options.len() {
+        while i < options.len() && options[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= options.len() {
+            break;
+        }
+        let mut tok = Vec::new();
+        while i < options.len() && !options[i].is_ascii_whitespace() {
+            if options[i] == b'\\' && i + 1 < options.len() {
+                i += 1;
+            }
+            tok.push(options[i]);
+            i += 1;
+        }
+        out.push(tok);
+    }
+    out
+}
+
+fn join_options(tokens: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (n, tok) in tokens.iter().enumerate() {
+        if n > 0 {
+            out.push(b' ');
+        }
+        for &b in tok {
+            if b.is_ascii_whitespace() || b == b'\\' {
+                out.push(b'\\');
+            }
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// `name=value` of a `-c` argument, if it names a stepgate setting.
+fn stepgate_assignment(arg: &[u8]) -> Option<(&[u8], &[u8])> {
+    let eq = arg.iter().position(|&b| b == b'=')?;
+    let (name, value) = (&arg[..eq], &arg[eq + 1..]);
+    is_stepgate_name(name).then_some((name, value))
+}
+
+fn take_from_options(
+    options: &[u8],
+    taken: &mut Vec<(String, String)>,
+) -> Result<Vec<u8>, StartupError> {
+    let tokens = split_options(options);
+    if !mentions_stepgate(options) {
+        // The common case: nothing of ours inside, forward the original bytes untouched.
+        return Ok(options.to_vec());
+    }
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        let tok = &tokens[i];
+        let (arg, used) = if tok == b"-c" {
+            (tokens.get(i + 1).map(|t| t.as_slice()), 2)
+        } else if let Some(rest) = tok.strip_prefix(b"--").or_else(|| tok.strip_prefix(b"-c")) {
+            (Some(rest), 1)
+        } else {
+            (None, 1)
+        };
+        match arg.and_then(stepgate_assignment) {
+            Some((name, value)) => {
+                taken.push(setting(name, value)?);
+                i += used;
+            }
+            None => {
+                if mentions_stepgate(tok) {
+                    return Err(StartupError::OddStepgateOption(
+                        String::from_utf8_lossy(tok).into_owned(),
+                    ));
+                }
+                kept.push(tok.clone());
+                i += 1;
+            }
+        }
+    }
+    Ok(join_options(&kept))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(params: &[(&str, &str)]) -> Vec<u8> {
+        StartupMessage {
+            version: PROTOCOL_3_0,
+            params: params
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+        .encode()
+    }
+
+    fn parsed(bytes: &[u8]) -> StartupMessage {
+        match parse(bytes).unwrap().unwrap() {
+            (StartupPacket::Startup(m), n) => {
+                assert_eq!(n, bytes.len());
+                m
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = startup(&[("user", "alice"), ("database", "app")]);
+        let m = parsed(&bytes);
+        assert_eq!(m.get("user"), Some(&b"alice"[..]));
+        assert_eq!(m.encode(), bytes);
+    }
+
+    #[test]
+    fn partial_and_bad_lengths() {
+        let bytes = startup(&[("user", "a")]);
+        assert_eq!(parse(&bytes[..bytes.len() - 1]), Ok(None));
+        assert_eq!(parse(&[0, 0, 0]), Ok(None));
+        assert_eq!(parse(&[0, 0, 0, 3]), Err(StartupError::BadLength(3)));
+        assert_eq!(parse(&[0, 1, 0, 0]), Err(StartupError::TooLong(65536)));
+        assert_eq!(parse(&[0xff, 0xff, 0xff, 0xff]), Err(StartupError::TooLong(u32::MAX)));
+    }
+
+    #[test]
+    fn requests() {
+        let mut ssl = 8u32.to_be_bytes().to_vec();
+        ssl.extend(SSL_REQUEST_CODE.to_be_bytes());
+        assert_eq!(parse(&ssl).unwrap().unwrap().0, StartupPacket::Ssl);
+        let mut cancel = 16u32.to_be_bytes().to_vec();
+        cancel.extend(CANCEL_REQUEST_CODE.to_be_bytes());
+        cancel.extend(42i32.to_be_bytes());
+        cancel.extend(7i32.to_be_bytes());
+        match parse(&cancel).unwrap().unwrap().0 {
+            StartupPacket::Cancel { pid, key, raw } => {
+                assert_eq!((pid, key), (42, 7));
+                assert_eq!(&raw[..], &cancel[..]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut v = 12u32.to_be_bytes().to_vec();
+        v.extend(PROTOCOL_3_0.to_be_bytes());
+        v.extend(b"abcd"); // no terminator
+        assert!(matches!(parse(&v), Err(StartupError::Malformed(_))));
+        let mut v = 8u32.to_be_bytes().to_vec();
+        v.extend(0x0002_0000u32.to_be_bytes());
+        assert_eq!(parse(&v), Err(StartupError::UnsupportedProtocol(2, 0)));
+    }
+
+    #[test]
+    fn stepgate_settings_are_taken_out() {
+        let mut m = parsed(&startup(&[
+            ("user", "u"),
+            ("Stepgate.Token", "direct"),
+            (
+                "options",
+                "-c search_path=a\\ b -c stepgate.token=T1 -cstepgate.x=2 --stepgate.y=3 -c work_mem=64kB",
+            ),
+        ]));
+        let taken = m.take_stepgate_settings().unwrap();
+        assert_eq!(
+            taken,
+            vec![
+                ("stepgate.token".into(), "direct".into()),
+                ("stepgate.token".into(), "T1".into()),
+                ("stepgate.x".into(), "2".into()),
+                ("stepgate.y".into(), "3".into()),
+            ]
+        );
+        assert_eq!(m.get("options"), Some(&b"-c search_path=a\\ b -c work_mem=64kB"[..]));
+        assert!(m.get("Stepgate.Token").is_none());
+    }
+
+    #[test]
+    fn options_without_stepgate_are_forwarded_byte_for_byte() {
+        let mut m = parsed(&startup(&[("options", "  -c   geqo=off  ")]));
+        assert!(m.take_stepgate_settings().unwrap().is_empty());
+        assert_eq!(m.get("options"), Some(&b"  -c   geqo=off  "[..]));
+    }
+
+    #[test]
+    fn options_that_only_held_stepgate_disappear() {
+        let mut m = parsed(&startup(&[("options", "-c stepgate.token=abc")]));
+        m.take_stepgate_settings().unwrap();
+        assert!(m.get("options").is_none());
+    }
+
+    #[test]
+    fn a_value_that_merely_says_stepgate_is_fine() {
+        let mut m = parsed(&startup(&[("options", "-c application_name=stepgate-demo")]));
+        assert!(m.take_stepgate_settings().unwrap().is_empty());
+    }
+
+    #[test]
+    fn odd_forms_are_refused() {
+        for odd in ["-c stepgate.token", "-c stepgate.token = x", "-Ec stepgate.token=x", "-cStepGate.token"] {
+            let mut m = parsed(&startup(&[("options", odd)]));
+            assert!(
+                matches!(m.take_stepgate_settings(), Err(StartupError::OddStepgateOption(_))),
+                "{odd}"
+            );
+        }
+    }
+}
