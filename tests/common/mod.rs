@@ -1,0 +1,180 @@
+//! Shared integration-test harness: one throwaway PostgreSQL per test binary (or `DATABASE_URL`), and a
+//! stepgate server per test on a free port.
+#![allow(dead_code)]
+
+pub mod raw;
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use stepgate::config::Config;
+use stepgate::devdb::{DevDb, DevDbOptions};
+use stepgate::proxy::Server;
+use tokio_util::sync::CancellationToken;
+
+pub use stepgate::devdb::{MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER, SUPERUSER};
+
+/// The PostgreSQL server of this test binary.
+pub struct Pg {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub dbname: String,
+    devdb: Option<DevDb>,
+}
+
+static PG: OnceLock<Pg> = OnceLock::new();
+
+/// The shared server: from `DATABASE_URL` when set, else a throwaway one started on first use.
+pub fn pg() -> &'static Pg {
+    pg_with(DevDbOptions::default())
+}
+
+/// Like [`pg`], with server options (used by a test binary that needs, say, ssl on). The first call in a
+/// binary decides.
+pub fn pg_with(opts: DevDbOptions) -> &'static Pg {
+    PG.get_or_init(|| {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            let cfg = tokio_postgres::Config::from_str(&url).expect("DATABASE_URL is a postgres URL");
+            let host = match cfg.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                _ => "127.0.0.1".to_string(),
+            };
+            return Pg {
+                host,
+                port: cfg.get_ports().first().copied().unwrap_or(5432),
+                user: cfg.get_user().unwrap_or("postgres").to_string(),
+                password: cfg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()),
+                dbname: cfg.get_dbname().unwrap_or("postgres").to_string(),
+                devdb: None,
+            };
+        }
+        let db = DevDb::start(&opts).unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}"));
+        Pg {
+            host: db.host().to_string(),
+            port: db.port(),
+            user: SUPERUSER.to_string(),
+            password: None,
+            dbname: "postgres".to_string(),
+            devdb: Some(db),
+        }
+    })
+}
+
+impl Pg {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    pub fn devdb(&self) -> Option<&DevDb> {
+        self.devdb.as_ref()
+    }
+
+    /// A direct connection (bypassing stepgate) as the superuser: for setting up tables and checking rows.
+    pub async fn direct(&self) -> tokio_postgres::Client {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&self.host).port(self.port).user(&self.user).dbname(&self.dbname);
+        if let Some(p) = &self.password {
+            cfg.password(p);
+        }
+        connect(cfg).await.expect("direct connection to PostgreSQL")
+    }
+
+    /// A fresh database for one test, created directly on the server.
+    pub async fn create_db(&self, name: &str) {
+        let c = self.direct().await;
+        c.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .await
+            .unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    }
+}
+
+/// Connects with tokio-postgres and drives the connection on the current runtime.
+pub async fn connect(cfg: tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// A stepgate server running in this test's runtime; stops when dropped.
+pub struct Gate {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    _state: tempfile::TempDir,
+}
+
+/// Starts stepgate in front of [`pg`] with the defaults, after `tweak` has adjusted the config.
+pub async fn gate_with(tweak: impl FnOnce(&mut Config)) -> Gate {
+    let state = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".into(),
+        upstream: pg().addr(),
+        state_dir: state.path().join("state"),
+        ..Config::default()
+    };
+    tweak(&mut config);
+    let server = Server::bind(config).await.expect("stepgate binds");
+    let addr = server.local_addr();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server.run(shutdown.clone()));
+    Gate {
+        addr,
+        shutdown,
+        _state: state,
+    }
+}
+
+pub async fn gate() -> Gate {
+    gate_with(|_| {}).await
+}
+
+impl Gate {
+    /// tokio-postgres config for a connection through stepgate.
+    pub fn config(&self, user: &str, dbname: &str) -> tokio_postgres::Config {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(self.addr.ip().to_string())
+            .port(self.addr.port())
+            .user(user)
+            .dbname(dbname);
+        if user == pg().user {
+            if let Some(p) = &pg().password {
+                cfg.password(p);
+            }
+        }
+        cfg
+    }
+
+    /// A connection through stepgate as the superuser to `dbname`.
+    pub async fn client(&self, dbname: &str) -> tokio_postgres::Client {
+        connect(self.config(&pg().user, dbname))
+            .await
+            .expect("connection through stepgate")
+    }
+
+    /// The session still works: a new connection answers a query.
+    pub async fn assert_healthy(&self) {
+        let c = self.client(&pg().dbname).await;
+        let row = c.query_one("select 41 + 1", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42);
+    }
+
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or stepgate) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_string())
+}
