@@ -314,7 +314,7 @@ async fn session(
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     let ending = {
         let fe = frontend(&mut client_rd, &mut up_wr, leftover, &flags, shared);
-        let be = backend(&mut up_rd, &mut client_wr, &flags, shared, &mut keys);
+        let be = backend(&mut up_rd, &mut client_wr, &flags, shared, &mut keys, client_tls);
         tokio::pin!(fe, be);
         let login_timer = tokio::time::sleep_until(deadline);
         tokio::pin!(login_timer);
@@ -481,6 +481,7 @@ async fn backend<R, W>(
     flags: &Flags,
     shared: &Shared,
     keys: &mut Vec<(i32, i32)>,
+    client_tls: bool,
 ) -> Result<BackendEnd, std::io::Error>
 where
     R: AsyncRead + Unpin,
@@ -514,6 +515,18 @@ where
                             let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                             if code == 10 {
                                 flags.sasl_initial_next.store(true, Ordering::Release);
+                                let rewritten = if client_tls {
+                                    None
+                                } else {
+                                    frame::sasl_without_channel_binding(body)
+                                };
+                                if let Some(replacement) = rewritten {
+                                    wr.write_all(&buf[..ready]).await?;
+                                    wr.write_all(&replacement).await?;
+                                    buf.advance(ready + len);
+                                    ready = 0;
+                                    continue;
+                                }
                             }
                         }
                         b'K' if body.len() == 8 => {

@@ -209,3 +209,61 @@ mod tests {
         assert_eq!(cstr(b"ab"), None);
     }
 }
+
+/// AuthenticationSASL (`R`, code 10) with the channel-binding mechanisms (`*-PLUS`) removed, as a complete
+/// message; None when `body` is not an AuthenticationSASL or offers nothing to remove.
+///
+/// A client whose own connection to stepgate is not TLS refuses a server that offers channel binding
+/// (libpq: "server offered SCRAM-SHA-256-PLUS authentication over a non-SSL connection"), yet the offer is
+/// true only of the upstream leg. Removing it lets such clients use plain SCRAM-SHA-256.
+pub fn sasl_without_channel_binding(body: &[u8]) -> Option<Vec<u8>> {
+    if body.len() < 4 || body[..4] != 10u32.to_be_bytes() {
+        return None;
+    }
+    let mut rest = &body[4..];
+    let mut kept: Vec<&[u8]> = Vec::new();
+    let mut removed = false;
+    loop {
+        let (mech, after) = cstr(rest)?;
+        if mech.is_empty() {
+            break;
+        }
+        if mech.ends_with(b"-PLUS") {
+            removed = true;
+        } else {
+            kept.push(mech);
+        }
+        rest = after;
+    }
+    if !removed {
+        return None;
+    }
+    let len = 4 + 4 + kept.iter().map(|m| m.len() + 1).sum::<usize>() + 1;
+    let mut out = Vec::with_capacity(len + 1);
+    out.push(b'R');
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.extend_from_slice(&10u32.to_be_bytes());
+    for m in kept {
+        out.extend_from_slice(m);
+        out.push(0);
+    }
+    out.push(0);
+    Some(out)
+}
+
+#[cfg(test)]
+mod sasl_tests {
+    use super::*;
+
+    #[test]
+    fn plus_mechanisms_are_removed() {
+        let body = b"\0\0\0\x0aSCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0";
+        let out = sasl_without_channel_binding(body).unwrap();
+        assert_eq!(&out[..1], b"R");
+        assert_eq!(u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize, out.len() - 1);
+        assert_eq!(&out[5..], b"\0\0\0\x0aSCRAM-SHA-256\0\0");
+        assert_eq!(sasl_without_channel_binding(b"\0\0\0\x0aSCRAM-SHA-256\0\0"), None);
+        assert_eq!(sasl_without_channel_binding(b"\0\0\0\x05salt"), None);
+        assert_eq!(sasl_without_channel_binding(b"\0\0\0\x0aSCRAM"), None);
+    }
+}

@@ -178,3 +178,35 @@ impl Drop for Gate {
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
 }
+
+/// A self-signed certificate for localhost/127.0.0.1, written to `dir` as `cert.pem` and `key.pem`.
+pub fn write_test_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("certificate generation");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// Runs psql with a libpq connection string; returns (success, stdout, stderr).
+pub fn psql(conninfo: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut c = std::process::Command::new("psql");
+    c.arg(conninfo)
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .env_remove("PGOPTIONS")
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSSLMODE")
+        .stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("psql runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
