@@ -1,0 +1,281 @@
+//! The `stepgate` binary as a person uses it: `serve` with flags, psql and pgbench through it, signals,
+//! config errors, `--version`, `demo --check`, and the docker-compose file.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_stepgate");
+
+/// A `stepgate serve` process; killed when dropped.
+struct Serve {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Serve {
+    fn start(extra: &[&str]) -> Serve {
+        let dir = tempfile::tempdir().unwrap();
+        let port = stepgate::devdb::free_port();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &pg().addr()])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for the "accepting connections" line, keep draining stderr afterwards.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let started = Instant::now();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) if line.contains("accepting connections") => break,
+                Ok(_) => {}
+                Err(e) => panic!("stepgate serve did not start: {e}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(20));
+        }
+        Serve {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn conninfo(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user={} dbname={db} sslmode=disable", self.port, pg().user)
+    }
+
+    fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_with_flags_then_psql_select_1() {
+    let s = Serve::start(&[]);
+    let (ok, out, err) = psql(&s.conninfo("postgres"), &["-c", "select 1"], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "1");
+}
+
+#[test]
+fn psql_c_and_f_through_stepgate() {
+    let s = Serve::start(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        pg().create_db("cli_smoke").await;
+        let p = pg();
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&p.host).port(p.port).user(&p.user).dbname("cli_smoke");
+        let c = connect(cfg).await.unwrap();
+        c.batch_execute("CREATE TABLE pipe_smoke (id int PRIMARY KEY, note text)")
+            .await
+            .unwrap();
+    });
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/sql/pipe-smoke.sql");
+    let (ok, out, err) = psql(&s.conninfo("cli_smoke"), &["-f", fixture], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["starting", "INSERT 0 2", "BEGIN", "UPDATE 1", "COMMIT", "1|one", "2|TWO", "COPY 1", "3", "done"]
+    );
+    let (ok, out, _) = psql(&s.conninfo("cli_smoke"), &["-c", "select string_agg(note, ',' order by id) from pipe_smoke"], &[]);
+    assert!(ok);
+    assert_eq!(out, "one,TWO,three");
+}
+
+fn pgbench(args: &[&str]) -> (bool, String) {
+    let out = Command::new("pgbench")
+        .args(args)
+        .env_remove("PGOPTIONS")
+        .stdin(Stdio::null())
+        .output()
+        .expect("pgbench runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn pgbench_select_only_through_stepgate_in_every_protocol_mode() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(pg().create_db("cli_bench"));
+    let p = pg();
+    let (ok, text) = pgbench(&["-i", "-s", "1", "-h", &p.host, "-p", &p.port.to_string(), "-U", &p.user, "cli_bench"]);
+    assert!(ok, "pgbench -i (direct): {text}");
+    let s = Serve::start(&[]);
+    for mode in ["simple", "extended", "prepared"] {
+        let (ok, text) = pgbench(&[
+            "-n", "-S", "-T", "3", "-c", "4", "-M", mode, "-h", "127.0.0.1", "-p", &s.port.to_string(), "-U", &p.user,
+            "cli_bench",
+        ]);
+        assert!(ok, "{mode}: {text}");
+        assert!(text.contains("number of failed transactions: 0 (0.000%)"), "{mode}: {text}");
+        let processed: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(processed > 100, "{mode}: {text}");
+    }
+}
+
+#[test]
+fn sigterm_lets_a_running_statement_finish_then_exits() {
+    let mut s = Serve::start(&[]);
+    let ci = s.conninfo("postgres");
+    let sleeper = std::thread::spawn(move || psql(&ci, &["-c", "select pg_sleep(1.5), 'finished'"], &[]));
+    std::thread::sleep(Duration::from_millis(500));
+    s.signal("-TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    // New sessions are no longer accepted.
+    let (ok, _, _) = psql(&s.conninfo("postgres"), &["-c", "select 1"], &[]);
+    assert!(!ok, "a new session was accepted after SIGTERM");
+    let (ok, out, err) = sleeper.join().unwrap();
+    assert!(ok, "{err}");
+    assert!(out.ends_with("finished"), "{out}");
+    let started = Instant::now();
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "stepgate did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn json_logs_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = stepgate::devdb::free_port();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--log-format", "json", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &pg().addr()])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["message"], "stepgate is accepting connections", "{line}");
+}
+
+#[test]
+fn config_mistakes_name_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stepgate.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:6432\"\n\nupstrem = \"127.0.0.1:5432\"\n").unwrap();
+    let out = Command::new(BIN).args(["serve", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stepgate.toml"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("upstrem"), "{err}");
+}
+
+#[test]
+fn sample_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/stepgate.toml");
+    stepgate::config::Config::load(Some(std::path::Path::new(path)), &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("stepgate {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--config", "--listen", "--upstream", "--state-dir", "--upstream-tls", "--log-format", "Examples"] {
+        assert!(help.contains(flag), "serve --help lacks {flag}");
+    }
+}
+
+#[test]
+fn demo_check_runs_the_walkthrough() {
+    let out = Command::new(BIN).args(["demo", "--check"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("demo check passed"), "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+}
+
+#[test]
+fn docker_compose_wires_postgres_and_stepgate() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let services = &doc["services"];
+    assert!(services["postgres"].is_mapping(), "postgres service");
+    let sg = &services["stepgate"];
+    assert!(sg.is_mapping(), "stepgate service");
+    // Built from the repo's Dockerfile.
+    let context = sg["build"]["context"].as_str().unwrap_or(".");
+    let dockerfile = sg["build"]["dockerfile"].as_str().unwrap_or("Dockerfile");
+    assert!(root.join(context).join(dockerfile).is_file(), "Dockerfile exists");
+    // Port 6432 published.
+    let ports: Vec<String> = sg["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    assert!(ports.iter().any(|p| p.ends_with(":6432")), "{ports:?}");
+    // The mounted config exists in the repo and points at the postgres service.
+    let volumes = sg["volumes"].as_sequence().unwrap();
+    let mut config_found = false;
+    let mut state_volume = false;
+    for v in volumes {
+        let v = v.as_str().unwrap();
+        let (src, dst) = v.split_once(':').unwrap();
+        if src.starts_with("./") {
+            let path = root.join(src);
+            assert!(path.exists(), "mounted {src} exists");
+            if dst.trim_end_matches(":ro").ends_with(".toml") {
+                config_found = true;
+                let cfg = stepgate::config::Config::load(Some(&path), &Default::default()).unwrap();
+                assert_eq!(cfg.upstream, "postgres:5432");
+                assert!(cfg.listen.ends_with(":6432"));
+            }
+        } else if doc["volumes"][src].is_mapping() || doc["volumes"].get(src).is_some() {
+            state_volume = true;
+        }
+    }
+    assert!(config_found, "a config file is mounted");
+    assert!(state_volume, "a named volume holds the state directory");
+    let depends = format!("{:?}", sg["depends_on"]);
+    assert!(depends.contains("postgres"), "stepgate depends on postgres");
+}
