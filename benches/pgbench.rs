@@ -1,0 +1,152 @@
+//! End-to-end throughput: `pgbench -S` straight to PostgreSQL, through stepgate, and through pgbouncer
+//! (session mode, when installed), alternating targets round by round in one run, reported as the median
+//! ratio to direct.
+//!
+//! Run: `cargo bench --bench pgbench` (env: BENCH_ROUNDS [5], BENCH_SECONDS [5], BENCH_CLIENTS [8]).
+//! Everything is local (127.0.0.1); a throwaway PostgreSQL is started and removed.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use stepgate::config::Config;
+use stepgate::devdb::{free_port, DevDb, DevDbOptions, SUPERUSER};
+use stepgate::proxy::Server;
+use tokio_util::sync::CancellationToken;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn tps(port: u16, mode: &str, clients: u64, seconds: u64) -> f64 {
+    let out = Command::new("pgbench")
+        .args(["-n", "-S", "-M", mode, "-h", "127.0.0.1", "-U", SUPERUSER])
+        .args(["-p", &port.to_string(), "-c", &clients.to_string(), "-j", "2"])
+        .args(["-T", &seconds.to_string(), "bench"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("pgbench runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("tps line")
+}
+
+fn start_pgbouncer(db: &DevDb, dir: &std::path::Path) -> Option<(Child, u16)> {
+    let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let port = free_port();
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(dir.join("userlist.txt"), format!("\"{SUPERUSER}\" \"\"\n")).ok()?;
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\nbench = host=127.0.0.1 port={} dbname=bench\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+             listen_port = {port}\nauth_type = trust\nauth_file = {}\npool_mode = session\n\
+             max_client_conn = 200\ndefault_pool_size = 50\nunix_socket_dir =\nlogfile = {}\n",
+            db.port(),
+            dir.join("userlist.txt").display(),
+            dir.join("pgbouncer.log").display()
+        ),
+    )
+    .ok()?;
+    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(dir).status();
+    let mut cmd = Command::new(bin);
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false);
+    if is_root {
+        cmd.args(["-u", "postgres"]);
+    }
+    let child = cmd.arg(&ini).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
+    std::thread::sleep(Duration::from_millis(500));
+    Some((child, port))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful either: run only when asked.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rounds = env_num("BENCH_ROUNDS", 5);
+    let seconds = env_num("BENCH_SECONDS", 5);
+    let clients = env_num("BENCH_CLIENTS", 8);
+    let db = DevDb::start(&DevDbOptions::default()).expect("PostgreSQL starts");
+    db.psql("CREATE DATABASE bench").unwrap();
+    let init = Command::new("pgbench")
+        .args(["-i", "-q", "-s", "10", "-h", "127.0.0.1", "-U", SUPERUSER, "-p", &db.port().to_string(), "bench"])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let sg_port = rt.block_on(async {
+        let server = Server::bind(Config {
+            listen: "127.0.0.1:0".into(),
+            upstream: db.addr(),
+            state_dir: state.path().join("state"),
+            ..Config::default()
+        })
+        .await
+        .unwrap();
+        let port = server.local_addr().port();
+        tokio::spawn(server.run(shutdown.clone()));
+        port
+    });
+    let bouncer_dir = tempfile::tempdir().unwrap();
+    let bouncer = start_pgbouncer(&db, bouncer_dir.path());
+    let mut targets: Vec<(&str, u16)> = vec![("direct", db.port()), ("stepgate", sg_port)];
+    if let Some((_, port)) = &bouncer {
+        targets.push(("pgbouncer", *port));
+    } else {
+        eprintln!("pgbouncer not installed: comparing direct and stepgate only");
+    }
+
+    println!("pgbench -S -c {clients} -j 2, {seconds} s per run, {rounds} rounds, targets alternating");
+    for mode in ["simple", "prepared"] {
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+        let mut tps_all: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+        for round in 0..rounds {
+            let mut direct = 0.0;
+            let mut line = format!("  {mode:8} round {}:", round + 1);
+            for (i, (name, port)) in targets.iter().enumerate() {
+                let t = tps(*port, mode, clients, seconds);
+                if i == 0 {
+                    direct = t;
+                }
+                ratios[i].push(t / direct);
+                tps_all[i].push(t);
+                line.push_str(&format!("  {name} {t:.0} tps ({:.3})", t / direct));
+            }
+            println!("{line}");
+        }
+        for (i, (name, _)) in targets.iter().enumerate() {
+            let mut r = ratios[i].clone();
+            let lo = r.iter().cloned().fold(f64::MAX, f64::min);
+            let hi = r.iter().cloned().fold(f64::MIN, f64::max);
+            let m = median(&mut r);
+            let mt = median(&mut tps_all[i].clone());
+            println!("{mode:8} {name:10} median {mt:8.0} tps  ratio to direct {m:.3}  (spread {lo:.3}..{hi:.3})");
+            println!("BENCH {{\"scenario\":\"select-only-{mode}\",\"target\":\"{name}\",\"median_tps\":{mt:.0},\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4}}}");
+        }
+    }
+    shutdown.cancel();
+    if let Some((mut child, _)) = bouncer {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
