@@ -14,19 +14,33 @@ use stepgate::proxy::Server;
 use tokio_util::sync::CancellationToken;
 
 fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn tps(port: u16, mode: &str, clients: u64, seconds: u64) -> f64 {
     let out = Command::new("pgbench")
         .args(["-n", "-S", "-M", mode, "-h", "127.0.0.1", "-U", SUPERUSER])
-        .args(["-p", &port.to_string(), "-c", &clients.to_string(), "-j", "2"])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+        ])
         .args(["-T", &seconds.to_string(), "bench"])
         .stdin(Stdio::null())
         .output()
         .expect("pgbench runs");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("number of failed transactions: 0"), "{text}");
     text.lines()
         .find_map(|l| l.strip_prefix("tps = "))
@@ -54,13 +68,25 @@ fn start_pgbouncer(db: &DevDb, dir: &std::path::Path) -> Option<(Child, u16)> {
         ),
     )
     .ok()?;
-    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(dir).status();
+    let _ = Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(dir)
+        .status();
     let mut cmd = Command::new(bin);
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false);
     if is_root {
         cmd.args(["-u", "postgres"]);
     }
-    let child = cmd.arg(&ini).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
+    let child = cmd
+        .arg(&ini)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
     std::thread::sleep(Duration::from_millis(500));
     Some((child, port))
 }
@@ -86,12 +112,31 @@ fn main() {
     let db = DevDb::start(&DevDbOptions::default()).expect("PostgreSQL starts");
     db.psql("CREATE DATABASE bench").unwrap();
     let init = Command::new("pgbench")
-        .args(["-i", "-q", "-s", "10", "-h", "127.0.0.1", "-U", SUPERUSER, "-p", &db.port().to_string(), "bench"])
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            "10",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            SUPERUSER,
+            "-p",
+            &db.port().to_string(),
+            "bench",
+        ])
         .output()
         .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let state = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let sg_port = rt.block_on(async {
@@ -116,7 +161,9 @@ fn main() {
         eprintln!("pgbouncer not installed: comparing direct and stepgate only");
     }
 
-    println!("pgbench -S -c {clients} -j 2, {seconds} s per run, {rounds} rounds, targets alternating");
+    println!(
+        "pgbench -S -c {clients} -j 2, {seconds} s per run, {rounds} rounds, targets alternating"
+    );
     for mode in ["simple", "prepared"] {
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         let mut tps_all: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];

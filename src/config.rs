@@ -268,7 +268,9 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
     match SizeValue::deserialize(d)? {
         SizeValue::Bytes(n) => Ok(Some(n as usize)),
         SizeValue::Text(s) => parse_size(&s).map(Some).ok_or_else(|| {
-            serde::de::Error::custom(format!("{s:?} is not a size like \"1GiB\", \"64MB\" or 1048576"))
+            serde::de::Error::custom(format!(
+                "{s:?} is not a size like \"1GiB\", \"64MB\" or 1048576"
+            ))
         }),
     }
 }
@@ -299,7 +301,8 @@ mod tests {
 
     #[test]
     fn defaults_and_relative_paths() {
-        let c = parse("state_dir = \"state\"\n[tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n").unwrap();
+        let c = parse("state_dir = \"state\"\n[tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n")
+            .unwrap();
         assert_eq!(c.listen, DEFAULT_LISTEN);
         assert_eq!(c.state_dir, PathBuf::from("/etc/sg/state"));
         let tls = c.tls.unwrap();
@@ -311,7 +314,9 @@ mod tests {
 
     #[test]
     fn unknown_key_names_file_line_and_key() {
-        let err = parse("listen = \"127.0.0.1:1\"\nlsten = \"x\"\n").unwrap_err().to_string();
+        let err = parse("listen = \"127.0.0.1:1\"\nlsten = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("stepgate.toml"), "{err}");
         assert!(err.contains("line 2"), "{err}");
         assert!(err.contains("lsten"), "{err}");
@@ -319,13 +324,22 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_line() {
-        let err = parse("\nstartup_timeout = \"ten\"\n").unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("startup_timeout"), "{err}");
-        let err = parse("max_message_size = \"12 parsecs\"").unwrap_err().to_string();
+        let err = parse("\nstartup_timeout = \"ten\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("startup_timeout"),
+            "{err}"
+        );
+        let err = parse("max_message_size = \"12 parsecs\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_message_size"), "{err}");
         let err = parse("upstream = \"nohost\"").unwrap_err().to_string();
         assert!(err.contains("upstream"), "{err}");
-        let err = parse("upstream_tls = \"sometimes\"").unwrap_err().to_string();
+        let err = parse("upstream_tls = \"sometimes\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("upstream_tls"), "{err}");
     }
 
@@ -336,8 +350,14 @@ mod tests {
             upstream: Some("db:5433".into()),
             ..Default::default()
         };
-        let c = parse("listen = \"127.0.0.1:1\"").unwrap().with_overrides(&o).unwrap();
-        assert_eq!((c.listen.as_str(), c.upstream.as_str()), ("0.0.0.0:7000", "db:5433"));
+        let c = parse("listen = \"127.0.0.1:1\"")
+            .unwrap()
+            .with_overrides(&o)
+            .unwrap();
+        assert_eq!(
+            (c.listen.as_str(), c.upstream.as_str()),
+            ("0.0.0.0:7000", "db:5433")
+        );
     }
 
     #[test]

@@ -36,7 +36,11 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let addr = server.local_addr();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(shutdown.clone()));
-    let psql = format!("psql -h {} -p {} -U {SUPERUSER} demo", addr.ip(), addr.port());
+    let psql = format!(
+        "psql -h {} -p {} -U {SUPERUSER} demo",
+        addr.ip(),
+        addr.port()
+    );
 
     let result = if opts.check {
         let port = addr.port();
@@ -46,7 +50,11 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     } else {
         println!();
         println!("stepgate demo is running");
-        println!("  PostgreSQL (throwaway) on {}   data in {}", db.addr(), db.socket_dir().display());
+        println!(
+            "  PostgreSQL (throwaway) on {}   data in {}",
+            db.addr(),
+            db.socket_dir().display()
+        );
         println!("  stepgate on {addr}  ->  {}", db.addr());
         println!();
         println!("Connect through stepgate:");
@@ -58,7 +66,9 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         println!("  SELECT * FROM notes;");
         println!();
         println!("Press Ctrl-C to stop; the database and its files are removed.");
-        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
         eprintln!("stopping …");
         Ok(())
     };
@@ -70,7 +80,18 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 
 fn psql(port: u16, args: &[&str]) -> Result<String> {
     let out = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER, "-d", "demo", "-X", "-At"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            SUPERUSER,
+            "-d",
+            "demo",
+            "-X",
+            "-At",
+        ])
         .args(["-v", "ON_ERROR_STOP=1"])
         .args(args)
         .env_remove("PGOPTIONS")
@@ -79,7 +100,10 @@ fn psql(port: u16, args: &[&str]) -> Result<String> {
         .context("running psql")?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() {
-        bail!("psql {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "psql {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(text)
 }
@@ -93,29 +117,44 @@ fn step(name: &str, r: Result<()>) -> Result<()> {
 }
 
 fn walkthrough(port: u16) -> Result<()> {
-    step("psql connects through stepgate and runs SELECT 1", (|| {
-        let got = psql(port, &["-c", "select 1"])?;
-        if got != "1" {
-            bail!("expected 1, got {got:?}");
-        }
-        Ok(())
-    })())?;
-    step("a table is created, written and read back through stepgate", (|| {
-        psql(port, &["-c", "CREATE TABLE notes (id int PRIMARY KEY, body text)"])?;
-        psql(port, &["-c", "INSERT INTO notes VALUES (1, 'through the gate')"])?;
-        let got = psql(port, &["-c", "SELECT body FROM notes WHERE id = 1"])?;
-        if got != "through the gate" {
-            bail!("expected the row back, got {got:?}");
-        }
-        Ok(())
-    })())?;
-    step("the session reaches the server through stepgate (not a local socket)", (|| {
-        let got = psql(port, &["-c", "SELECT inet_client_addr()::text"])?;
-        if !got.starts_with("127.0.0.1") {
-            bail!("expected a TCP client address, got {got:?}");
-        }
-        Ok(())
-    })())?;
+    step(
+        "psql connects through stepgate and runs SELECT 1",
+        (|| {
+            let got = psql(port, &["-c", "select 1"])?;
+            if got != "1" {
+                bail!("expected 1, got {got:?}");
+            }
+            Ok(())
+        })(),
+    )?;
+    step(
+        "a table is created, written and read back through stepgate",
+        (|| {
+            psql(
+                port,
+                &["-c", "CREATE TABLE notes (id int PRIMARY KEY, body text)"],
+            )?;
+            psql(
+                port,
+                &["-c", "INSERT INTO notes VALUES (1, 'through the gate')"],
+            )?;
+            let got = psql(port, &["-c", "SELECT body FROM notes WHERE id = 1"])?;
+            if got != "through the gate" {
+                bail!("expected the row back, got {got:?}");
+            }
+            Ok(())
+        })(),
+    )?;
+    step(
+        "the session reaches the server through stepgate (not a local socket)",
+        (|| {
+            let got = psql(port, &["-c", "SELECT inet_client_addr()::text"])?;
+            if !got.starts_with("127.0.0.1") {
+                bail!("expected a TCP client address, got {got:?}");
+            }
+            Ok(())
+        })(),
+    )?;
     println!("demo check passed");
     Ok(())
 }

@@ -166,10 +166,14 @@ impl DevDb {
             bin_dir: bin_dir.clone(),
         };
         let mut initdb = command(&bin_dir.join("initdb"), user);
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-sync"]);
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
         run(initdb, "initdb")?;
         let hba = format!(
             "local all all trust\n\
@@ -193,7 +197,8 @@ impl DevDb {
             for (src, name) in [(cert, "server.crt"), (key, "server.key")] {
                 let dst = data.join(name);
                 fs::copy(src, &dst).map_err(io(format!("copying {}", src.display())))?;
-                fs::set_permissions(&dst, fs::Permissions::from_mode(0o600)).map_err(io("chmod"))?;
+                fs::set_permissions(&dst, fs::Permissions::from_mode(0o600))
+                    .map_err(io("chmod"))?;
                 if let Some((uid, gid)) = user {
                     std::os::unix::fs::chown(&dst, Some(uid), Some(gid)).map_err(io("chown"))?;
                 }
@@ -201,7 +206,8 @@ impl DevDb {
             conf.push("ssl = on".into());
         }
         conf.extend(opts.extra_conf.iter().cloned());
-        let mut text = fs::read_to_string(data.join("postgresql.conf")).map_err(io("postgresql.conf"))?;
+        let mut text =
+            fs::read_to_string(data.join("postgresql.conf")).map_err(io("postgresql.conf"))?;
         text.push('\n');
         text.push_str(&conf.join("\n"));
         text.push('\n');
@@ -222,7 +228,12 @@ impl DevDb {
         Err(last_err.unwrap_or(DevDbError::Missing("postgres")))
     }
 
-    fn launch(&mut self, data: &Path, port: u16, user: Option<(u32, u32)>) -> Result<(), DevDbError> {
+    fn launch(
+        &mut self,
+        data: &Path,
+        port: u16,
+        user: Option<(u32, u32)>,
+    ) -> Result<(), DevDbError> {
         let log_path = self.log_path();
         let log = fs::File::create(&log_path).map_err(io("creating the server log"))?;
         if let Some((uid, gid)) = user {
@@ -308,7 +319,18 @@ impl DevDb {
             .arg(&self.root)
             .arg("-p")
             .arg(self.port.to_string())
-            .args(["-U", SUPERUSER, "-d", "postgres", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .args([
+                "-U",
+                SUPERUSER,
+                "-d",
+                "postgres",
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
             .env_remove("PGOPTIONS")
             .env_remove("PGPASSWORD")
             .stdin(Stdio::null());

@@ -26,11 +26,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the proxy.
-    #[command(after_help = "Examples:\n  stepgate serve --listen 127.0.0.1:6432 --upstream 127.0.0.1:5432\n  \
+    #[command(
+        after_help = "Examples:\n  stepgate serve --listen 127.0.0.1:6432 --upstream 127.0.0.1:5432\n  \
                             stepgate serve --config stepgate.toml --upstream db.internal:5432\n\n\
                             Flags override the config file; without --config, defaults and flags are used.\n\
                             SIGTERM or SIGINT stops accepting and lets sessions finish (shutdown_timeout).\n\
-                            Logs go to stderr; RUST_LOG=debug shows more.")]
+                            Logs go to stderr; RUST_LOG=debug shows more."
+    )]
     Serve {
         /// The TOML configuration file (relative paths inside it resolve against its folder).
         #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
@@ -52,9 +54,11 @@ enum Cmd {
         log_format: Option<LogFormat>,
     },
     /// Start a throwaway PostgreSQL with stepgate in front of it.
-    #[command(after_help = "Needs the PostgreSQL server binaries (initdb, postgres) and psql.\n\n\
+    #[command(
+        after_help = "Needs the PostgreSQL server binaries (initdb, postgres) and psql.\n\n\
                             Examples:\n  stepgate demo            runs until Ctrl-C, then removes everything\n  \
-                            stepgate demo --check    runs the walkthrough unattended; exit 0 when it all works")]
+                            stepgate demo --check    runs the walkthrough unattended; exit 0 when it all works"
+    )]
     Demo {
         /// Run the walkthrough unattended and exit 0 (all steps passed) or 1.
         #[arg(long)]
@@ -77,7 +81,9 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -116,7 +122,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     DEFAULT_LISTEN.into()
                 }
             });
-            let result = runtime()?.block_on(stepgate::demo::run(stepgate::demo::DemoOptions { listen, check }));
+            let result = runtime()?.block_on(stepgate::demo::run(stepgate::demo::DemoOptions {
+                listen,
+                check,
+            }));
             match result {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) if check => {
@@ -132,7 +141,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Cancels `token` on the first SIGTERM or SIGINT.
 async fn stop_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

@@ -23,7 +23,13 @@ impl Serve {
         let dir = tempfile::tempdir().unwrap();
         let port = stepgate::devdb::free_port();
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &pg().addr()])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--upstream",
+                &pg().addr(),
+            ])
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(extra)
@@ -57,7 +63,11 @@ impl Serve {
     }
 
     fn conninfo(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user={} dbname={db} sslmode=disable", self.port, pg().user)
+        format!(
+            "host=127.0.0.1 port={} user={} dbname={db} sslmode=disable",
+            self.port,
+            pg().user
+        )
     }
 
     fn signal(&self, sig: &str) {
@@ -91,7 +101,10 @@ fn psql_c_and_f_through_stepgate() {
         pg().create_db("cli_smoke").await;
         let p = pg();
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host(&p.host).port(p.port).user(&p.user).dbname("cli_smoke");
+        cfg.host(&p.host)
+            .port(p.port)
+            .user(&p.user)
+            .dbname("cli_smoke");
         let c = connect(cfg).await.unwrap();
         c.batch_execute("CREATE TABLE pipe_smoke (id int PRIMARY KEY, note text)")
             .await
@@ -102,9 +115,27 @@ fn psql_c_and_f_through_stepgate() {
     assert!(ok, "{err}");
     assert_eq!(
         out.lines().collect::<Vec<_>>(),
-        ["starting", "INSERT 0 2", "BEGIN", "UPDATE 1", "COMMIT", "1|one", "2|TWO", "COPY 1", "3", "done"]
+        [
+            "starting",
+            "INSERT 0 2",
+            "BEGIN",
+            "UPDATE 1",
+            "COMMIT",
+            "1|one",
+            "2|TWO",
+            "COPY 1",
+            "3",
+            "done"
+        ]
     );
-    let (ok, out, _) = psql(&s.conninfo("cli_smoke"), &["-c", "select string_agg(note, ',' order by id) from pipe_smoke"], &[]);
+    let (ok, out, _) = psql(
+        &s.conninfo("cli_smoke"),
+        &[
+            "-c",
+            "select string_agg(note, ',' order by id) from pipe_smoke",
+        ],
+        &[],
+    );
     assert!(ok);
     assert_eq!(out, "one,TWO,three");
 }
@@ -116,7 +147,11 @@ fn pgbench(args: &[&str]) -> (bool, String) {
         .stdin(Stdio::null())
         .output()
         .expect("pgbench runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -125,16 +160,43 @@ fn pgbench_select_only_through_stepgate_in_every_protocol_mode() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(pg().create_db("cli_bench"));
     let p = pg();
-    let (ok, text) = pgbench(&["-i", "-s", "1", "-h", &p.host, "-p", &p.port.to_string(), "-U", &p.user, "cli_bench"]);
+    let (ok, text) = pgbench(&[
+        "-i",
+        "-s",
+        "1",
+        "-h",
+        &p.host,
+        "-p",
+        &p.port.to_string(),
+        "-U",
+        &p.user,
+        "cli_bench",
+    ]);
     assert!(ok, "pgbench -i (direct): {text}");
     let s = Serve::start(&[]);
     for mode in ["simple", "extended", "prepared"] {
         let (ok, text) = pgbench(&[
-            "-n", "-S", "-T", "3", "-c", "4", "-M", mode, "-h", "127.0.0.1", "-p", &s.port.to_string(), "-U", &p.user,
+            "-n",
+            "-S",
+            "-T",
+            "3",
+            "-c",
+            "4",
+            "-M",
+            mode,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.port.to_string(),
+            "-U",
+            &p.user,
             "cli_bench",
         ]);
         assert!(ok, "{mode}: {text}");
-        assert!(text.contains("number of failed transactions: 0 (0.000%)"), "{mode}: {text}");
+        assert!(
+            text.contains("number of failed transactions: 0 (0.000%)"),
+            "{mode}: {text}"
+        );
         let processed: u64 = text
             .lines()
             .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
@@ -149,7 +211,8 @@ fn pgbench_select_only_through_stepgate_in_every_protocol_mode() {
 fn sigterm_lets_a_running_statement_finish_then_exits() {
     let mut s = Serve::start(&[]);
     let ci = s.conninfo("postgres");
-    let sleeper = std::thread::spawn(move || psql(&ci, &["-c", "select pg_sleep(1.5), 'finished'"], &[]));
+    let sleeper =
+        std::thread::spawn(move || psql(&ci, &["-c", "select pg_sleep(1.5), 'finished'"], &[]));
     std::thread::sleep(Duration::from_millis(500));
     s.signal("-TERM");
     std::thread::sleep(Duration::from_millis(300));
@@ -165,7 +228,10 @@ fn sigterm_lets_a_running_statement_finish_then_exits() {
             assert!(status.success(), "{status}");
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "stepgate did not exit after SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "stepgate did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -175,17 +241,28 @@ fn json_logs_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let port = stepgate::devdb::free_port();
     let mut child = Command::new(BIN)
-        .args(["serve", "--log-format", "json", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &pg().addr()])
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &pg().addr(),
+        ])
         .arg("--state-dir")
         .arg(dir.path())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(v["message"], "stepgate is accepting connections", "{line}");
 }
 
@@ -193,8 +270,16 @@ fn json_logs_when_asked() {
 fn config_mistakes_name_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stepgate.toml");
-    std::fs::write(&path, "listen = \"127.0.0.1:6432\"\n\nupstrem = \"127.0.0.1:5432\"\n").unwrap();
-    let out = Command::new(BIN).args(["serve", "--config"]).arg(&path).output().unwrap();
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:6432\"\n\nupstrem = \"127.0.0.1:5432\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("stepgate.toml"), "{err}");
@@ -217,18 +302,36 @@ fn version_and_help() {
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("stepgate {}", env!("CARGO_PKG_VERSION"))
     );
-    let out = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--config", "--listen", "--upstream", "--state-dir", "--upstream-tls", "--log-format", "Examples"] {
+    for flag in [
+        "--config",
+        "--listen",
+        "--upstream",
+        "--state-dir",
+        "--upstream-tls",
+        "--log-format",
+        "Examples",
+    ] {
         assert!(help.contains(flag), "serve --help lacks {flag}");
     }
 }
 
 #[test]
 fn demo_check_runs_the_walkthrough() {
-    let out = Command::new(BIN).args(["demo", "--check"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["demo", "--check"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("demo check passed"), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
 }
@@ -245,7 +348,10 @@ fn docker_compose_wires_postgres_and_stepgate() {
     // Built from the repo's Dockerfile.
     let context = sg["build"]["context"].as_str().unwrap_or(".");
     let dockerfile = sg["build"]["dockerfile"].as_str().unwrap_or("Dockerfile");
-    assert!(root.join(context).join(dockerfile).is_file(), "Dockerfile exists");
+    assert!(
+        root.join(context).join(dockerfile).is_file(),
+        "Dockerfile exists"
+    );
     // Port 6432 published.
     let ports: Vec<String> = sg["ports"]
         .as_sequence()

@@ -15,7 +15,10 @@ use futures_util::{SinkExt, StreamExt, TryStreamExt};
 async fn simple_and_extended_queries() {
     let g = gate().await;
     let c = g.client("postgres").await;
-    let rows = c.simple_query("select 1 as a, 'two' as b; select 3").await.unwrap();
+    let rows = c
+        .simple_query("select 1 as a, 'two' as b; select 3")
+        .await
+        .unwrap();
     let values: Vec<String> = rows
         .iter()
         .filter_map(|m| match m {
@@ -25,15 +28,24 @@ async fn simple_and_extended_queries() {
         .collect();
     assert_eq!(values, ["1", "3"]);
     let row = c
-        .query_one("select $1::int + $2::int, $3::text || '!'", &[&40i32, &2i32, &"hi"])
+        .query_one(
+            "select $1::int + $2::int, $3::text || '!'",
+            &[&40i32, &2i32, &"hi"],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 42);
     assert_eq!(row.get::<_, String>(1), "hi!");
     // A server error passes through with its SQLSTATE, and the session goes on.
-    let e = c.simple_query("select * from no_such_table").await.unwrap_err();
+    let e = c
+        .simple_query("select * from no_such_table")
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("42P01"));
-    assert_eq!(c.query_one("select 7", &[]).await.unwrap().get::<_, i32>(0), 7);
+    assert_eq!(
+        c.query_one("select 7", &[]).await.unwrap().get::<_, i32>(0),
+        7
+    );
 }
 
 #[tokio::test]
@@ -42,9 +54,14 @@ async fn named_prepared_statements_and_sql_prepare() {
     let c = g.client("postgres").await;
     let st = c.prepare("select $1::int * 2").await.unwrap();
     for i in 0..20i32 {
-        assert_eq!(c.query_one(&st, &[&i]).await.unwrap().get::<_, i32>(0), i * 2);
+        assert_eq!(
+            c.query_one(&st, &[&i]).await.unwrap().get::<_, i32>(0),
+            i * 2
+        );
     }
-    c.batch_execute("PREPARE triple(int) AS SELECT $1 * 3").await.unwrap();
+    c.batch_execute("PREPARE triple(int) AS SELECT $1 * 3")
+        .await
+        .unwrap();
     let rows = c.simple_query("EXECUTE triple(5)").await.unwrap();
     let got = rows.iter().find_map(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
@@ -57,7 +74,10 @@ async fn named_prepared_statements_and_sql_prepare() {
 async fn pipelined_queries_come_back_in_order() {
     let g = gate().await;
     let c = g.client("postgres").await;
-    let st = c.prepare("select $1::int, pg_sleep(0.001)::text").await.unwrap();
+    let st = c
+        .prepare("select $1::int, pg_sleep(0.001)::text")
+        .await
+        .unwrap();
     // tokio-postgres pipelines requests issued concurrently on one connection.
     let futs = (0..200i32).map(|i| {
         let c = &c;
@@ -72,7 +92,10 @@ async fn pipelined_queries_come_back_in_order() {
 async fn transactions_commit_and_roll_back() {
     pg().create_db("pipe_tx").await;
     let direct = connect_db("pipe_tx").await;
-    direct.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    direct
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
     let g = gate().await;
     let mut c = g.client("pipe_tx").await;
     let tx = c.transaction().await.unwrap();
@@ -83,8 +106,14 @@ async fn transactions_commit_and_roll_back() {
     tx.commit().await.unwrap();
     // An error inside a transaction aborts it; the server's 25P02 comes through.
     c.batch_execute("BEGIN").await.unwrap();
-    let _ = c.batch_execute("insert into t values (2)").await.unwrap_err();
-    let e = c.batch_execute("insert into t values (3)").await.unwrap_err();
+    let _ = c
+        .batch_execute("insert into t values (2)")
+        .await
+        .unwrap_err();
+    let e = c
+        .batch_execute("insert into t values (3)")
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("25P02"));
     c.batch_execute("ROLLBACK").await.unwrap();
     let ids: Vec<i32> = direct
@@ -130,15 +159,24 @@ async fn copy_in_and_out_100mb_round_trip() {
         sent += line.len();
         chunk.push_str(&line);
         if chunk.len() > (1 << 20) - 1100 || i == rows - 1 {
-            sink.send(Bytes::from(std::mem::take(&mut chunk))).await.unwrap();
+            sink.send(Bytes::from(std::mem::take(&mut chunk)))
+                .await
+                .unwrap();
         }
     }
     assert_eq!(sink.finish().await.unwrap(), rows as u64);
     assert!(sent > 100_000_000);
-    let count: i64 = direct.query_one("select count(*) from blob", &[]).await.unwrap().get(0);
+    let count: i64 = direct
+        .query_one("select count(*) from blob", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(count, rows as i64);
 
-    let stream = c.copy_out("COPY (SELECT * FROM blob ORDER BY id) TO STDOUT").await.unwrap();
+    let stream = c
+        .copy_out("COPY (SELECT * FROM blob ORDER BY id) TO STDOUT")
+        .await
+        .unwrap();
     futures_util::pin_mut!(stream);
     let mut got_hash = std::collections::hash_map::DefaultHasher::new();
     let mut got = 0usize;
@@ -147,7 +185,11 @@ async fn copy_in_and_out_100mb_round_trip() {
         got += bytes.len();
     }
     assert_eq!(got, sent);
-    assert_eq!(got_hash.finish(), sent_hash.finish(), "COPY OUT returned other bytes than COPY IN sent");
+    assert_eq!(
+        got_hash.finish(),
+        sent_hash.finish(),
+        "COPY OUT returned other bytes than COPY IN sent"
+    );
 }
 
 #[tokio::test]
@@ -193,10 +235,17 @@ async fn cancel_reaches_the_running_query() {
     let query = tokio::spawn(async move { c.simple_query("select pg_sleep(30)").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(5), query).await.unwrap().unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), query)
+        .await
+        .unwrap()
+        .unwrap();
     let e = r.expect_err("the sleep was cancelled");
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -211,7 +260,10 @@ async fn cancel_with_unknown_key_is_ignored() {
     pkt.extend(2i32.to_be_bytes());
     r.send(&pkt).await;
     assert!(r.until_closed().await.is_empty());
-    assert!(query.await.unwrap().is_ok(), "an unknown key cancelled nothing");
+    assert!(
+        query.await.unwrap().is_ok(),
+        "an unknown key cancelled nothing"
+    );
 }
 
 #[tokio::test]
@@ -220,12 +272,18 @@ async fn scram_and_md5_logins_pass_through() {
     for (user, pw) in [(SCRAM_USER, SCRAM_PASSWORD), (MD5_USER, MD5_PASSWORD)] {
         let mut cfg = g.config(user, "postgres");
         cfg.password(pw);
-        let c = connect(cfg).await.unwrap_or_else(|e| panic!("{user}: {e:?}"));
-        let who: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
+        let c = connect(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e:?}"));
+        let who: String = c
+            .query_one("select current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(who, user);
         let mut cfg = g.config(user, "postgres");
         cfg.password("wrong");
-        let e = connect(cfg).await.err().expect("wrong password refused");
+        let e = connect_err(cfg).await;
         assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{user}: {e}");
         let msg = e.as_db_error().unwrap().message();
         assert!(msg.contains("password authentication failed"), "{msg}");
@@ -245,14 +303,24 @@ async fn notices_and_parameter_status_pass_through() {
         .unwrap();
     let g = gate().await;
     let mut r = Raw::login(g.addr, &pg().user, "postgres", &[]).await;
-    r.send(&raw::query(b"SET application_name = 'through-stepgate'")).await;
+    r.send(&raw::query(b"SET application_name = 'through-stepgate'"))
+        .await;
     let msgs = r.until_ready().await;
-    let status = msgs.iter().find(|(t, _)| *t == b'S').expect("ParameterStatus");
+    let status = msgs
+        .iter()
+        .find(|(t, _)| *t == b'S')
+        .expect("ParameterStatus");
     assert_eq!(status.1, b"application_name\0through-stepgate\0");
     r.send(&raw::query(b"SELECT pipe_notice()")).await;
     let msgs = r.until_ready().await;
-    let notice = msgs.iter().find(|(t, _)| *t == b'N').expect("NoticeResponse");
-    assert_eq!(raw::field(&notice.1, b'M').as_deref(), Some("notice from the server"));
+    let notice = msgs
+        .iter()
+        .find(|(t, _)| *t == b'N')
+        .expect("NoticeResponse");
+    assert_eq!(
+        raw::field(&notice.1, b'M').as_deref(),
+        Some("notice from the server")
+    );
 }
 
 #[tokio::test]
@@ -271,8 +339,14 @@ async fn function_call_is_forwarded() {
     body.extend(1u16.to_be_bytes()); // binary result
     r.send(&raw::msg(b'F', &body)).await;
     let msgs = r.until_ready().await;
-    let v = msgs.iter().find(|(t, _)| *t == b'V').expect("FunctionCallResponse");
-    assert_eq!(v.1, [&4i32.to_be_bytes()[..], &42i32.to_be_bytes()[..]].concat());
+    let v = msgs
+        .iter()
+        .find(|(t, _)| *t == b'V')
+        .expect("FunctionCallResponse");
+    assert_eq!(
+        v.1,
+        [&4i32.to_be_bytes()[..], &42i32.to_be_bytes()[..]].concat()
+    );
 }
 
 #[tokio::test]
@@ -304,7 +378,10 @@ async fn stepgate_startup_settings_are_not_forwarded() {
     let mut d = Raw::login(direct_addr, &p.user, "postgres", &[("options", opts)]).await;
     d.send(&raw::query(probe)).await;
     let direct = d.until_ready().await;
-    assert!(direct.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"t")), "{direct:?}");
+    assert!(
+        direct.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"t")),
+        "{direct:?}"
+    );
 
     let mut r = Raw::login(
         g.addr,
@@ -315,10 +392,15 @@ async fn stepgate_startup_settings_are_not_forwarded() {
     .await;
     r.send(&raw::query(probe)).await;
     let msgs = r.until_ready().await;
-    assert!(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"f")), "{msgs:?}");
+    assert!(
+        msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"f")),
+        "{msgs:?}"
+    );
     r.send(&raw::query(b"SHOW search_path")).await;
     let msgs = r.until_ready().await;
-    assert!(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"pipe_schema,public")));
+    assert!(msgs
+        .iter()
+        .any(|(t, b)| *t == b'D' && b.ends_with(b"pipe_schema,public")));
 }
 
 #[tokio::test]
@@ -378,7 +460,9 @@ async fn message_length_below_four_after_login() {
     r.send(&[b'Q', 0, 0, 0, 2]).await;
     let msgs = r.until_closed().await;
     assert_eq!(Raw::error_code(&msgs).as_deref(), Some("08P01"));
-    assert!(Raw::error_message(&msgs).unwrap().contains("invalid message length"));
+    assert!(Raw::error_message(&msgs)
+        .unwrap()
+        .contains("invalid message length"));
     g.assert_healthy().await;
 }
 
@@ -390,13 +474,20 @@ async fn message_above_max_message_size_is_refused_from_its_header() {
     r.send(&[b'd', 0x40, 0, 0, 0]).await;
     let msgs = r.until_closed().await;
     assert_eq!(Raw::error_code(&msgs).as_deref(), Some("08P01"));
-    assert!(Raw::error_message(&msgs).unwrap().contains("above the limit"), "{msgs:?}");
+    assert!(
+        Raw::error_message(&msgs)
+            .unwrap()
+            .contains("above the limit"),
+        "{msgs:?}"
+    );
     // A message just under the limit still passes.
     let mut r = Raw::login(g.addr, &pg().user, "postgres", &[]).await;
     let big = format!("select length('{}')", "y".repeat(60_000));
     r.send(&raw::query(big.as_bytes())).await;
     let msgs = r.until_ready().await;
-    assert!(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"60000")));
+    assert!(msgs
+        .iter()
+        .any(|(t, b)| *t == b'D' && b.ends_with(b"60000")));
     g.assert_healthy().await;
 }
 
@@ -404,8 +495,11 @@ async fn message_above_max_message_size_is_refused_from_its_header() {
 async fn oversized_authentication_message_is_refused() {
     let g = gate().await;
     let mut r = Raw::connect(g.addr).await;
-    r.send(&raw::startup_packet(&[("user", SCRAM_USER.as_bytes()), ("database", b"postgres")]))
-        .await;
+    r.send(&raw::startup_packet(&[
+        ("user", SCRAM_USER.as_bytes()),
+        ("database", b"postgres"),
+    ]))
+    .await;
     let (tag, _) = r.recv().await.expect("authentication request");
     assert_eq!(tag, b'R');
     // 100 000 bytes declared for a password message: above the 64 KiB limit before login.
@@ -425,8 +519,11 @@ async fn silent_clients_time_out() {
     assert!(started.elapsed() < Duration::from_secs(3));
     // Sends its startup packet but never answers the password request: told why, then closed.
     let mut r = Raw::connect(g.addr).await;
-    r.send(&raw::startup_packet(&[("user", SCRAM_USER.as_bytes()), ("database", b"postgres")]))
-        .await;
+    r.send(&raw::startup_packet(&[
+        ("user", SCRAM_USER.as_bytes()),
+        ("database", b"postgres"),
+    ]))
+    .await;
     let msgs = r.until_closed().await;
     assert_eq!(Raw::error_code(&msgs).as_deref(), Some("57014"), "{msgs:?}");
     g.assert_healthy().await;
@@ -436,7 +533,7 @@ async fn silent_clients_time_out() {
 async fn upstream_unreachable_names_the_address() {
     let port = stepgate::devdb::free_port();
     let g = gate_with(|c| c.upstream = format!("127.0.0.1:{port}")).await;
-    let e = connect(g.config("postgres", "postgres")).await.err().unwrap();
+    let e = connect_err(g.config("postgres", "postgres")).await;
     assert_eq!(sqlstate(&e).as_deref(), Some("08006"), "{e}");
     let msg = e.as_db_error().unwrap().message().to_string();
     assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
@@ -446,7 +543,11 @@ async fn upstream_unreachable_names_the_address() {
 async fn terminated_backend_reports_the_servers_error() {
     let g = gate().await;
     let c = g.client("postgres").await;
-    let pid: i32 = c.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid: i32 = c
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     let direct = pg().direct().await;
     direct
         .execute("select pg_terminate_backend($1)", &[&pid])
@@ -488,7 +589,9 @@ async fn upstream_vanishing_mid_session_is_reported() {
     r.send(&raw::query(b"select 1")).await;
     let msgs = r.until_closed().await;
     assert_eq!(Raw::error_code(&msgs).as_deref(), Some("08006"), "{msgs:?}");
-    assert!(Raw::error_message(&msgs).unwrap().contains("lost the connection"));
+    assert!(Raw::error_message(&msgs)
+        .unwrap()
+        .contains("lost the connection"));
 }
 
 #[tokio::test]
@@ -496,7 +599,7 @@ async fn max_connections_refuses_with_53300() {
     let g = gate_with(|c| c.max_connections = 2).await;
     let a = g.client("postgres").await;
     let b = g.client("postgres").await;
-    let e = connect(g.config(&pg().user, "postgres")).await.err().unwrap();
+    let e = connect_err(g.config(&pg().user, "postgres")).await;
     assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
     drop(b);
     // The permit returns once the session has ended.
@@ -509,7 +612,10 @@ async fn max_connections_refuses_with_53300() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ok, "a slot freed up after a session ended");
-    assert_eq!(a.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        a.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
 }
 
 #[tokio::test]
@@ -532,6 +638,9 @@ async fn graceful_shutdown_lets_sessions_finish_then_closes_them() {
     // After shutdown_timeout, the remaining sessions are closed with 57P01.
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let e = idle.simple_query("select 1").await.unwrap_err();
-    assert!(sqlstate(&e).as_deref() == Some("57P01") || e.is_closed(), "{e}");
+    assert!(
+        sqlstate(&e).as_deref() == Some("57P01") || e.is_closed(),
+        "{e}"
+    );
     assert!(busy.is_closed() || busy.simple_query("select 1").await.is_err());
 }

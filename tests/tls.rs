@@ -11,8 +11,10 @@ use stepgate::config::{TlsConfig, UpstreamTls};
 use stepgate::devdb::DevDbOptions;
 
 fn certs() -> &'static (std::path::PathBuf, std::path::PathBuf) {
-    static CERTS: std::sync::OnceLock<(tempfile::TempDir, (std::path::PathBuf, std::path::PathBuf))> =
-        std::sync::OnceLock::new();
+    static CERTS: std::sync::OnceLock<(
+        tempfile::TempDir,
+        (std::path::PathBuf, std::path::PathBuf),
+    )> = std::sync::OnceLock::new();
     let (_, paths) = CERTS.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let paths = write_test_cert(dir.path());
@@ -34,7 +36,11 @@ async fn tls_gate(required: bool, upstream_tls: UpstreamTls) -> Gate {
     pg_ssl();
     let (cert, key) = certs().clone();
     gate_with(move |c| {
-        c.tls = Some(TlsConfig { cert, key, required });
+        c.tls = Some(TlsConfig {
+            cert,
+            key,
+            required,
+        });
         c.upstream_tls = upstream_tls;
     })
     .await
@@ -90,7 +96,10 @@ async fn plaintext_after_ssl_request_closes_the_connection() {
         let mut r = Raw::connect(g.addr).await;
         let mut bytes = 8u32.to_be_bytes().to_vec();
         bytes.extend(80877103u32.to_be_bytes());
-        bytes.extend(raw::startup_packet(&[("user", b"postgres"), ("database", b"postgres")]));
+        bytes.extend(raw::startup_packet(&[
+            ("user", b"postgres"),
+            ("database", b"postgres"),
+        ]));
         r.send(&bytes).await;
         // Nothing comes back: not 'S', not an authentication request. The connection is closed.
         assert_eq!(r.read_bytes(1).await, None, "tls={tls}");
@@ -104,10 +113,18 @@ async fn cancel_request_after_ssl_request() {
     pg_ssl();
     let g = gate().await;
     let mut s = Raw::connect(g.addr).await;
-    s.send(&raw::startup_packet(&[("user", b"postgres"), ("database", b"postgres")]))
-        .await;
+    s.send(&raw::startup_packet(&[
+        ("user", b"postgres"),
+        ("database", b"postgres"),
+    ]))
+    .await;
     let msgs = s.until_ready().await;
-    let key = msgs.iter().find(|(t, _)| *t == b'K').expect("BackendKeyData").1.clone();
+    let key = msgs
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .expect("BackendKeyData")
+        .1
+        .clone();
     s.send(&raw::query(b"select pg_sleep(30)")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -140,7 +157,10 @@ async fn tls_matrix_with_scram_channel_binding() {
                 let (ok, out, err) = tokio::task::spawn_blocking(move || {
                     psql(
                         &ci,
-                        &["-c", "select ssl from pg_stat_ssl where pid = pg_backend_pid()"],
+                        &[
+                            "-c",
+                            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+                        ],
                         &[("PGPASSWORD", SCRAM_PASSWORD)],
                     )
                 })
@@ -148,13 +168,19 @@ async fn tls_matrix_with_scram_channel_binding() {
                 .unwrap();
                 let both_tls = sslmode == "require" && upstream == UpstreamTls::Require;
                 let expect_ok = !(both_tls && cb == "prefer");
-                let case = format!("client sslmode={sslmode}, upstream_tls={upstream:?}, channel_binding={cb}");
+                let case = format!(
+                    "client sslmode={sslmode}, upstream_tls={upstream:?}, channel_binding={cb}"
+                );
                 if ok != expect_ok {
                     failures.push(format!("{case}: ok={ok} out={out} err={err}"));
                     continue;
                 }
                 if ok {
-                    let want = if upstream == UpstreamTls::Require { "t" } else { "f" };
+                    let want = if upstream == UpstreamTls::Require {
+                        "t"
+                    } else {
+                        "f"
+                    };
                     if out != want {
                         failures.push(format!("{case}: upstream ssl {out}, expected {want}"));
                     }
@@ -185,7 +211,11 @@ async fn upstream_tls_require_fails_clearly_without_server_tls() {
         c.upstream_tls = UpstreamTls::Require;
     })
     .await;
-    let e = connect(g.config("postgres", "postgres")).await.err().unwrap();
+    let e = connect_err(g.config("postgres", "postgres")).await;
     assert_eq!(sqlstate(&e).as_deref(), Some("08006"));
-    assert!(e.as_db_error().unwrap().message().contains("does not offer TLS"));
+    assert!(e
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("does not offer TLS"));
 }

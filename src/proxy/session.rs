@@ -123,7 +123,11 @@ async fn negotiate(shared: &Shared, tcp: TcpStream) -> Result<Opening, Negotiate
                     StartupError::UnsupportedProtocol(..) => "0A000",
                     _ => "08P01",
                 };
-                send_and_close(&mut client, &ErrorReply::fatal(code, format!("stepgate: {e}"))).await;
+                send_and_close(
+                    &mut client,
+                    &ErrorReply::fatal(code, format!("stepgate: {e}")),
+                )
+                .await;
                 return Err(e.into());
             }
         };
@@ -278,7 +282,11 @@ async fn session(
     let settings = match startup.take_stepgate_settings() {
         Ok(s) => s,
         Err(e) => {
-            send_and_close(&mut client, &ErrorReply::fatal("42501", format!("stepgate: {e}"))).await;
+            send_and_close(
+                &mut client,
+                &ErrorReply::fatal("42501", format!("stepgate: {e}")),
+            )
+            .await;
             warn!(%user, %database, error = %e, "startup refused");
             return;
         }
@@ -294,7 +302,11 @@ async fn session(
         Ok(up) => up,
         Err(e) => {
             warn!(error = %e, "upstream connection failed");
-            send_and_close(&mut client, &ErrorReply::fatal("08006", format!("stepgate: {e}"))).await;
+            send_and_close(
+                &mut client,
+                &ErrorReply::fatal("08006", format!("stepgate: {e}")),
+            )
+            .await;
             return;
         }
     };
@@ -314,7 +326,14 @@ async fn session(
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     let ending = {
         let fe = frontend(&mut client_rd, &mut up_wr, leftover, &flags, shared);
-        let be = backend(&mut up_rd, &mut client_wr, &flags, shared, &mut keys, client_tls);
+        let be = backend(
+            &mut up_rd,
+            &mut client_wr,
+            &flags,
+            shared,
+            &mut keys,
+            client_tls,
+        );
         tokio::pin!(fe, be);
         let login_timer = tokio::time::sleep_until(deadline);
         tokio::pin!(login_timer);
@@ -351,12 +370,16 @@ async fn session(
             debug!(error = %e, "client connection failed");
             None
         }
-        Ending::Frontend(Err(FrontendError::UpstreamIo(e))) => Some(
-            ErrorReply::fatal("08006", format!("stepgate: lost the upstream connection: {e}")),
-        ),
+        Ending::Frontend(Err(FrontendError::UpstreamIo(e))) => Some(ErrorReply::fatal(
+            "08006",
+            format!("stepgate: lost the upstream connection: {e}"),
+        )),
         Ending::Frontend(Err(FrontendError::Frame(e))) => {
             warn!(error = %e, "protocol violation by the client");
-            Some(ErrorReply::fatal("08P01", format!("stepgate: invalid frontend message: {e}")))
+            Some(ErrorReply::fatal(
+                "08P01",
+                format!("stepgate: invalid frontend message: {e}"),
+            ))
         }
         Ending::Frontend(Err(e @ FrontendError::ChannelBinding(_))) => {
             warn!(error = %e, "channel binding refused");
@@ -370,7 +393,9 @@ async fn session(
             None
         }
         Ending::Backend(r) => {
-            if flags.client_terminated.load(Ordering::Acquire) || flags.upstream_fatal.load(Ordering::Acquire) {
+            if flags.client_terminated.load(Ordering::Acquire)
+                || flags.upstream_fatal.load(Ordering::Acquire)
+            {
                 None
             } else {
                 let why = match r {
@@ -378,12 +403,13 @@ async fn session(
                     Ok(_) => "connection closed".to_string(),
                 };
                 warn!(error = %why, "upstream connection lost");
-                Some(
-                    ErrorReply::fatal(
-                        "08006",
-                        format!("stepgate: lost the connection to the upstream server at {}: {why}", shared.config.upstream),
+                Some(ErrorReply::fatal(
+                    "08006",
+                    format!(
+                        "stepgate: lost the connection to the upstream server at {}: {why}",
+                        shared.config.upstream
                     ),
-                )
+                ))
             }
         }
         Ending::LoginTimeout => Some(ErrorReply::fatal(
@@ -439,7 +465,8 @@ where
                     match tag {
                         b'X' => terminate = true,
                         b'p' if flags.sasl_initial_next.swap(false, Ordering::AcqRel) => {
-                            let mechanism = frame::cstr(frame::body(msg)).map(|(m, _)| m).unwrap_or(&[]);
+                            let mechanism =
+                                frame::cstr(frame::body(msg)).map(|(m, _)| m).unwrap_or(&[]);
                             if mechanism.ends_with(b"-PLUS") {
                                 return Err(FrontendError::ChannelBinding(
                                     String::from_utf8_lossy(mechanism).into_owned(),
@@ -458,7 +485,9 @@ where
             }
         }
         if ready > 0 {
-            wr.write_all(&buf[..ready]).await.map_err(FrontendError::UpstreamIo)?;
+            wr.write_all(&buf[..ready])
+                .await
+                .map_err(FrontendError::UpstreamIo)?;
             wr.flush().await.map_err(FrontendError::UpstreamIo)?;
             buf.advance(ready);
         }
@@ -467,7 +496,10 @@ where
             return Ok(FrontendEnd::Terminate);
         }
         buf.reserve(READ_CHUNK);
-        let n = rd.read_buf(&mut buf).await.map_err(FrontendError::ClientIo)?;
+        let n = rd
+            .read_buf(&mut buf)
+            .await
+            .map_err(FrontendError::ClientIo)?;
         if n == 0 {
             return Ok(FrontendEnd::Eof);
         }
@@ -498,7 +530,8 @@ where
         let mut ready = 0;
         let mut login_failed = false;
         loop {
-            let inspect = |t: u8| matches!(t, b'Z' | b'E') || (!logged_in && matches!(t, b'R' | b'K'));
+            let inspect =
+                |t: u8| matches!(t, b'Z' | b'E') || (!logged_in && matches!(t, b'R' | b'K'));
             let step = scanner
                 .step(&buf[ready..], inspect)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;

@@ -133,7 +133,11 @@ mod tests {
 
     /// Runs the scanner over `input` delivered in chunks of `chunk` bytes and returns the sequence of
     /// (tag, bytes) it reports, merging a streamed message's pieces.
-    fn scan_all(input: &[u8], chunk: usize, inspect: impl Fn(u8) -> bool + Copy) -> Vec<(u8, Vec<u8>)> {
+    fn scan_all(
+        input: &[u8],
+        chunk: usize,
+        inspect: impl Fn(u8) -> bool + Copy,
+    ) -> Vec<(u8, Vec<u8>)> {
         let mut sc = FrameScanner::new(1 << 20);
         let mut buf: Vec<u8> = Vec::new();
         let mut out: Vec<(u8, Vec<u8>)> = Vec::new();
@@ -183,7 +187,13 @@ mod tests {
         let m = msg(b'Q', b"select 1\0");
         let mut sc = FrameScanner::new(100);
         assert_eq!(sc.step(&m[..m.len() - 1], |_| true), Ok(Step::NeedMore));
-        assert_eq!(sc.step(&m, |_| true), Ok(Step::Message { tag: b'Q', len: m.len() }));
+        assert_eq!(
+            sc.step(&m, |_| true),
+            Ok(Step::Message {
+                tag: b'Q',
+                len: m.len()
+            })
+        );
     }
 
     #[test]
@@ -195,10 +205,17 @@ mod tests {
         );
         assert_eq!(
             sc.step(&[b'Q', 0xff, 0xff, 0xff, 0xff], |_| true),
-            Err(FrameError::TooLong { tag: 'Q', len: u32::MAX, max: 100 })
+            Err(FrameError::TooLong {
+                tag: 'Q',
+                len: u32::MAX,
+                max: 100
+            })
         );
         // The limit counts as the length field does: 100 is fine, 101 is not.
-        assert!(matches!(sc.step(&[b'd', 0, 0, 0, 100], |_| false), Ok(Step::Stream { .. })));
+        assert!(matches!(
+            sc.step(&[b'd', 0, 0, 0, 100], |_| false),
+            Ok(Step::Stream { .. })
+        ));
         let mut sc = FrameScanner::new(100);
         assert!(sc.step(&[b'd', 0, 0, 0, 101], |_| false).is_err());
     }
@@ -260,9 +277,15 @@ mod sasl_tests {
         let body = b"\0\0\0\x0aSCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0";
         let out = sasl_without_channel_binding(body).unwrap();
         assert_eq!(&out[..1], b"R");
-        assert_eq!(u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize, out.len() - 1);
+        assert_eq!(
+            u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize,
+            out.len() - 1
+        );
         assert_eq!(&out[5..], b"\0\0\0\x0aSCRAM-SHA-256\0\0");
-        assert_eq!(sasl_without_channel_binding(b"\0\0\0\x0aSCRAM-SHA-256\0\0"), None);
+        assert_eq!(
+            sasl_without_channel_binding(b"\0\0\0\x0aSCRAM-SHA-256\0\0"),
+            None
+        );
         assert_eq!(sasl_without_channel_binding(b"\0\0\0\x05salt"), None);
         assert_eq!(sasl_without_channel_binding(b"\0\0\0\x0aSCRAM"), None);
     }

@@ -40,15 +40,22 @@ pub enum StartupPacket {
     Ssl,
     GssEnc,
     /// The original 16 bytes are kept so they can be forwarded unchanged.
-    Cancel { pid: i32, key: i32, raw: [u8; 16] },
+    Cancel {
+        pid: i32,
+        key: i32,
+        raw: [u8; 16],
+    },
     Startup(StartupMessage),
 }
 
-/// A StartupMessage: protocol version and the parameters as raw bytes (their encoding is the client's).
+/// A startup parameter as raw bytes: (name, value), in the client's encoding.
+pub type Param = (Vec<u8>, Vec<u8>);
+
+/// A StartupMessage: protocol version and the parameters in the order the client sent them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartupMessage {
     pub version: u32,
-    pub params: Vec<(Vec<u8>, Vec<u8>)>,
+    pub params: Vec<Param>,
 }
 
 /// Parses one untagged packet from the front of `buf`. `Ok(None)` means more bytes are needed; on success
@@ -98,7 +105,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, StartupError>
     Ok(Some((packet, len)))
 }
 
-fn parse_params(mut rest: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StartupError> {
+fn parse_params(mut rest: &[u8]) -> Result<Vec<Param>, StartupError> {
     let mut params = Vec::new();
     loop {
         let (key, after) = cstr(rest).ok_or(StartupError::Malformed("missing terminator"))?;
@@ -108,7 +115,8 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StartupError
             }
             return Ok(params);
         }
-        let (value, after) = cstr(after).ok_or(StartupError::Malformed("parameter without a value"))?;
+        let (value, after) =
+            cstr(after).ok_or(StartupError::Malformed("parameter without a value"))?;
         params.push((key.to_vec(), value.to_vec()));
         rest = after;
     }
@@ -164,11 +172,12 @@ impl StartupMessage {
 
     /// Encodes the packet for the upstream server.
     pub fn encode(&self) -> Vec<u8> {
-        let len = 8 + self
-            .params
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 2)
-            .sum::<usize>()
+        let len = 8
+            + self
+                .params
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>()
             + 1;
         let mut out = Vec::with_capacity(len);
         out.extend_from_slice(&(len as u32).to_be_bytes());
@@ -188,7 +197,8 @@ fn setting(name: &[u8], value: &[u8]) -> Result<(String, String), StartupError> 
     let name = String::from_utf8(name.to_vec())
         .map_err(|_| StartupError::NotUtf8("name".into()))?
         .to_ascii_lowercase();
-    let value = String::from_utf8(value.to_vec()).map_err(|_| StartupError::NotUtf8(name.clone()))?;
+    let value =
+        String::from_utf8(value.to_vec()).map_err(|_| StartupError::NotUtf8(name.clone()))?;
     Ok((name, value))
 }
 
@@ -319,7 +329,10 @@ mod tests {
         assert_eq!(parse(&[0, 0, 0]), Ok(None));
         assert_eq!(parse(&[0, 0, 0, 3]), Err(StartupError::BadLength(3)));
         assert_eq!(parse(&[0, 1, 0, 0]), Err(StartupError::TooLong(65536)));
-        assert_eq!(parse(&[0xff, 0xff, 0xff, 0xff]), Err(StartupError::TooLong(u32::MAX)));
+        assert_eq!(
+            parse(&[0xff, 0xff, 0xff, 0xff]),
+            Err(StartupError::TooLong(u32::MAX))
+        );
     }
 
     #[test]
@@ -371,7 +384,10 @@ mod tests {
                 ("stepgate.y".into(), "3".into()),
             ]
         );
-        assert_eq!(m.get("options"), Some(&b"-c search_path=a\\ b -c work_mem=64kB"[..]));
+        assert_eq!(
+            m.get("options"),
+            Some(&b"-c search_path=a\\ b -c work_mem=64kB"[..])
+        );
         assert!(m.get("Stepgate.Token").is_none());
     }
 
@@ -391,16 +407,27 @@ mod tests {
 
     #[test]
     fn a_value_that_merely_says_stepgate_is_fine() {
-        let mut m = parsed(&startup(&[("options", "-c application_name=stepgate-demo")]));
+        let mut m = parsed(&startup(&[(
+            "options",
+            "-c application_name=stepgate-demo",
+        )]));
         assert!(m.take_stepgate_settings().unwrap().is_empty());
     }
 
     #[test]
     fn odd_forms_are_refused() {
-        for odd in ["-c stepgate.token", "-c stepgate.token = x", "-Ec stepgate.token=x", "-cStepGate.token"] {
+        for odd in [
+            "-c stepgate.token",
+            "-c stepgate.token = x",
+            "-Ec stepgate.token=x",
+            "-cStepGate.token",
+        ] {
             let mut m = parsed(&startup(&[("options", odd)]));
             assert!(
-                matches!(m.take_stepgate_settings(), Err(StartupError::OddStepgateOption(_))),
+                matches!(
+                    m.take_stepgate_settings(),
+                    Err(StartupError::OddStepgateOption(_))
+                ),
                 "{odd}"
             );
         }

@@ -13,6 +13,7 @@ use stepgate::devdb::{DevDb, DevDbOptions};
 use stepgate::proxy::Server;
 use tokio_util::sync::CancellationToken;
 
+#[allow(unused_imports)]
 pub use stepgate::devdb::{MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER, SUPERUSER};
 
 /// The PostgreSQL server of this test binary.
@@ -37,7 +38,8 @@ pub fn pg() -> &'static Pg {
 pub fn pg_with(opts: DevDbOptions) -> &'static Pg {
     PG.get_or_init(|| {
         if let Ok(url) = std::env::var("DATABASE_URL") {
-            let cfg = tokio_postgres::Config::from_str(&url).expect("DATABASE_URL is a postgres URL");
+            let cfg =
+                tokio_postgres::Config::from_str(&url).expect("DATABASE_URL is a postgres URL");
             let host = match cfg.get_hosts().first() {
                 Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
                 _ => "127.0.0.1".to_string(),
@@ -46,7 +48,9 @@ pub fn pg_with(opts: DevDbOptions) -> &'static Pg {
                 host,
                 port: cfg.get_ports().first().copied().unwrap_or(5432),
                 user: cfg.get_user().unwrap_or("postgres").to_string(),
-                password: cfg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()),
+                password: cfg
+                    .get_password()
+                    .map(|p| String::from_utf8_lossy(p).into_owned()),
                 dbname: cfg.get_dbname().unwrap_or("postgres").to_string(),
                 devdb: None,
             };
@@ -75,7 +79,10 @@ impl Pg {
     /// A direct connection (bypassing stepgate) as the superuser: for setting up tables and checking rows.
     pub async fn direct(&self) -> tokio_postgres::Client {
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host(&self.host).port(self.port).user(&self.user).dbname(&self.dbname);
+        cfg.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname);
         if let Some(p) = &self.password {
             cfg.password(p);
         }
@@ -88,17 +95,29 @@ impl Pg {
         c.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
             .await
             .unwrap();
-        c.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
     }
 }
 
 /// Connects with tokio-postgres and drives the connection on the current runtime.
-pub async fn connect(cfg: tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub async fn connect(
+    cfg: tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
     Ok(client)
+}
+
+/// The error of a connection attempt that must fail.
+pub async fn connect_err(cfg: tokio_postgres::Config) -> tokio_postgres::Error {
+    match connect(cfg).await {
+        Ok(_) => panic!("the connection was expected to fail"),
+        Err(e) => e,
+    }
 }
 
 /// A stepgate server running in this test's runtime; stops when dropped.
@@ -181,8 +200,9 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
 
 /// A self-signed certificate for localhost/127.0.0.1, written to `dir` as `cert.pem` and `key.pem`.
 pub fn write_test_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .expect("certificate generation");
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("certificate generation");
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     std::fs::write(&cert, ck.cert.pem()).unwrap();

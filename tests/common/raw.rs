@@ -69,11 +69,15 @@ impl Raw {
     /// Connects and logs in (trust) as `user`, with extra startup parameters; returns after ReadyForQuery.
     pub async fn login(addr: SocketAddr, user: &str, db: &str, extra: &[(&str, &[u8])]) -> Raw {
         let mut raw = Raw::connect(addr).await;
-        let mut params: Vec<(&str, &[u8])> = vec![("user", user.as_bytes()), ("database", db.as_bytes())];
+        let mut params: Vec<(&str, &[u8])> =
+            vec![("user", user.as_bytes()), ("database", db.as_bytes())];
         params.extend_from_slice(extra);
         raw.send(&startup_packet(&params)).await;
         let msgs = raw.until_ready().await;
-        assert!(msgs.iter().any(|(t, _)| *t == b'Z'), "login failed: {msgs:?}");
+        assert!(
+            msgs.iter().any(|(t, _)| *t == b'Z'),
+            "login failed: {msgs:?}"
+        );
         raw
     }
 
@@ -107,7 +111,8 @@ impl Raw {
     pub async fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
             if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
                 if self.buf.len() > len {
                     let m: Vec<u8> = self.buf.drain(..len + 1).collect();
                     return Some((m[0], m[5..].to_vec()));
@@ -143,10 +148,14 @@ impl Raw {
 
     /// The SQLSTATE of the first ErrorResponse among `msgs`.
     pub fn error_code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
-        msgs.iter().find(|(t, _)| *t == b'E').and_then(|(_, b)| field(b, b'C'))
+        msgs.iter()
+            .find(|(t, _)| *t == b'E')
+            .and_then(|(_, b)| field(b, b'C'))
     }
 
     pub fn error_message(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
-        msgs.iter().find(|(t, _)| *t == b'E').and_then(|(_, b)| field(b, b'M'))
+        msgs.iter()
+            .find(|(t, _)| *t == b'E')
+            .and_then(|(_, b)| field(b, b'M'))
     }
 }
