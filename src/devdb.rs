@@ -3,7 +3,7 @@
 //! It runs `initdb` and `postgres` from PATH (falling back to `/usr/lib/postgresql/<version>/bin`), on a
 //! free port on 127.0.0.1, with its socket and data in a fresh temp directory. Run as root, the server runs
 //! as the `postgres` user. Two login roles besides the trusted superuser `postgres` exist so authentication
-//! can be exercised: [`SCRAM_USER`] (scram-sha-256) and [`MD5_USER`] (md5). A watchdog process stops the
+//! can be exercised: [`SCRAM_USER`] (scram-sha-256), [`MD5_USER`] (md5) and [`CLEARTEXT_USER`] (password). A watchdog process stops the
 //! server and removes the directory when the process that started it exits, even by SIGKILL; dropping the
 //! [`DevDb`] does the same at once.
 
@@ -22,6 +22,8 @@ pub const SCRAM_USER: &str = "scram_user";
 pub const SCRAM_PASSWORD: &str = "scram-secret";
 pub const MD5_USER: &str = "md5_user";
 pub const MD5_PASSWORD: &str = "md5-secret";
+pub const CLEARTEXT_USER: &str = "cleartext_user";
+pub const CLEARTEXT_PASSWORD: &str = "cleartext-secret";
 
 #[derive(Debug, Error)]
 pub enum DevDbError {
@@ -179,6 +181,7 @@ impl DevDb {
             "local all all trust\n\
              host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256\n\
              host all {MD5_USER} 127.0.0.1/32 md5\n\
+             host all {CLEARTEXT_USER} 127.0.0.1/32 password\n\
              host all all 127.0.0.1/32 trust\n\
              host all all ::1/128 trust\n"
         );
@@ -306,7 +309,8 @@ impl DevDb {
              CREATE ROLE {SCRAM_USER} LOGIN PASSWORD '{SCRAM_PASSWORD}'; \
              SET password_encryption = 'md5'; \
              CREATE ROLE {MD5_USER} LOGIN PASSWORD '{MD5_PASSWORD}'; \
-             GRANT ALL ON SCHEMA public TO {SCRAM_USER}, {MD5_USER};"
+             CREATE ROLE {CLEARTEXT_USER} LOGIN PASSWORD '{CLEARTEXT_PASSWORD}'; \
+             GRANT ALL ON SCHEMA public TO {SCRAM_USER}, {MD5_USER}, {CLEARTEXT_USER};"
         ))?;
         Ok(())
     }

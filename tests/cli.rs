@@ -93,6 +93,39 @@ fn serve_with_flags_then_psql_select_1() {
     assert_eq!(out, "1");
 }
 
+/// What a person does: Ctrl-C in psql while a statement runs. psql sends a CancelRequest to stepgate, which
+/// relays it to the session's upstream backend.
+#[test]
+fn ctrl_c_in_psql_cancels_the_running_statement() {
+    let s = Serve::start(&[]);
+    let child = Command::new("psql")
+        .arg(s.conninfo("postgres"))
+        .args(["-X", "-c", "select pg_sleep(30)"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let started = Instant::now();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let elapsed = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("canceling statement due to user request"),
+        "{err}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "psql took {elapsed:?} after Ctrl-C"
+    );
+}
+
 #[test]
 fn psql_c_and_f_through_stepgate() {
     let s = Serve::start(&[]);

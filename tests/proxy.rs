@@ -267,9 +267,13 @@ async fn cancel_with_unknown_key_is_ignored() {
 }
 
 #[tokio::test]
-async fn scram_and_md5_logins_pass_through() {
+async fn password_logins_pass_through() {
     let g = gate().await;
-    for (user, pw) in [(SCRAM_USER, SCRAM_PASSWORD), (MD5_USER, MD5_PASSWORD)] {
+    for (user, pw) in [
+        (SCRAM_USER, SCRAM_PASSWORD),
+        (MD5_USER, MD5_PASSWORD),
+        (CLEARTEXT_USER, CLEARTEXT_PASSWORD),
+    ] {
         let mut cfg = g.config(user, "postgres");
         cfg.password(pw);
         let c = connect(cfg)

@@ -14,7 +14,10 @@ use stepgate::proxy::Server;
 use tokio_util::sync::CancellationToken;
 
 #[allow(unused_imports)]
-pub use stepgate::devdb::{MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER, SUPERUSER};
+pub use stepgate::devdb::{
+    CLEARTEXT_PASSWORD, CLEARTEXT_USER, MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER,
+    SUPERUSER,
+};
 
 /// The PostgreSQL server of this test binary.
 pub struct Pg {
