@@ -133,25 +133,32 @@ fn main() {
         String::from_utf8_lossy(&init.stderr)
     );
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // The proxy runs on its own thread, on the runtime `stepgate serve` uses (BENCH_RUNTIME=current tries a
+    // single-threaded runtime instead).
     let state = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let sg_port = rt.block_on(async {
-        let server = Server::bind(Config {
-            listen: "127.0.0.1:0".into(),
-            upstream: db.addr(),
-            state_dir: state.path().join("state"),
-            ..Config::default()
-        })
-        .await
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server_config = Config {
+        listen: "127.0.0.1:0".into(),
+        upstream: db.addr(),
+        state_dir: state.path().join("state"),
+        ..Config::default()
+    };
+    let stop = shutdown.clone();
+    let proxy_thread = std::thread::spawn(move || {
+        let rt = if std::env::var("BENCH_RUNTIME").as_deref() == Ok("current") {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        }
         .unwrap();
-        let port = server.local_addr().port();
-        tokio::spawn(server.run(shutdown.clone()));
-        port
+        rt.block_on(async move {
+            let server = Server::bind(server_config).await.unwrap();
+            tx.send(server.local_addr().port()).unwrap();
+            server.run(stop).await;
+        });
     });
+    let sg_port = rx.recv().unwrap();
     let bouncer_dir = tempfile::tempdir().unwrap();
     let bouncer = start_pgbouncer(&db, bouncer_dir.path());
     let mut targets: Vec<(&str, u16)> = vec![("direct", db.port()), ("stepgate", sg_port)];
@@ -192,6 +199,7 @@ fn main() {
         }
     }
     shutdown.cancel();
+    let _ = proxy_thread.join();
     if let Some((mut child, _)) = bouncer {
         let _ = child.kill();
         let _ = child.wait();
