@@ -147,9 +147,13 @@ fn main() {
     let stop = shutdown.clone();
     let proxy_thread = std::thread::spawn(move || {
         let rt = if std::env::var("BENCH_RUNTIME").as_deref() == Ok("current") {
-            tokio::runtime::Builder::new_current_thread().enable_all().build()
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
         } else {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
         }
         .unwrap();
         rt.block_on(async move {
