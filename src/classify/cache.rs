@@ -1,0 +1,146 @@
+//! A bounded, concurrent cache of verdicts, so a repeated statement costs a hash lookup.
+//!
+//! Two maps: by the exact bytes of a query string, and by its *shape* (its tokens with string and number
+//! literals set aside), so simple-protocol traffic that repeats one statement with new literals is parsed
+//! once. A query string whose verdict depended on a literal (`WHERE 1 = 1`, `EXPLAIN (ANALYZE 0)`) is
+//! literal-sensitive and cached by exact bytes only. Every key carries the lexing settings and the policy
+//! generation, so a change of either can never reuse an old verdict.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use super::lex::{self, Kind};
+use super::{decode, Class, Classifier, LexSettings, ReadError, Verdict};
+
+/// The cached judgement of one query string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// One verdict per statement, in order.
+    pub verdicts: Box<[Verdict]>,
+    /// The most dangerous class among them (`read` for an empty string).
+    pub max: Class,
+}
+
+impl Entry {
+    fn from_verdicts(verdicts: Vec<Verdict>) -> Entry {
+        let max = verdicts
+            .iter()
+            .map(|v| v.class)
+            .max()
+            .unwrap_or(Class::Read);
+        Entry {
+            verdicts: verdicts.into_boxed_slice(),
+            max,
+        }
+    }
+
+    fn unreadable() -> Entry {
+        Entry::from_verdicts(vec![Verdict {
+            class: Class::Unparsed,
+            literal_sensitive: true,
+            fallback: true,
+        }])
+    }
+}
+
+/// Classifier plus cache. Share one per server (it is `Sync`).
+pub struct CachedClassifier {
+    classifier: Classifier,
+    exact: DashMap<u64, Arc<Entry>>,
+    shapes: DashMap<u64, Arc<Entry>>,
+    capacity: usize,
+    hasher: RandomState,
+}
+
+impl CachedClassifier {
+    /// `capacity` bounds each of the two maps.
+    pub fn new(classifier: Classifier, capacity: usize) -> Self {
+        CachedClassifier {
+            classifier,
+            exact: DashMap::new(),
+            shapes: DashMap::new(),
+            capacity: capacity.max(16),
+            hasher: RandomState::new(),
+        }
+    }
+
+    pub fn classifier(&self) -> &Classifier {
+        &self.classifier
+    }
+
+    fn key(&self, settings: &LexSettings, generation: u64) -> impl Hasher {
+        let mut h = self.hasher.build_hasher();
+        generation.hash(&mut h);
+        settings.hash(&mut h);
+        h
+    }
+
+    /// The verdicts for a query string as it came off the wire (bytes in the session's encoding).
+    /// A string that cannot be read is one `unparsed` verdict.
+    pub fn lookup(&self, bytes: &[u8], settings: &LexSettings, generation: u64) -> Arc<Entry> {
+        let mut h = self.key(settings, generation);
+        h.write(bytes);
+        let exact_key = h.finish();
+        if let Some(e) = self.exact.get(&exact_key) {
+            return e.clone();
+        }
+        let text = match decode(bytes, settings) {
+            Ok(t) => t,
+            Err(_) => return self.remember(&self.exact, exact_key, Entry::unreadable()),
+        };
+        let shape_key = match lex::lex(&text, settings.standard_conforming_strings) {
+            Ok(tokens) => {
+                let mut h = self.key(settings, generation);
+                for t in tokens.iter().filter(|t| !t.is_trivia()) {
+                    t.kind.hash(&mut h);
+                    if !matches!(t.kind, Kind::String | Kind::Number) {
+                        t.text.hash(&mut h);
+                    }
+                }
+                Some(h.finish())
+            }
+            Err(_) => None,
+        };
+        if let Some(k) = shape_key {
+            if let Some(e) = self.shapes.get(&k) {
+                return e.clone();
+            }
+        }
+        let entry = match self.classifier.analyze(&text, settings) {
+            Ok(stmts) => Entry::from_verdicts(stmts.iter().map(|s| s.verdict).collect()),
+            Err(ReadError::Lex(_)) | Err(_) => Entry::unreadable(),
+        };
+        let literal_sensitive = entry.verdicts.iter().any(|v| v.literal_sensitive);
+        let entry = self.remember(&self.exact, exact_key, entry);
+        if let (Some(k), false) = (shape_key, literal_sensitive) {
+            self.remember(&self.shapes, k, (*entry).clone());
+        }
+        entry
+    }
+
+    fn remember(&self, map: &DashMap<u64, Arc<Entry>>, key: u64, entry: Entry) -> Arc<Entry> {
+        if map.len() >= self.capacity {
+            // Evict about half, arbitrarily: cheap, bounded, and rare.
+            let mut n = 0u32;
+            map.retain(|_, _| {
+                n = n.wrapping_add(1);
+                n % 2 == 0
+            });
+        }
+        let entry = Arc::new(entry);
+        map.insert(key, entry.clone());
+        entry
+    }
+
+    /// Number of cached entries (exact, shape).
+    pub fn len(&self) -> (usize, usize) {
+        (self.exact.len(), self.shapes.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.shapes.is_empty()
+    }
+}
