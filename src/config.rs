@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
+use crate::classify::{Class, Classifier};
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
 pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:5432";
 
@@ -79,6 +81,57 @@ struct RawConfig {
     log_format: Option<LogFormat>,
     /// Terminate client TLS.
     tls: Option<RawTls>,
+    /// Let `unparsed` statements through when a rule does not guard them. [false]
+    allow_unparsed: Option<bool>,
+    /// Functions that make a statement privileged wherever they are called; replaces the built-in list.
+    dangerous_functions: Option<Vec<String>>,
+    /// Rules, first match wins. [one rule for every database and user guarding ddl, destructive,
+    /// privileged, unparsed]
+    #[serde(default)]
+    rule: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    /// Database name or pattern (`*`, `prefix*`). [*]
+    database: Option<String>,
+    /// User name or pattern. [*]
+    user: Option<String>,
+    /// Classes held without a token. [ddl, destructive, privileged, unparsed]
+    guard: Option<Vec<Class>>,
+}
+
+/// Which statements are guarded for a database and user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub database: String,
+    pub user: String,
+    pub guard: Vec<Class>,
+}
+
+impl Default for Rule {
+    fn default() -> Self {
+        Rule {
+            database: "*".into(),
+            user: "*".into(),
+            guard: Class::DEFAULT_GUARDED.to_vec(),
+        }
+    }
+}
+
+impl Rule {
+    fn matches(&self, database: &str, user: &str) -> bool {
+        pattern_matches(&self.database, database) && pattern_matches(&self.user, user)
+    }
+}
+
+/// `*` matches everything, `prefix*` a prefix, anything else itself.
+fn pattern_matches(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +164,10 @@ pub struct Config {
     pub max_message_size: usize,
     pub log_format: LogFormat,
     pub tls: Option<TlsConfig>,
+    pub allow_unparsed: bool,
+    /// None: the built-in list ([`crate::classify::DEFAULT_DANGEROUS_FUNCTIONS`]).
+    pub dangerous_functions: Option<Vec<String>>,
+    pub rules: Vec<Rule>,
 }
 
 /// Command-line flags that override the file.
@@ -136,6 +193,9 @@ impl Default for Config {
             max_message_size: 1 << 30,
             log_format: LogFormat::Text,
             tls: None,
+            allow_unparsed: false,
+            dangerous_functions: None,
+            rules: Vec::new(),
         }
     }
 }
@@ -182,9 +242,43 @@ impl Config {
                 key: resolve(t.key),
                 required: t.required,
             }),
+            allow_unparsed: raw.allow_unparsed.unwrap_or(false),
+            dangerous_functions: raw.dangerous_functions,
+            rules: raw
+                .rule
+                .into_iter()
+                .map(|r| Rule {
+                    database: r.database.unwrap_or_else(|| "*".into()),
+                    user: r.user.unwrap_or_else(|| "*".into()),
+                    guard: r.guard.unwrap_or_else(|| Class::DEFAULT_GUARDED.to_vec()),
+                })
+                .collect(),
         };
         config.validate(source)?;
         Ok(config)
+    }
+
+    /// The rule for a session: the first `[[rule]]` that matches, else the default rule.
+    pub fn rule_for(&self, database: &str, user: &str) -> Rule {
+        self.rules
+            .iter()
+            .find(|r| r.matches(database, user))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Whether `class` is held under `rule`. `unparsed` stays guarded even when the rule omits it, unless
+    /// `allow_unparsed = true`.
+    pub fn is_guarded(&self, rule: &Rule, class: Class) -> bool {
+        rule.guard.contains(&class) || (class == Class::Unparsed && !self.allow_unparsed)
+    }
+
+    /// The classifier with this configuration's dangerous-function list.
+    pub fn classifier(&self) -> Classifier {
+        match &self.dangerous_functions {
+            Some(list) => Classifier::new(list.iter().cloned()),
+            None => Classifier::default(),
+        }
     }
 
     fn with_overrides(mut self, o: &Overrides) -> Result<Config, ConfigError> {
@@ -358,6 +452,26 @@ mod tests {
             (c.listen.as_str(), c.upstream.as_str()),
             ("0.0.0.0:7000", "db:5433")
         );
+    }
+
+    #[test]
+    fn rules_first_match_and_unparsed_stays_guarded() {
+        let c = parse(
+            "[[rule]]\ndatabase = \"scratch*\"\nguard = []\n\n[[rule]]\ndatabase = \"prod\"\nuser = \"etl\"\nguard = [\"destructive\"]\n",
+        )
+        .unwrap();
+        let scratch = c.rule_for("scratch_1", "anyone");
+        assert!(scratch.guard.is_empty());
+        assert!(c.is_guarded(&scratch, Class::Unparsed), "unparsed is guarded unless allowed");
+        assert!(!c.is_guarded(&scratch, Class::Destructive));
+        let etl = c.rule_for("prod", "etl");
+        assert!(c.is_guarded(&etl, Class::Destructive) && !c.is_guarded(&etl, Class::Ddl));
+        let other = c.rule_for("prod", "alice");
+        assert_eq!(other, Rule::default());
+        let err = parse("[[rule]]\nguard = [\"everything\"]\n").unwrap_err().to_string();
+        assert!(err.contains("guard") || err.contains("everything"), "{err}");
+        let allow = parse("allow_unparsed = true\n[[rule]]\nguard = []\n").unwrap();
+        assert!(!allow.is_guarded(&allow.rule_for("x", "y"), Class::Unparsed));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! tests.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod classify;
 pub mod config;
 pub mod demo;

@@ -53,6 +53,29 @@ enum Cmd {
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
     },
+    /// Classify SQL files as the gate would; exit 0 nothing guarded, 1 guarded found, 2 error.
+    #[command(after_help = "Examples:\n  stepgate check migrations/*.sql\n  \
+                            stepgate check --format json --config stepgate.toml --database prod migrations/0042.sql\n  \
+                            echo 'select 1' | stepgate check -\n\n\
+                            psql meta-command lines (\\set, \\i, …) are skipped; \\gexec makes its statement unparsed.\n\
+                            With --config, the rule for --database/--user and the dangerous_functions list apply.")]
+    Check {
+        /// Output format: a table for people, JSON Lines for machines.
+        #[arg(long, value_enum, default_value = "text")]
+        format: CheckFormat,
+        /// Use this config's rules and dangerous_functions (default: built-in rule and list).
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// Database the statements would run in (selects the rule).
+        #[arg(long, default_value = "*")]
+        database: String,
+        /// User the statements would run as (selects the rule).
+        #[arg(long, default_value = "*")]
+        user: String,
+        /// SQL files; `-` reads standard input.
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
     /// Start a throwaway PostgreSQL with stepgate in front of it.
     #[command(
         after_help = "Needs the PostgreSQL server binaries (initdb, postgres) and psql.\n\n\
@@ -67,6 +90,12 @@ enum Cmd {
         #[arg(long)]
         listen: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CheckFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -113,6 +142,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
+        Cmd::Check {
+            format,
+            config,
+            database,
+            user,
+            files,
+        } => check(format, config, &database, &user, &files),
         Cmd::Demo { check, listen } => {
             stepgate::logging::init(LogFormat::Text);
             let listen = listen.unwrap_or_else(|| {
@@ -136,6 +172,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+fn check(
+    format: CheckFormat,
+    config: Option<PathBuf>,
+    database: &str,
+    user: &str,
+    files: &[String],
+) -> anyhow::Result<ExitCode> {
+    use std::io::{Read, Write};
+    use stepgate::check::{check_text, first_line, read_source};
+    let config = Config::load(config.as_deref(), &Overrides::default())?;
+    let rule = config.rule_for(database, user);
+    let classifier = config.classifier();
+    let mut findings = Vec::new();
+    for file in files {
+        let bytes = if file == "-" {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf)?;
+            buf
+        } else {
+            std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {file}: {e}"))?
+        };
+        let text = read_source(&bytes).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        findings.extend(check_text(file, &text, &config, &rule, &classifier));
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match format {
+        CheckFormat::Json => {
+            for f in &findings {
+                writeln!(out, "{}", serde_json::to_string(f)?)?;
+            }
+        }
+        CheckFormat::Text => {
+            let loc: Vec<String> = findings.iter().map(|f| format!("{}:{}", f.file, f.line)).collect();
+            let w = loc.iter().map(|l| l.len()).max().unwrap_or(0).max(9);
+            writeln!(out, "{:w$}  {:11}  {:7}  STATEMENT", "FILE:LINE", "CLASS", "GUARDED")?;
+            for (f, l) in findings.iter().zip(&loc) {
+                let guarded = if f.guarded { "yes" } else { "no" };
+                writeln!(out, "{l:w$}  {:11}  {guarded:7}  {}", f.class.as_str(), first_line(&f.sql, 80))?;
+            }
+            let held = findings.iter().filter(|f| f.guarded).count();
+            writeln!(out, "{} statements, {held} guarded", findings.len())?;
+        }
+    }
+    Ok(if findings.iter().any(|f| f.guarded) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Cancels `token` on the first SIGTERM or SIGINT.
