@@ -181,8 +181,8 @@ fn check(
     user: &str,
     files: &[String],
 ) -> anyhow::Result<ExitCode> {
-    use std::io::{Read, Write};
-    use stepgate::check::{check_text, first_line, read_source};
+    use std::io::Read;
+    use stepgate::check::{check_text, read_source};
     let config = Config::load(config.as_deref(), &Overrides::default())?;
     let rule = config.rule_for(database, user);
     let classifier = config.classifier();
@@ -198,12 +198,28 @@ fn check(
         let text = read_source(&bytes).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
         findings.extend(check_text(file, &text, &config, &rule, &classifier));
     }
+    let code = if findings.iter().any(|f| f.guarded) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    };
+    match print_findings(format, &findings) {
+        // A closed pipe (`stepgate check … | head`) is not an error of ours.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(code),
+        Err(e) => Err(e.into()),
+        Ok(()) => Ok(code),
+    }
+}
+
+fn print_findings(format: CheckFormat, findings: &[stepgate::check::Finding]) -> std::io::Result<()> {
+    use std::io::Write;
+    use stepgate::check::first_line;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match format {
         CheckFormat::Json => {
-            for f in &findings {
-                writeln!(out, "{}", serde_json::to_string(f)?)?;
+            for f in findings {
+                writeln!(out, "{}", serde_json::to_string(f).map_err(std::io::Error::other)?)?;
             }
         }
         CheckFormat::Text => {
@@ -218,11 +234,7 @@ fn check(
             writeln!(out, "{} statements, {held} guarded", findings.len())?;
         }
     }
-    Ok(if findings.iter().any(|f| f.guarded) {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    out.flush()
 }
 
 /// Cancels `token` on the first SIGTERM or SIGINT.

@@ -293,3 +293,43 @@ fn dangerous_function_list_is_configurable() {
     // A name that is not called is just a name.
     assert_eq!(max_class(&c, "select my_danger from t", &s), Class::Read);
 }
+
+/// fixtures/app-queries/ holds only benign application traffic: every hold there is a false hold.
+#[test]
+fn app_traffic_false_hold_rate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/app-queries");
+    let c = Classifier::default();
+    let s = LexSettings::default();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    let (mut total, mut held, mut fallback) = (0usize, Vec::new(), 0usize);
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let stmts = c.analyze(&text, &s).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        for a in stmts {
+            total += 1;
+            fallback += a.verdict.fallback as usize;
+            if guarded(a.verdict.class) {
+                let name = f.file_name().unwrap().to_string_lossy().into_owned();
+                held.push(format!("{name}: {} {}", a.verdict.class, a.text.replace('\n', " ")));
+            }
+        }
+    }
+    let rate = held.len() as f64 / total as f64;
+    println!(
+        "app traffic: {total} statements in {} files, {} false holds ({:.2} %), {fallback} judged by the lexical fallback",
+        files.len(),
+        held.len(),
+        rate * 100.0
+    );
+    for h in &held {
+        println!("  held: {h}");
+    }
+    assert!(total >= 300, "the corpus has {total} statements");
+    assert!(rate <= 0.02, "false-hold rate {:.2} % is above 2 %", rate * 100.0);
+}
