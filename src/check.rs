@@ -37,11 +37,17 @@ pub fn strip_meta_commands(text: &str) -> (String, Vec<usize>) {
         let Ok(tokens) = lex::lex(&text[pos..], true) else {
             break;
         };
-        let Some(bs) = tokens.iter().find(|t| t.kind == Kind::Other && t.text == "\\") else {
+        let Some(bs) = tokens
+            .iter()
+            .find(|t| t.kind == Kind::Other && t.text == "\\")
+        else {
             break;
         };
         let start = pos + bs.start;
-        let end = text[start..].find('\n').map(|n| start + n).unwrap_or(text.len());
+        let end = text[start..]
+            .find('\n')
+            .map(|n| start + n)
+            .unwrap_or(text.len());
         let command = text[start + 1..end].split_whitespace().next().unwrap_or("");
         for b in &mut out[start..end] {
             *b = b' ';
@@ -59,19 +65,26 @@ pub fn strip_meta_commands(text: &str) -> (String, Vec<usize>) {
 }
 
 /// Classifies one file's text under `rule`.
-pub fn check_text(name: &str, text: &str, config: &Config, rule: &Rule, classifier: &Classifier) -> Vec<Finding> {
+pub fn check_text(
+    name: &str,
+    text: &str,
+    config: &Config,
+    rule: &Rule,
+    classifier: &Classifier,
+) -> Vec<Finding> {
     let (clean, gexec) = strip_meta_commands(text);
     let line_of = |offset: usize| clean[..offset].bytes().filter(|&b| b == b'\n').count() + 1;
     let settings = LexSettings::default();
-    let finding = |index: usize, start: usize, class: Class, fingerprint: String, sql: &str| Finding {
-        file: name.to_string(),
-        index,
-        line: line_of(start),
-        class,
-        guarded: config.is_guarded(rule, class),
-        fingerprint,
-        sql: sql.to_string(),
-    };
+    let finding =
+        |index: usize, start: usize, class: Class, fingerprint: String, sql: &str| Finding {
+            file: name.to_string(),
+            index,
+            line: line_of(start),
+            class,
+            guarded: config.is_guarded(rule, class),
+            fingerprint,
+            sql: sql.to_string(),
+        };
     match classifier.analyze(&clean, &settings) {
         Ok(stmts) => stmts
             .iter()
@@ -79,8 +92,14 @@ pub fn check_text(name: &str, text: &str, config: &Config, rule: &Rule, classifi
             .map(|(i, s)| {
                 let end = s.start + s.text.len();
                 // A `\gexec` right after the statement makes it unparsed.
-                let runs_results = gexec.iter().any(|&g| g >= end && clean[end..g].trim().is_empty());
-                let class = if runs_results { Class::Unparsed } else { s.verdict.class };
+                let runs_results = gexec
+                    .iter()
+                    .any(|&g| g >= end && clean[end..g].trim().is_empty());
+                let class = if runs_results {
+                    Class::Unparsed
+                } else {
+                    s.verdict.class
+                };
                 finding(i, s.start, class, s.fingerprint(), s.text)
             })
             .collect(),
@@ -89,7 +108,13 @@ pub fn check_text(name: &str, text: &str, config: &Config, rule: &Rule, classifi
             let trimmed = clean.trim();
             let start = clean.find(trimmed).unwrap_or(0);
             let tokens = lex::lex(trimmed, true).unwrap_or_default();
-            vec![finding(0, start, Class::Unparsed, crate::classify::split::fingerprint(&tokens), trimmed)]
+            vec![finding(
+                0,
+                start,
+                Class::Unparsed,
+                crate::classify::split::fingerprint(&tokens),
+                trimmed,
+            )]
         }
     }
 }
@@ -128,13 +153,20 @@ mod tests {
         let f = check("\\set ON_ERROR_STOP on\n-- header\nCREATE TABLE t (id int);\n\n  select 1;\n\\echo done\nDROP TABLE t");
         assert_eq!(f.len(), 3);
         assert_eq!((f[0].index, f[0].line, f[0].class), (0, 3, Class::Ddl));
-        assert_eq!((f[1].index, f[1].line, f[1].class, f[1].guarded), (1, 5, Class::Read, false));
-        assert_eq!((f[2].line, f[2].sql.as_str(), f[2].guarded), (7, "DROP TABLE t", true));
+        assert_eq!(
+            (f[1].index, f[1].line, f[1].class, f[1].guarded),
+            (1, 5, Class::Read, false)
+        );
+        assert_eq!(
+            (f[2].line, f[2].sql.as_str(), f[2].guarded),
+            (7, "DROP TABLE t", true)
+        );
     }
 
     #[test]
     fn gexec_makes_its_statement_unparsed() {
-        let f = check("SELECT format('DROP TABLE %I', tablename) FROM pg_tables\n\\gexec\nselect 1;");
+        let f =
+            check("SELECT format('DROP TABLE %I', tablename) FROM pg_tables\n\\gexec\nselect 1;");
         assert_eq!(f[0].class, Class::Unparsed);
         assert!(f[0].guarded);
         assert_eq!(f[1].class, Class::Read);

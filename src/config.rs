@@ -462,13 +462,18 @@ mod tests {
         .unwrap();
         let scratch = c.rule_for("scratch_1", "anyone");
         assert!(scratch.guard.is_empty());
-        assert!(c.is_guarded(&scratch, Class::Unparsed), "unparsed is guarded unless allowed");
+        assert!(
+            c.is_guarded(&scratch, Class::Unparsed),
+            "unparsed is guarded unless allowed"
+        );
         assert!(!c.is_guarded(&scratch, Class::Destructive));
         let etl = c.rule_for("prod", "etl");
         assert!(c.is_guarded(&etl, Class::Destructive) && !c.is_guarded(&etl, Class::Ddl));
         let other = c.rule_for("prod", "alice");
         assert_eq!(other, Rule::default());
-        let err = parse("[[rule]]\nguard = [\"everything\"]\n").unwrap_err().to_string();
+        let err = parse("[[rule]]\nguard = [\"everything\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("guard") || err.contains("everything"), "{err}");
         let allow = parse("allow_unparsed = true\n[[rule]]\nguard = []\n").unwrap();
         assert!(!allow.is_guarded(&allow.rule_for("x", "y"), Class::Unparsed));

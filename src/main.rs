@@ -211,7 +211,10 @@ fn check(
     }
 }
 
-fn print_findings(format: CheckFormat, findings: &[stepgate::check::Finding]) -> std::io::Result<()> {
+fn print_findings(
+    format: CheckFormat,
+    findings: &[stepgate::check::Finding],
+) -> std::io::Result<()> {
     use std::io::Write;
     use stepgate::check::first_line;
     let stdout = std::io::stdout();
@@ -219,16 +222,32 @@ fn print_findings(format: CheckFormat, findings: &[stepgate::check::Finding]) ->
     match format {
         CheckFormat::Json => {
             for f in findings {
-                writeln!(out, "{}", serde_json::to_string(f).map_err(std::io::Error::other)?)?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(f).map_err(std::io::Error::other)?
+                )?;
             }
         }
         CheckFormat::Text => {
-            let loc: Vec<String> = findings.iter().map(|f| format!("{}:{}", f.file, f.line)).collect();
+            let loc: Vec<String> = findings
+                .iter()
+                .map(|f| format!("{}:{}", f.file, f.line))
+                .collect();
             let w = loc.iter().map(|l| l.len()).max().unwrap_or(0).max(9);
-            writeln!(out, "{:w$}  {:11}  {:7}  STATEMENT", "FILE:LINE", "CLASS", "GUARDED")?;
+            writeln!(
+                out,
+                "{:w$}  {:11}  {:7}  STATEMENT",
+                "FILE:LINE", "CLASS", "GUARDED"
+            )?;
             for (f, l) in findings.iter().zip(&loc) {
                 let guarded = if f.guarded { "yes" } else { "no" };
-                writeln!(out, "{l:w$}  {:11}  {guarded:7}  {}", f.class.as_str(), first_line(&f.sql, 80))?;
+                writeln!(
+                    out,
+                    "{l:w$}  {:11}  {guarded:7}  {}",
+                    f.class.as_str(),
+                    first_line(&f.sql, 80)
+                )?;
             }
             let held = findings.iter().filter(|f| f.guarded).count();
             writeln!(out, "{} statements, {held} guarded", findings.len())?;

@@ -15,7 +15,12 @@ fn run(args: &[&str], stdin: &str) -> (i32, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -28,7 +33,10 @@ fn run(args: &[&str], stdin: &str) -> (i32, String, String) {
 fn harmless_stdin_exits_0() {
     let (code, out, _) = run(&["-"], "select 1\n");
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("-:1") && out.contains("read") && out.contains("select 1"), "{out}");
+    assert!(
+        out.contains("-:1") && out.contains("read") && out.contains("select 1"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -44,12 +52,26 @@ fn migrations_as_json_lines() {
         "",
     );
     assert_eq!(code, 1, "{out}{err}");
-    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     for r in &rows {
         let keys: Vec<&String> = r.as_object().unwrap().keys().collect();
         let mut keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
         keys.sort();
-        assert_eq!(keys, ["class", "file", "fingerprint", "guarded", "index", "line", "sql"]);
+        assert_eq!(
+            keys,
+            [
+                "class",
+                "file",
+                "fingerprint",
+                "guarded",
+                "index",
+                "line",
+                "sql"
+            ]
+        );
         assert!(r["fingerprint"].as_str().unwrap().starts_with("sha256:"));
         assert_eq!(r["fingerprint"].as_str().unwrap().len(), 71);
     }
@@ -59,26 +81,57 @@ fn migrations_as_json_lines() {
             .unwrap_or_else(|| panic!("{file} #{index} in {out}"))
     };
     let create = pick("0001_init.sql", 0);
-    assert_eq!((create["line"].as_u64(), create["class"].as_str()), (Some(2), Some("ddl")));
-    assert!(create["sql"].as_str().unwrap().starts_with("CREATE TABLE customers ("));
+    assert_eq!(
+        (create["line"].as_u64(), create["class"].as_str()),
+        (Some(2), Some("ddl"))
+    );
+    assert!(create["sql"]
+        .as_str()
+        .unwrap()
+        .starts_with("CREATE TABLE customers ("));
     assert!(create["sql"].as_str().unwrap().ends_with(")"));
     let insert = pick("0001_init.sql", 3);
-    assert_eq!((insert["class"].as_str(), insert["guarded"].as_bool()), (Some("write"), Some(false)));
+    assert_eq!(
+        (insert["class"].as_str(), insert["guarded"].as_bool()),
+        (Some("write"), Some(false))
+    );
     let update = pick("0002_status.sql", 1);
-    assert_eq!((update["line"].as_u64(), update["class"].as_str()), (Some(4), Some("write")));
+    assert_eq!(
+        (update["line"].as_u64(), update["class"].as_str()),
+        (Some(4), Some("write"))
+    );
     let function = pick("0002_status.sql", 2);
     assert_eq!(function["class"].as_str(), Some("ddl"));
     // The meta-command lines are skipped: BEGIN is statement 0 on line 3.
     let begin = pick("0003_retire_staging.sql", 0);
-    assert_eq!((begin["line"].as_u64(), begin["sql"].as_str()), (Some(3), Some("BEGIN")));
+    assert_eq!(
+        (begin["line"].as_u64(), begin["sql"].as_str()),
+        (Some(3), Some("BEGIN"))
+    );
     let drop = pick("0003_retire_staging.sql", 1);
     assert_eq!(
-        (drop["class"].as_str(), drop["guarded"].as_bool(), drop["sql"].as_str()),
-        (Some("destructive"), Some(true), Some("DROP TABLE IF EXISTS staging_orders"))
+        (
+            drop["class"].as_str(),
+            drop["guarded"].as_bool(),
+            drop["sql"].as_str()
+        ),
+        (
+            Some("destructive"),
+            Some(true),
+            Some("DROP TABLE IF EXISTS staging_orders")
+        )
     );
     let alter = pick("0003_retire_staging.sql", 2);
     assert_eq!(alter["class"].as_str(), Some("destructive"));
-    assert_eq!(rows.iter().filter(|r| r["file"].as_str().unwrap().ends_with("0003_retire_staging.sql")).count(), 4);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["file"]
+                .as_str()
+                .unwrap()
+                .ends_with("0003_retire_staging.sql"))
+            .count(),
+        4
+    );
 }
 
 #[test]
@@ -92,16 +145,28 @@ fn config_rule_decides_what_is_guarded() {
     .unwrap();
     let cfg = cfg.to_str().unwrap();
     // In scratch, DROP is not guarded; a call to the configured function is.
-    let (code, out, _) = run(&["--config", cfg, "--database", "scratch", "-"], "drop table t;\n");
+    let (code, out, _) = run(
+        &["--config", cfg, "--database", "scratch", "-"],
+        "drop table t;\n",
+    );
     assert_eq!(code, 0, "{out}");
-    let (code, out, _) = run(&["--config", cfg, "--database", "scratch", "-"], "select wipe_everything();\n");
+    let (code, out, _) = run(
+        &["--config", cfg, "--database", "scratch", "-"],
+        "select wipe_everything();\n",
+    );
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("privileged"));
     // Other databases fall back to the default rule.
-    let (code, _, _) = run(&["--config", cfg, "--database", "prod", "-"], "drop table t;\n");
+    let (code, _, _) = run(
+        &["--config", cfg, "--database", "prod", "-"],
+        "drop table t;\n",
+    );
     assert_eq!(code, 1);
     // pg_terminate_backend is no longer on the (replaced) list.
-    let (code, _, _) = run(&["--config", cfg, "--database", "prod", "-"], "select pg_terminate_backend(1);\n");
+    let (code, _, _) = run(
+        &["--config", cfg, "--database", "prod", "-"],
+        "select pg_terminate_backend(1);\n",
+    );
     assert_eq!(code, 0);
 }
 

@@ -90,8 +90,10 @@ pub fn fingerprint(tokens: &[Token<'_>]) -> String {
     let digest = Sha256::digest(normalized(tokens).as_bytes());
     let mut out = String::with_capacity(71);
     out.push_str("sha256:");
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     for byte in digest {
-        out.push_str(&format!("{byte:02x}"));
+        out.push(HEX[(byte >> 4) as usize] as char);
+        out.push(HEX[(byte & 15) as usize] as char);
     }
     out
 }

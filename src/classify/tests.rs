@@ -310,13 +310,19 @@ fn app_traffic_false_hold_rate() {
     let (mut total, mut held, mut fallback) = (0usize, Vec::new(), 0usize);
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
-        let stmts = c.analyze(&text, &s).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let stmts = c
+            .analyze(&text, &s)
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         for a in stmts {
             total += 1;
             fallback += a.verdict.fallback as usize;
             if guarded(a.verdict.class) {
                 let name = f.file_name().unwrap().to_string_lossy().into_owned();
-                held.push(format!("{name}: {} {}", a.verdict.class, a.text.replace('\n', " ")));
+                held.push(format!(
+                    "{name}: {} {}",
+                    a.verdict.class,
+                    a.text.replace('\n', " ")
+                ));
             }
         }
     }
@@ -331,5 +337,9 @@ fn app_traffic_false_hold_rate() {
         println!("  held: {h}");
     }
     assert!(total >= 300, "the corpus has {total} statements");
-    assert!(rate <= 0.02, "false-hold rate {:.2} % is above 2 %", rate * 100.0);
+    assert!(
+        rate <= 0.02,
+        "false-hold rate {:.2} % is above 2 %",
+        rate * 100.0
+    );
 }
