@@ -100,10 +100,7 @@ pub fn classify(
         "vacuum" | "analyze" | "analyse" => {
             if has_word("full") {
                 Class::Privileged
-            } else if tokens[1..].iter().all(|t| {
-                matches!(t.kind, Kind::Word | Kind::QuotedIdent | Kind::Number)
-                    || (t.kind == Kind::Punct && matches!(t.text, "(" | ")" | "," | "."))
-            }) {
+            } else if vacuum_shape(&tokens[1..]) {
                 Class::Session
             } else {
                 Class::Unparsed
@@ -222,6 +219,74 @@ pub fn classify(
         }
         _ => Class::Unparsed,
     }
+}
+
+/// `[ ( option [value] [, …] ) ] [ VERBOSE | ANALYZE | FREEZE … ] [ table [ ( column [, …] ) ] [, …] ]`: the
+/// arguments of a VACUUM or ANALYZE that can only name tables and options.
+fn vacuum_shape(t: &[Token<'_>]) -> bool {
+    let is = |i: usize, s: &str| t.get(i).is_some_and(|x| x.text == s);
+    let ident = |i: usize| {
+        t.get(i)
+            .is_some_and(|x| matches!(x.kind, Kind::Word | Kind::QuotedIdent))
+    };
+    let mut i = 0;
+    if is(0, "(") {
+        i = 1;
+        loop {
+            match t.get(i) {
+                Some(x) if x.text == ")" => {
+                    i += 1;
+                    break;
+                }
+                Some(x)
+                    if matches!(x.kind, Kind::Word | Kind::Number | Kind::String)
+                        || x.text == "," =>
+                {
+                    i += 1
+                }
+                _ => return false,
+            }
+        }
+    }
+    while t.get(i).is_some_and(|x| {
+        ["verbose", "analyze", "analyse", "freeze", "skip_locked"]
+            .iter()
+            .any(|k| x.is_word(k))
+    }) {
+        i += 1;
+    }
+    while i < t.len() {
+        if !ident(i) {
+            return false;
+        }
+        i += 1;
+        while is(i, ".") {
+            if !ident(i + 1) {
+                return false;
+            }
+            i += 2;
+        }
+        if is(i, "(") {
+            i += 1;
+            while ident(i) {
+                i += 1;
+                if is(i, ",") {
+                    i += 1;
+                }
+            }
+            if !is(i, ")") {
+                return false;
+            }
+            i += 1;
+        }
+        if i < t.len() {
+            if !is(i, ",") {
+                return false;
+            }
+            i += 1;
+        }
+    }
+    true
 }
 
 /// A SELECT/VALUES/WITH query sqlparser rejected: a read, a write when it locks rows, ddl when it creates a
