@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
 use crate::classify::{Class, Classifier};
+use crate::gate::Mode;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
 pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:5432";
@@ -79,6 +80,8 @@ struct RawConfig {
     max_message_size: Option<usize>,
     /// text | json. [text]
     log_format: Option<LogFormat>,
+    /// enforce | observe. [enforce]
+    mode: Option<Mode>,
     /// Terminate client TLS.
     tls: Option<RawTls>,
     /// Let `unparsed` statements through when a rule does not guard them. [false]
@@ -164,6 +167,7 @@ pub struct Config {
     pub max_message_size: usize,
     pub log_format: LogFormat,
     pub tls: Option<TlsConfig>,
+    pub mode: Mode,
     pub allow_unparsed: bool,
     /// None: the built-in list ([`crate::classify::DEFAULT_DANGEROUS_FUNCTIONS`]).
     pub dangerous_functions: Option<Vec<String>>,
@@ -178,6 +182,7 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub upstream_tls: Option<UpstreamTls>,
     pub log_format: Option<LogFormat>,
+    pub mode: Option<Mode>,
 }
 
 impl Default for Config {
@@ -193,6 +198,7 @@ impl Default for Config {
             max_message_size: 1 << 30,
             log_format: LogFormat::Text,
             tls: None,
+            mode: Mode::Enforce,
             allow_unparsed: false,
             dangerous_functions: None,
             rules: Vec::new(),
@@ -242,6 +248,7 @@ impl Config {
                 key: resolve(t.key),
                 required: t.required,
             }),
+            mode: raw.mode.unwrap_or_default(),
             allow_unparsed: raw.allow_unparsed.unwrap_or(false),
             dangerous_functions: raw.dangerous_functions,
             rules: raw
@@ -296,6 +303,9 @@ impl Config {
         }
         if let Some(v) = o.log_format {
             self.log_format = v;
+        }
+        if let Some(v) = o.mode {
+            self.mode = v;
         }
         self.validate("command line")?;
         Ok(self)

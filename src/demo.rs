@@ -25,6 +25,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         .await
         .context("starting PostgreSQL")??;
     db.psql("CREATE DATABASE demo")?;
+    // The demo table is created directly on PostgreSQL: through stepgate, CREATE TABLE is held.
+    demo_table(&db)?;
     let state = tempfile::tempdir().context("creating a state directory")?;
     let config = Config {
         listen: opts.listen.clone(),
@@ -42,9 +44,12 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         addr.port()
     );
 
+    let state_dir = state.path().join("state");
     let result = if opts.check {
         let port = addr.port();
-        tokio::task::spawn_blocking(move || walkthrough(port))
+        let db_port = db.port();
+        let socket = db.socket_dir().to_path_buf();
+        tokio::task::spawn_blocking(move || walkthrough(port, db_port, &socket, &state_dir))
             .await
             .context("walkthrough")?
     } else {
@@ -61,10 +66,17 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         println!("  {psql}");
         println!();
         println!("Try:");
-        println!("  CREATE TABLE notes (id int PRIMARY KEY, body text);");
-        println!("  INSERT INTO notes VALUES (1, 'through the gate');");
-        println!("  SELECT * FROM notes;");
+        println!("  SELECT * FROM notes;                          -- passes");
+        println!("  INSERT INTO notes VALUES (3, 'written');       -- passes");
+        println!("  UPDATE notes SET body = 'x' WHERE id = 3;     -- passes");
+        println!("  DROP TABLE notes;                             -- held: ERROR 42501 stepgate: statement held (destructive)");
+        println!("  UPDATE notes SET body = 'oops';               -- held: no WHERE");
+        println!("  SHOW stepgate.status;");
         println!();
+        println!(
+            "Held statements are recorded in {}",
+            state_dir.join("audit.jsonl").display()
+        );
         println!("Press Ctrl-C to stop; the database and its files are removed.");
         tokio::signal::ctrl_c()
             .await
@@ -76,6 +88,53 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(35), task).await;
     drop(db);
     result
+}
+
+fn demo_table(db: &DevDb) -> Result<()> {
+    let out = Command::new("psql")
+        .arg("-h")
+        .arg(db.socket_dir())
+        .args(["-p", &db.port().to_string(), "-U", SUPERUSER, "-d", "demo", "-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args(["-c", "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'hello'), (2, 'world')"])
+        .env_remove("PGOPTIONS")
+        .stdin(Stdio::null())
+        .output()
+        .context("running psql")?;
+    if !out.status.success() {
+        bail!(
+            "creating the demo table failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// psql through stepgate; returns (success, stdout, stderr).
+fn psql_raw(port: u16, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            SUPERUSER,
+            "-d",
+            "demo",
+            "-X",
+            "-At",
+        ])
+        .args(["-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .env_remove("PGOPTIONS")
+        .stdin(Stdio::null())
+        .output()
+        .context("running psql")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    ))
 }
 
 fn psql(port: u16, args: &[&str]) -> Result<String> {
@@ -116,7 +175,12 @@ fn step(name: &str, r: Result<()>) -> Result<()> {
     r
 }
 
-fn walkthrough(port: u16) -> Result<()> {
+fn walkthrough(
+    port: u16,
+    db_port: u16,
+    socket: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> Result<()> {
     step(
         "psql connects through stepgate and runs SELECT 1",
         (|| {
@@ -128,29 +192,94 @@ fn walkthrough(port: u16) -> Result<()> {
         })(),
     )?;
     step(
-        "a table is created, written and read back through stepgate",
+        "reads and writes pass: INSERT, UPDATE … WHERE, SELECT",
         (|| {
             psql(
                 port,
-                &["-c", "CREATE TABLE notes (id int PRIMARY KEY, body text)"],
+                &["-c", "INSERT INTO notes VALUES (3, 'through the gate')"],
             )?;
             psql(
                 port,
-                &["-c", "INSERT INTO notes VALUES (1, 'through the gate')"],
+                &[
+                    "-c",
+                    "UPDATE notes SET body = 'through the gate!' WHERE id = 3",
+                ],
             )?;
-            let got = psql(port, &["-c", "SELECT body FROM notes WHERE id = 1"])?;
-            if got != "through the gate" {
+            let got = psql(port, &["-c", "SELECT body FROM notes WHERE id = 3"])?;
+            if got != "through the gate!" {
                 bail!("expected the row back, got {got:?}");
             }
             Ok(())
         })(),
     )?;
+    let mut held_id = String::new();
     step(
-        "the session reaches the server through stepgate (not a local socket)",
+        "DROP TABLE is held with SQLSTATE 42501, a held id and the command to sign it",
         (|| {
-            let got = psql(port, &["-c", "SELECT inet_client_addr()::text"])?;
-            if !got.starts_with("127.0.0.1") {
-                bail!("expected a TCP client address, got {got:?}");
+            let (ok, _, err) =
+                psql_raw(port, &["-v", "VERBOSITY=verbose", "-c", "DROP TABLE notes"])?;
+            if ok {
+                bail!("DROP TABLE ran");
+            }
+            if !err.contains("42501") || !err.contains("stepgate: statement held (destructive)") {
+                bail!("unexpected error: {err}");
+            }
+            held_id = err
+                .split("held id ")
+                .nth(1)
+                .and_then(|r| r.get(..8))
+                .map(str::to_string)
+                .ok_or_else(|| anyhow::anyhow!("no held id in: {err}"))?;
+            if !err.contains(&format!("stepgate token new --held {held_id}")) {
+                bail!("no signing hint in: {err}");
+            }
+            Ok(())
+        })(),
+    )?;
+    step(
+        "the table still exists (checked directly on PostgreSQL)",
+        (|| {
+            let out = Command::new("psql")
+                .arg("-h")
+                .arg(socket)
+                .args([
+                    "-p",
+                    &db_port.to_string(),
+                    "-U",
+                    SUPERUSER,
+                    "-d",
+                    "demo",
+                    "-X",
+                    "-At",
+                ])
+                .args(["-c", "SELECT count(*) FROM notes"])
+                .output()?;
+            let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if got != "3" {
+                bail!("expected 3 rows, got {got:?}");
+            }
+            Ok(())
+        })(),
+    )?;
+    step(
+        "UPDATE without WHERE is held too",
+        (|| {
+            let (ok, _, err) = psql_raw(port, &["-c", "UPDATE notes SET body = 'oops'"])?;
+            if ok || !err.contains("statement held (destructive)") {
+                bail!("expected a hold, got ok={ok} {err}");
+            }
+            Ok(())
+        })(),
+    )?;
+    step(
+        "the held statement is in the audit log",
+        (|| {
+            let log = std::fs::read_to_string(state_dir.join("audit.jsonl"))?;
+            if !log
+                .lines()
+                .any(|l| l.contains("\"event\":\"held\"") && l.contains(&held_id))
+            {
+                bail!("no held record for {held_id}");
             }
             Ok(())
         })(),

@@ -6,11 +6,13 @@
 //! tests.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod check;
 pub mod classify;
 pub mod config;
 pub mod demo;
 pub mod devdb;
+pub mod gate;
 pub mod logging;
 pub mod proxy;
 pub mod wire;

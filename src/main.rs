@@ -52,6 +52,13 @@ enum Cmd {
         /// Log format [default: text].
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
+        /// enforce holds guarded statements; observe lets them run and records them [default: enforce].
+        #[arg(long, value_enum)]
+        mode: Option<stepgate::gate::Mode>,
+        /// Classify and hold NOTHING, to measure the gate's own cost. Logs a warning and writes a
+        /// `gate_disabled` audit record; deliberately not available in the config file.
+        #[arg(long)]
+        unsafe_no_gate: bool,
     },
     /// Classify SQL files as the gate would; exit 0 nothing guarded, 1 guarded found, 2 error.
     #[command(after_help = "Examples:\n  stepgate check migrations/*.sql\n  \
@@ -124,6 +131,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             state_dir,
             upstream_tls,
             log_format,
+            mode,
+            unsafe_no_gate,
         } => {
             let overrides = Overrides {
                 listen,
@@ -131,11 +140,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state_dir,
                 upstream_tls,
                 log_format,
+                mode,
             };
             let config = Config::load(config.as_deref(), &overrides)?;
             stepgate::logging::init(config.log_format);
             runtime()?.block_on(async move {
-                let server = stepgate::proxy::Server::bind(config).await?;
+                let options = stepgate::proxy::ServeOptions { unsafe_no_gate };
+                let server = stepgate::proxy::Server::bind_with(config, options).await?;
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
                 server.run(shutdown).await;

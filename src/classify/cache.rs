@@ -22,10 +22,13 @@ pub struct Entry {
     pub verdicts: Box<[Verdict]>,
     /// The most dangerous class among them (`read` for an empty string).
     pub max: Class,
+    /// Some statement needs the session's attention beyond its class (PREPARE, EXECUTE, DEALLOCATE,
+    /// DISCARD, SET/RESET/SHOW, or a mention of a stepgate setting): see [`super::needs_attention`].
+    pub attention: bool,
 }
 
 impl Entry {
-    fn from_verdicts(verdicts: Vec<Verdict>) -> Entry {
+    fn from_verdicts(verdicts: Vec<Verdict>, attention: bool) -> Entry {
         let max = verdicts
             .iter()
             .map(|v| v.class)
@@ -34,15 +37,19 @@ impl Entry {
         Entry {
             verdicts: verdicts.into_boxed_slice(),
             max,
+            attention,
         }
     }
 
     fn unreadable() -> Entry {
-        Entry::from_verdicts(vec![Verdict {
-            class: Class::Unparsed,
-            literal_sensitive: true,
-            fallback: true,
-        }])
+        Entry::from_verdicts(
+            vec![Verdict {
+                class: Class::Unparsed,
+                literal_sensitive: true,
+                fallback: true,
+            }],
+            true,
+        )
     }
 }
 
@@ -98,6 +105,9 @@ impl CachedClassifier {
                     t.kind.hash(&mut h);
                     if !matches!(t.kind, Kind::String | Kind::Number) {
                         t.text.hash(&mut h);
+                    } else if t.kind == Kind::String {
+                        // A literal that names a stepgate setting changes the verdict.
+                        super::mentions_stepgate_text(t.text).hash(&mut h);
                     }
                 }
                 Some(h.finish())
@@ -110,7 +120,10 @@ impl CachedClassifier {
             }
         }
         let entry = match self.classifier.analyze(&text, settings) {
-            Ok(stmts) => Entry::from_verdicts(stmts.iter().map(|s| s.verdict).collect()),
+            Ok(stmts) => Entry::from_verdicts(
+                stmts.iter().map(|s| s.verdict).collect(),
+                stmts.iter().any(|s| super::needs_attention(&s.tokens)),
+            ),
             Err(ReadError::Lex(_)) | Err(_) => Entry::unreadable(),
         };
         let literal_sensitive = entry.verdicts.iter().any(|v| v.literal_sensitive);

@@ -266,6 +266,38 @@ impl Classifier {
     }
 }
 
+/// True when a token's text names a stepgate setting in a way that matters: `stepgate.` anywhere, or
+/// `stepgate` inside an escaped (`E''`, `U&''`) literal where escapes could spell the dot.
+pub fn mentions_stepgate_text(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.contains("stepgate.")
+        || (lower.contains("stepgate") && (lower.starts_with("e'") || lower.starts_with("u&")))
+}
+
+/// True when a statement needs more than its class to be judged by the gate: it manages prepared
+/// statements (PREPARE, EXECUTE, DEALLOCATE, DISCARD), is a SET/RESET/SHOW, or mentions a stepgate setting.
+pub fn needs_attention(tokens: &[Token<'_>]) -> bool {
+    let first = tokens
+        .first()
+        .map(|t| t.text.to_ascii_lowercase())
+        .unwrap_or_default();
+    if matches!(
+        first.as_str(),
+        "set" | "reset" | "show" | "prepare" | "execute" | "deallocate" | "discard"
+    ) {
+        return true;
+    }
+    tokens.iter().enumerate().any(|(i, t)| {
+        t.is_word("execute")
+            || (matches!(t.kind, Kind::Word | Kind::QuotedIdent)
+                && t.ident()
+                    .is_some_and(|n| n.eq_ignore_ascii_case("stepgate"))
+                && tokens.get(i + 1).is_some_and(|n| n.text == "."))
+            || (matches!(t.kind, Kind::String | Kind::QuotedIdent)
+                && mentions_stepgate_text(t.text))
+    })
+}
+
 /// The statement as sqlparser will see it: the original text with every comment replaced by a space, so the
 /// two lexers cannot disagree about where a comment ends.
 fn parse_text(tokens: &[Token<'_>]) -> String {

@@ -6,6 +6,7 @@
 //! a connection beyond it completes the startup handshake and is refused with SQLSTATE 53300.
 
 mod session;
+pub mod state;
 mod stream;
 pub mod tls;
 mod upstream;
@@ -41,6 +42,15 @@ pub enum ServeError {
     },
     #[error("TLS configuration: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+/// Options of `serve` that are deliberately not in the config file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeOptions {
+    /// Classify and hold nothing (`--unsafe-no-gate`, for measuring the gate's own cost).
+    pub unsafe_no_gate: bool,
 }
 
 /// State shared by every session of one server.
@@ -53,6 +63,7 @@ pub(crate) struct Shared {
     /// Cancelled when open sessions must end (after `shutdown_timeout`).
     pub force_close: CancellationToken,
     pub next_session: AtomicU64,
+    pub gate: state::GateContext,
 }
 
 /// A bound, not yet running, stepgate proxy.
@@ -64,10 +75,28 @@ pub struct Server {
 impl Server {
     /// Validates TLS material, creates the state directory and binds the listen address.
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
+        Self::bind_with(config, ServeOptions::default()).await
+    }
+
+    /// [`Server::bind`] with options that are not part of the config file.
+    pub async fn bind_with(config: Config, options: ServeOptions) -> Result<Server, ServeError> {
         std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir {
             path: config.state_dir.display().to_string(),
             source,
         })?;
+        let audit = std::sync::Arc::new(crate::audit::AuditLog::open(&config.state_dir)?);
+        let registry = crate::gate::Registry::new(Some(audit.clone()));
+        registry.restore(&crate::audit::AuditLog::read_all(audit.path())?);
+        if options.unsafe_no_gate {
+            warn!("--unsafe-no-gate: NOTHING is classified or held; use this only to measure the gate's cost");
+            let mut f = serde_json::Map::new();
+            f.insert(
+                "reason".into(),
+                "serve --unsafe-no-gate: the gate is off".into(),
+            );
+            audit.append("gate_disabled", f, true)?;
+        }
+        let gate = state::GateContext::new(config.clone(), registry, options.unsafe_no_gate);
         let tls_acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let upstream_tls = match config.upstream_tls {
             UpstreamTls::Disable => None,
@@ -88,8 +117,14 @@ impl Server {
                 cancel_keys: DashMap::new(),
                 force_close: CancellationToken::new(),
                 next_session: AtomicU64::new(1),
+                gate,
             }),
         })
+    }
+
+    /// The held registry (for tests and the console).
+    pub fn registry(&self) -> &crate::gate::Registry {
+        &self.shared.gate.registry
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -106,6 +141,7 @@ impl Server {
         info!(
             listen = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             upstream = %shared.config.upstream,
+            mode = shared.gate.mode.as_str(),
             "stepgate is accepting connections"
         );
         loop {

@@ -20,8 +20,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::state::{Action, SessionState};
 use super::stream::{ClientStream, MaybeTls};
 use super::{upstream, Shared};
+use crate::gate::SessionFields;
 use crate::wire::frame::{self, FrameError, FrameScanner, Step};
 use crate::wire::reply::ErrorReply;
 use crate::wire::startup::{self, StartupError, StartupMessage, StartupPacket};
@@ -99,7 +101,7 @@ pub(crate) async fn run(
                     warn!("refused a client: max_connections reached");
                     return;
                 }
-                session(&shared, client, startup, leftover, deadline).await;
+                session(&shared, client, startup, leftover, deadline, peer, id).await;
             }
             Err(NegotiateError::Closed) => debug!("client closed before startup"),
             Err(e) => warn!(error = %e, "startup rejected"),
@@ -266,6 +268,8 @@ async fn session(
     mut startup: StartupMessage,
     leftover: BytesMut,
     deadline: Instant,
+    peer: SocketAddr,
+    session_id: u64,
 ) {
     let user = startup.get_lossy("user");
     let database = startup.get_lossy("database");
@@ -316,7 +320,15 @@ async fn session(
         return;
     }
     let _ = up.flush().await;
-    let _ = settings; // kept for the token issue: the session's stepgate.* settings from startup
+    let fields = SessionFields {
+        user: user.clone(),
+        database: database.clone(),
+        client_addr: peer.ip().to_string(),
+        application_name: application_name.clone(),
+        session_id,
+    };
+    let rule = shared.config.rule_for(&database, &user);
+    let state = std::sync::Mutex::new(SessionState::new(fields, rule, settings));
 
     let flags = Flags::default();
     flags.client_at_boundary.store(true, Ordering::Relaxed);
@@ -325,7 +337,7 @@ async fn session(
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let (mut up_rd, mut up_wr) = tokio::io::split(up);
     let ending = {
-        let fe = frontend(&mut client_rd, &mut up_wr, leftover, &flags, shared);
+        let fe = frontend(&mut client_rd, &mut up_wr, leftover, &flags, shared, &state);
         let be = backend(
             &mut up_rd,
             &mut client_wr,
@@ -333,6 +345,7 @@ async fn session(
             shared,
             &mut keys,
             client_tls,
+            &state,
         );
         tokio::pin!(fe, be);
         let login_timer = tokio::time::sleep_until(deadline);
@@ -442,6 +455,7 @@ async fn frontend<R, W>(
     mut buf: BytesMut,
     flags: &Flags,
     shared: &Shared,
+    state: &std::sync::Mutex<SessionState>,
 ) -> Result<FrontendEnd, FrontendError>
 where
     R: AsyncRead + Unpin,
@@ -457,20 +471,43 @@ where
         let mut ready = 0;
         let mut terminate = false;
         loop {
-            let inspect = |t: u8| t == b'X' || (!logged_in && t == b'p');
+            let inspect = |t: u8| {
+                t == b'X'
+                    || (!logged_in && t == b'p')
+                    || (logged_in && SessionState::inspects_frontend(t))
+            };
             match scanner.step(&buf[ready..], inspect)? {
                 Step::NeedMore => break,
                 Step::Message { tag, len } => {
                     let msg = &buf[ready..ready + len];
                     match tag {
                         b'X' => terminate = true,
-                        b'p' if flags.sasl_initial_next.swap(false, Ordering::AcqRel) => {
-                            let mechanism =
-                                frame::cstr(frame::body(msg)).map(|(m, _)| m).unwrap_or(&[]);
-                            if mechanism.ends_with(b"-PLUS") {
-                                return Err(FrontendError::ChannelBinding(
-                                    String::from_utf8_lossy(mechanism).into_owned(),
-                                ));
+                        b'p' if !logged_in => {
+                            if flags.sasl_initial_next.swap(false, Ordering::AcqRel) {
+                                let mechanism =
+                                    frame::cstr(frame::body(msg)).map(|(m, _)| m).unwrap_or(&[]);
+                                if mechanism.ends_with(b"-PLUS") {
+                                    return Err(FrontendError::ChannelBinding(
+                                        String::from_utf8_lossy(mechanism).into_owned(),
+                                    ));
+                                }
+                            }
+                        }
+                        _ if logged_in => {
+                            let action = state
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .on_frontend(&shared.gate, tag, msg);
+                            if let Action::Replace(replacement) = action {
+                                wr.write_all(&buf[..ready])
+                                    .await
+                                    .map_err(FrontendError::UpstreamIo)?;
+                                wr.write_all(&replacement)
+                                    .await
+                                    .map_err(FrontendError::UpstreamIo)?;
+                                buf.advance(ready + len);
+                                ready = 0;
+                                continue;
                             }
                         }
                         _ => {}
@@ -514,6 +551,7 @@ async fn backend<R, W>(
     shared: &Shared,
     keys: &mut Vec<(i32, i32)>,
     client_tls: bool,
+    state: &std::sync::Mutex<SessionState>,
 ) -> Result<BackendEnd, std::io::Error>
 where
     R: AsyncRead + Unpin,
@@ -530,8 +568,9 @@ where
         let mut ready = 0;
         let mut login_failed = false;
         loop {
-            let inspect =
-                |t: u8| matches!(t, b'Z' | b'E') || (!logged_in && matches!(t, b'R' | b'K'));
+            let inspect = |t: u8| {
+                SessionState::inspects_backend(t) || (!logged_in && matches!(t, b'R' | b'K'))
+            };
             let step = scanner
                 .step(&buf[ready..], inspect)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
@@ -568,15 +607,31 @@ where
                             shared.cancel_keys.insert((pid, key), ());
                             keys.push((pid, key));
                         }
-                        b'E' => {
+                        b'E' if !logged_in => {
                             if is_fatal(body) {
                                 flags.upstream_fatal.store(true, Ordering::Release);
                             }
-                            if !logged_in {
-                                login_failed = true;
-                            }
+                            login_failed = true;
                         }
                         _ => {}
+                    }
+                    if tag == b'E' && is_fatal(body) {
+                        flags.upstream_fatal.store(true, Ordering::Release);
+                    }
+                    if logged_in || tag == b'S' {
+                        let msg = &buf[ready..ready + len];
+                        let action = state
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .on_backend(tag, msg);
+                        if let Action::Replace(replacement) = action {
+                            flags.client_at_boundary.store(false, Ordering::Relaxed);
+                            wr.write_all(&buf[..ready]).await?;
+                            wr.write_all(&replacement).await?;
+                            buf.advance(ready + len);
+                            ready = 0;
+                            continue;
+                        }
                     }
                     ready += len;
                 }

@@ -1,0 +1,399 @@
+//! The gate's decision and the held registry.
+//!
+//! [`decide`] is a pure function of the statement's class, whether the session's rule guards that class, the
+//! mode, and the session's authorizations (none until tokens land): `Pass` or `Refuse`. A refused message
+//! becomes one [`HeldEntry`] in the [`Registry`] (also appended to the audit log as a `held` event) so a
+//! DBA can review it and a signer can authorize exactly that statement.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::audit::AuditLog;
+use crate::classify::lex::{self, Kind};
+use crate::classify::Class;
+
+/// `enforce` holds guarded statements; `observe` lets them run and records what would have been held.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default, clap::ValueEnum, Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Observe,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Observe => "observe",
+        }
+    }
+}
+
+/// What the gate does with one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Pass,
+    /// Guarded and not authorized: hold it (enforce) …
+    Refuse,
+    /// … or let it run and record it (observe).
+    Observe,
+}
+
+/// The decision for a message whose most dangerous statement has `class`.
+pub fn decide(guarded: bool, mode: Mode, authorized: bool) -> Decision {
+    match (guarded && !authorized, mode) {
+        (false, _) => Decision::Pass,
+        (true, Mode::Enforce) => Decision::Refuse,
+        (true, Mode::Observe) => Decision::Observe,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeldStatus {
+    Held,
+    Authorized,
+    Observed,
+    Dismissed,
+}
+
+/// Who sent a statement.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SessionFields {
+    pub user: String,
+    pub database: String,
+    pub client_addr: String,
+    pub application_name: String,
+    pub session_id: u64,
+}
+
+/// One refused (or, in observe mode, observed) message.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldEntry {
+    pub id: String,
+    pub time: String,
+    #[serde(flatten)]
+    pub session: SessionFields,
+    /// The message's SQL with password literals redacted.
+    pub sql: String,
+    /// Fingerprints of the statements that need authorization.
+    pub fingerprints: Vec<String>,
+    /// The statements that need authorization (redacted), in order.
+    pub statements: Vec<String>,
+    pub class: Class,
+    pub reason: String,
+    pub status: HeldStatus,
+    #[serde(skip)]
+    pub created: Option<SystemTime>,
+}
+
+/// The held registry: bounded, entries expire; every entry is also written to the audit log.
+pub struct Registry {
+    entries: DashMap<String, HeldEntry>,
+    capacity: usize,
+    ttl: Duration,
+    audit: Option<Arc<AuditLog>>,
+}
+
+impl Registry {
+    pub fn new(audit: Option<Arc<AuditLog>>) -> Registry {
+        Registry {
+            entries: DashMap::new(),
+            capacity: 10_000,
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            audit,
+        }
+    }
+
+    /// A fresh id: 8 characters of `[a-z0-9]`, not used by any entry in the registry.
+    fn new_id(&self) -> String {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        loop {
+            let id: String = (0..8)
+                .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+                .collect();
+            if !self.entries.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Records a held (or observed) message and returns its entry. The audit record is written first; if
+    /// that fails the error is returned and nothing is registered.
+    pub fn record(
+        &self,
+        session: &SessionFields,
+        sql: &str,
+        statements: Vec<(String, String)>,
+        class: Class,
+        reason: &str,
+        status: HeldStatus,
+    ) -> Result<HeldEntry, crate::audit::AuditError> {
+        self.expire();
+        let entry = HeldEntry {
+            id: self.new_id(),
+            time: crate::audit::now_rfc3339(),
+            session: session.clone(),
+            sql: redact(sql),
+            fingerprints: statements.iter().map(|(fp, _)| fp.clone()).collect(),
+            statements: statements.into_iter().map(|(_, s)| redact(&s)).collect(),
+            class,
+            reason: reason.to_string(),
+            status,
+            created: Some(SystemTime::now()),
+        };
+        if let Some(audit) = &self.audit {
+            let mut f = Map::new();
+            f.insert("user".into(), entry.session.user.clone().into());
+            f.insert("database".into(), entry.session.database.clone().into());
+            f.insert(
+                "client_addr".into(),
+                entry.session.client_addr.clone().into(),
+            );
+            f.insert(
+                "application_name".into(),
+                entry.session.application_name.clone().into(),
+            );
+            f.insert("session_id".into(), entry.session.session_id.into());
+            f.insert("held_id".into(), entry.id.clone().into());
+            f.insert("sql".into(), entry.sql.clone().into());
+            f.insert(
+                "fingerprint".into(),
+                entry
+                    .fingerprints
+                    .first()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into(),
+            );
+            f.insert(
+                "fingerprints".into(),
+                Value::Array(
+                    entry
+                        .fingerprints
+                        .iter()
+                        .cloned()
+                        .map(Value::from)
+                        .collect(),
+                ),
+            );
+            f.insert(
+                "statements".into(),
+                Value::Array(entry.statements.iter().cloned().map(Value::from).collect()),
+            );
+            f.insert("class".into(), class.as_str().into());
+            f.insert("reason".into(), reason.into());
+            let event = if status == HeldStatus::Observed {
+                "observed"
+            } else {
+                "held"
+            };
+            audit.append(event, f, false)?;
+        }
+        if self.entries.len() >= self.capacity {
+            if let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|e| e.created)
+                .map(|e| e.key().clone())
+            {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.entries.insert(entry.id.clone(), entry.clone());
+        Ok(entry)
+    }
+
+    fn expire(&self) {
+        let ttl = self.ttl;
+        self.entries.retain(|_, e| {
+            e.created
+                .and_then(|c| c.elapsed().ok())
+                .is_none_or(|age| age < ttl)
+        });
+    }
+
+    pub fn get(&self, id: &str) -> Option<HeldEntry> {
+        self.entries.get(id).map(|e| e.clone())
+    }
+
+    /// All entries, oldest first.
+    pub fn list(&self) -> Vec<HeldEntry> {
+        let mut v: Vec<HeldEntry> = self.entries.iter().map(|e| e.clone()).collect();
+        v.sort_by(|a, b| a.time.cmp(&b.time));
+        v
+    }
+
+    /// Rebuilds the registry from audit records (`held` and `observed` events).
+    pub fn restore(&self, records: &[Value]) {
+        for r in records {
+            let status = match r["event"].as_str() {
+                Some("held") => HeldStatus::Held,
+                Some("observed") => HeldStatus::Observed,
+                _ => continue,
+            };
+            let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            let list = |k: &str| -> Vec<String> {
+                r[k].as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let entry = HeldEntry {
+                id: s("held_id"),
+                time: s("time"),
+                session: SessionFields {
+                    user: s("user"),
+                    database: s("database"),
+                    client_addr: s("client_addr"),
+                    application_name: s("application_name"),
+                    session_id: r["session_id"].as_u64().unwrap_or(0),
+                },
+                sql: s("sql"),
+                fingerprints: list("fingerprints"),
+                statements: list("statements"),
+                class: s("class").parse().unwrap_or(Class::Unparsed),
+                reason: s("reason"),
+                status,
+                created: Some(SystemTime::now()),
+            };
+            if !entry.id.is_empty() {
+                self.entries.insert(entry.id.clone(), entry);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The SQL with secrets replaced: password literals (`PASSWORD '…'`, also `ENCRYPTED PASSWORD`) and the
+/// value of `SET stepgate.<name> = …` become `'********'`. Text that cannot be tokenized is cut at the first
+/// `password` or `stepgate` word.
+pub fn redact(sql: &str) -> String {
+    let Ok(tokens) = lex::lex(sql, true) else {
+        let lower = sql.to_ascii_lowercase();
+        let cut = [lower.find("password"), lower.find("stepgate")]
+            .into_iter()
+            .flatten()
+            .min();
+        return match cut {
+            Some(i) => format!("{}********", &sql[..i]),
+            None => sql.to_string(),
+        };
+    };
+    let mut out = String::with_capacity(sql.len());
+    let mut mask_next = false;
+    let sig: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !tokens[i].is_trivia())
+        .collect();
+    for (pos, &i) in sig.iter().enumerate() {
+        let t = &tokens[i];
+        // What precedes this token (whitespace and comments are copied as they are).
+        let start_of_gap = if pos == 0 { 0 } else { sig[pos - 1] + 1 };
+        for g in &tokens[start_of_gap..i] {
+            out.push_str(g.text);
+        }
+        if mask_next
+            && matches!(
+                t.kind,
+                Kind::String | Kind::Word | Kind::Number | Kind::QuotedIdent
+            )
+        {
+            out.push_str("'********'");
+            mask_next = false;
+            continue;
+        }
+        mask_next = t.is_word("password")
+            || ((t.text == "=" || t.is_word("to"))
+                && pos >= 3
+                && tokens[sig[pos - 3]]
+                    .ident()
+                    .is_some_and(|n| n.eq_ignore_ascii_case("stepgate"))
+                && tokens[sig[pos - 2]].text == ".");
+        out.push_str(t.text);
+    }
+    if let Some(&last) = sig.last() {
+        for g in &tokens[last + 1..] {
+            out.push_str(g.text);
+        }
+    } else {
+        out.push_str(sql);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions() {
+        assert_eq!(decide(false, Mode::Enforce, false), Decision::Pass);
+        assert_eq!(decide(true, Mode::Enforce, false), Decision::Refuse);
+        assert_eq!(decide(true, Mode::Enforce, true), Decision::Pass);
+        assert_eq!(decide(true, Mode::Observe, false), Decision::Observe);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("CREATE ROLE a LOGIN PASSWORD 'hunter2'"),
+            "CREATE ROLE a LOGIN PASSWORD '********'"
+        );
+        assert_eq!(
+            redact("alter user b with encrypted password $$x'y$$ valid until 'infinity'"),
+            "alter user b with encrypted password '********' valid until 'infinity'"
+        );
+        assert_eq!(redact("select 'password'"), "select 'password'");
+        assert_eq!(
+            redact("SET stepgate.token = 'c2VjcmV0'; DROP TABLE t -- x"),
+            "SET stepgate.token = '********'; DROP TABLE t -- x"
+        );
+        assert_eq!(
+            redact("set stepgate.token to abc"),
+            "set stepgate.token to '********'"
+        );
+        assert!(!redact("create role x password 'unterminated").contains("unterminated"));
+    }
+
+    #[test]
+    fn ids_are_short_and_unique() {
+        let r = Registry::new(None);
+        let s = SessionFields::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..500 {
+            let e = r
+                .record(
+                    &s,
+                    "DROP TABLE t",
+                    vec![("sha256:x".into(), "DROP TABLE t".into())],
+                    Class::Destructive,
+                    "guarded",
+                    HeldStatus::Held,
+                )
+                .unwrap();
+            assert_eq!(e.id.len(), 8);
+            assert!(e
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+            assert!(seen.insert(e.id));
+        }
+    }
+}

@@ -1,0 +1,1248 @@
+//! The gate's view of one session, as a pure state machine: frontend messages in, backend messages in,
+//! an [`Action`] out for each (forward the original bytes, or replace them).
+//!
+//! How a refusal keeps client and server in step (DESIGN.md "Holding and refusing"): a refused message is
+//! replaced by one that makes the *server* fail at exactly that position with a harmless error of its own
+//! (`EXECUTE stepgate_refused_…` for a Query, an Execute of a portal that does not exist, a FunctionCall of
+//! OID 0, a Parse of invalid SQL), and that one ErrorResponse is rewritten into stepgate's. PostgreSQL then
+//! does its own bookkeeping: a transaction block is aborted, an extended-protocol batch skips to Sync, and
+//! responses arrive in order. A queue of expected responses tells which ErrorResponse is ours.
+//!
+//! Prepared statements and portals are tracked by name, and the maps change only when the server confirms
+//! (ParseComplete, BindComplete, CloseComplete, CommandComplete of PREPARE/DEALLOCATE/DISCARD). A lookup made
+//! before confirmation trusts what was sent earlier in the same batch (if that failed, the server skips the
+//! rest of the batch); what is still pending from an earlier batch counts at its most dangerous.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::classify::cache::CachedClassifier;
+use crate::classify::lex::{Kind, Token};
+use crate::classify::{decode, split, Class, LexSettings};
+use crate::config::{Config, Rule};
+use crate::gate::{decide, Decision, HeldStatus, Mode, Registry, SessionFields};
+use crate::wire::frame::cstr;
+use crate::wire::reply::{error_fields, ErrorReply};
+
+/// Shared by every session of a server.
+pub struct GateContext {
+    pub config: Config,
+    pub cache: CachedClassifier,
+    pub registry: Registry,
+    pub mode: Mode,
+    /// `serve --unsafe-no-gate`: nothing is classified or held (for measuring the gate's cost).
+    pub disabled: bool,
+    /// Policy generation, part of every cache key.
+    pub generation: u64,
+    /// Random suffix of the names used to make the server fail on purpose.
+    pub refusal_name: String,
+}
+
+impl GateContext {
+    pub fn new(config: Config, registry: Registry, disabled: bool) -> GateContext {
+        let classifier = config.classifier();
+        let suffix: String = (0..16)
+            .map(|_| (b'a' + rand::random_range(0..26u8)) as char)
+            .collect();
+        GateContext {
+            mode: config.mode,
+            config,
+            cache: CachedClassifier::new(classifier, 50_000),
+            registry,
+            disabled,
+            generation: 1,
+            refusal_name: format!("stepgate_refused_{suffix}"),
+        }
+    }
+}
+
+/// What a prepared statement or portal would run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StmtInfo {
+    pub class: Class,
+    /// (fingerprint, SQL) of each statement, for held entries and authorization.
+    pub statements: Vec<(String, String)>,
+    /// What its successful execution changes in the session.
+    pub effect: Effect,
+}
+
+impl StmtInfo {
+    fn unknown(what: &str) -> StmtInfo {
+        StmtInfo {
+            class: Class::Unparsed,
+            statements: vec![(String::new(), what.to_string())],
+            effect: Effect::None,
+        }
+    }
+}
+
+/// A change to the session that takes effect when the server confirms the statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    SetStepgate {
+        name: String,
+        value: String,
+    },
+    /// `RESET stepgate.<name>`, or every stepgate setting for `RESET ALL`.
+    ResetStepgate(Option<String>),
+    /// DISCARD ALL: prepared statements, portals and stepgate settings are gone.
+    DiscardAll,
+    Deallocate(Option<Vec<u8>>),
+    Prepare {
+        name: Vec<u8>,
+        info: Box<StmtInfo>,
+    },
+}
+
+#[derive(Debug)]
+enum Expect {
+    Query {
+        effects: Vec<Effect>,
+        done: usize,
+        refused: Option<ErrorReply>,
+    },
+    Parse {
+        batch: u64,
+        name: Vec<u8>,
+        info: StmtInfo,
+        refused: Option<ErrorReply>,
+    },
+    Bind {
+        batch: u64,
+        portal: Vec<u8>,
+        info: StmtInfo,
+    },
+    Execute {
+        effect: Effect,
+        refused: Option<ErrorReply>,
+    },
+    Close {
+        batch: u64,
+        kind: u8,
+        name: Vec<u8>,
+    },
+    Sync,
+    FunctionCall {
+        refused: Option<ErrorReply>,
+    },
+}
+
+/// What to do with one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Forward,
+    Replace(Vec<u8>),
+}
+
+/// libpq's large-object fast-path functions (built-in OIDs), allowed over FunctionCall. lo_unlink (964) is
+/// not among them.
+const LARGE_OBJECT_OIDS: &[u32] = &[
+    952,  // lo_open
+    953,  // lo_close
+    954,  // loread
+    955,  // lowrite
+    956,  // lo_lseek
+    3170, // lo_lseek64
+    958,  // lo_tell
+    3171, // lo_tell64
+    957,  // lo_creat
+    715,  // lo_create
+    1004, // lo_truncate
+    3172, // lo_truncate64
+];
+
+/// One session's gate state.
+pub struct SessionState {
+    pub session: SessionFields,
+    rule: Rule,
+    lex: LexSettings,
+    /// Active stepgate settings (from startup, then SET/RESET as the server confirms them).
+    pub stepgate: BTreeMap<String, String>,
+    prepared: HashMap<Vec<u8>, StmtInfo>,
+    portals: HashMap<Vec<u8>, StmtInfo>,
+    queue: VecDeque<Expect>,
+    batch: u64,
+    skip_until_sync: bool,
+    /// Transaction status from the last ReadyForQuery (`I`, `T` or `E`).
+    pub txn_status: u8,
+}
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(body.len() + 5);
+    v.push(tag);
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn query_message(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    message(b'Q', &body)
+}
+
+/// Text safe to put inside a single-quoted literal we build ourselves.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " =;:,*+._-/".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// What a statement is to the gate, beyond its class.
+enum Kind2 {
+    Plain,
+    /// Names a stepgate setting in a form that is not accepted: refused, never forwarded.
+    Mention,
+    Set {
+        name: String,
+        value: String,
+    },
+    Reset(Option<String>),
+    ShowStatus,
+    Prepare {
+        name: Vec<u8>,
+        inner_start: usize,
+    },
+    Execute {
+        name: Vec<u8>,
+    },
+    Deallocate(Option<Vec<u8>>),
+    DiscardAll,
+}
+
+fn ident_bytes(t: &Token<'_>) -> Option<Vec<u8>> {
+    t.ident().map(|s| s.into_bytes())
+}
+
+/// Classifies a statement's role from its significant tokens.
+fn kind_of(tokens: &[Token<'_>]) -> Kind2 {
+    let w = |i: usize, kw: &str| tokens.get(i).is_some_and(|t| t.is_word(kw));
+    let exact_stepgate = |i: usize| {
+        tokens
+            .get(i)
+            .is_some_and(|t| t.kind == Kind::Word && t.text == "stepgate")
+            && tokens.get(i + 1).is_some_and(|t| t.text == ".")
+            && tokens.get(i + 2).is_some_and(|t| t.kind == Kind::Word)
+    };
+    let setting_name = |i: usize| format!("stepgate.{}", tokens[i + 2].text.to_ascii_lowercase());
+    // SET stepgate.<name> = <value> | TO <value>
+    if w(0, "set")
+        && exact_stepgate(1)
+        && tokens.len() == 6
+        && (tokens[4].text == "=" || tokens[4].is_word("to"))
+    {
+        let v = &tokens[5];
+        let value = match v.kind {
+            Kind::String if v.text.starts_with('\'') => {
+                Some(v.text[1..v.text.len() - 1].replace("''", "'"))
+            }
+            Kind::Word | Kind::Number => Some(v.text.to_string()),
+            _ => None,
+        };
+        if let Some(value) = value {
+            return Kind2::Set {
+                name: setting_name(1),
+                value,
+            };
+        }
+        return Kind2::Mention;
+    }
+    if w(0, "reset") && tokens.len() == 2 && w(1, "all") {
+        return Kind2::Reset(None);
+    }
+    if w(0, "reset") && exact_stepgate(1) && tokens.len() == 4 {
+        return Kind2::Reset(Some(setting_name(1)));
+    }
+    if w(0, "show") && exact_stepgate(1) && tokens.len() == 4 {
+        if tokens[3].is_word("status") {
+            return Kind2::ShowStatus;
+        }
+        return Kind2::Plain;
+    }
+    if crate::classify::needs_attention(tokens) && mentions(tokens) {
+        return Kind2::Mention;
+    }
+    if w(0, "prepare") && tokens.len() > 3 && !w(1, "transaction") {
+        if let (Some(name), Some(as_at)) = (
+            ident_bytes(&tokens[1]),
+            tokens.iter().position(|t| t.is_word("as")),
+        ) {
+            if as_at + 1 < tokens.len() {
+                return Kind2::Prepare {
+                    name,
+                    inner_start: as_at + 1,
+                };
+            }
+        }
+        return Kind2::Plain;
+    }
+    if w(0, "execute") && tokens.len() >= 2 {
+        if let Some(name) = ident_bytes(&tokens[1]) {
+            return Kind2::Execute { name };
+        }
+    }
+    if w(0, "deallocate") {
+        let i = if w(1, "prepare") { 2 } else { 1 };
+        if w(i, "all") && tokens.len() == i + 1 {
+            return Kind2::Deallocate(None);
+        }
+        if let Some(name) = tokens.get(i).and_then(ident_bytes) {
+            if tokens.len() == i + 1 {
+                return Kind2::Deallocate(Some(name));
+            }
+        }
+        return Kind2::Plain;
+    }
+    if w(0, "discard") && w(1, "all") && tokens.len() == 2 {
+        return Kind2::DiscardAll;
+    }
+    Kind2::Plain
+}
+
+/// A mention of a stepgate setting anywhere in the statement.
+fn mentions(tokens: &[Token<'_>]) -> bool {
+    tokens.iter().enumerate().any(|(i, t)| {
+        (matches!(t.kind, Kind::Word | Kind::QuotedIdent)
+            && t.ident()
+                .is_some_and(|n| n.eq_ignore_ascii_case("stepgate"))
+            && tokens.get(i + 1).is_some_and(|n| n.text == "."))
+            || (matches!(t.kind, Kind::String | Kind::QuotedIdent)
+                && crate::classify::mentions_stepgate_text(t.text))
+    })
+}
+
+/// `… EXECUTE name …` inside another statement (EXPLAIN ANALYZE EXECUTE p, CREATE TABLE … AS EXECUTE p).
+fn embedded_execute(tokens: &[Token<'_>]) -> Option<Vec<u8>> {
+    tokens.windows(2).find_map(|p| {
+        (p[0].is_word("execute") && !p[1].is_word("function") && !p[1].is_word("procedure"))
+            .then(|| ident_bytes(&p[1]))
+            .flatten()
+    })
+}
+
+impl SessionState {
+    pub fn new(
+        session: SessionFields,
+        rule: Rule,
+        startup_settings: Vec<(String, String)>,
+    ) -> SessionState {
+        SessionState {
+            session,
+            rule,
+            lex: LexSettings::default(),
+            stepgate: startup_settings.into_iter().collect(),
+            prepared: HashMap::new(),
+            portals: HashMap::new(),
+            queue: VecDeque::new(),
+            batch: 0,
+            skip_until_sync: false,
+            txn_status: b'I',
+        }
+    }
+
+    pub fn rule(&self) -> &Rule {
+        &self.rule
+    }
+
+    /// Frontend message tags the gate must see whole.
+    pub fn inspects_frontend(tag: u8) -> bool {
+        matches!(
+            tag,
+            b'Q' | b'P' | b'B' | b'E' | b'C' | b'S' | b'F' | b'c' | b'f'
+        )
+    }
+
+    /// Backend message tags the gate must see whole.
+    pub fn inspects_backend(tag: u8) -> bool {
+        matches!(
+            tag,
+            b'1' | b'2' | b'3' | b'C' | b'I' | b's' | b'E' | b'Z' | b'S'
+        )
+    }
+
+    // ---- frontend -------------------------------------------------------------------------------
+
+    pub fn on_frontend(&mut self, ctx: &GateContext, tag: u8, msg: &[u8]) -> Action {
+        let body = msg.get(5..).unwrap_or(&[]);
+        match tag {
+            b'Q' => self.on_query(ctx, body),
+            b'S' => {
+                self.queue.push_back(Expect::Sync);
+                self.batch += 1;
+                self.skip_until_sync = false;
+                Action::Forward
+            }
+            _ if self.skip_until_sync => Action::Forward,
+            b'P' => self.on_parse(ctx, body),
+            b'B' => self.on_bind(body),
+            b'E' => self.on_execute(ctx, body),
+            b'C' => {
+                if let Some(name) = body.get(1..).and_then(cstr).map(|(n, _)| n.to_vec()) {
+                    self.queue.push_back(Expect::Close {
+                        batch: self.batch,
+                        kind: body[0],
+                        name,
+                    });
+                }
+                Action::Forward
+            }
+            b'F' => self.on_function_call(ctx, body),
+            b'c' | b'f' => {
+                // CopyDone/CopyFail end copy-in mode, during which the server ignores Sync: drop the Syncs
+                // the client sent after the Execute that started the copy.
+                while matches!(self.queue.back(), Some(Expect::Sync)) {
+                    self.queue.pop_back();
+                }
+                Action::Forward
+            }
+            _ => Action::Forward,
+        }
+    }
+
+    fn guarded(&self, ctx: &GateContext, class: Class) -> bool {
+        ctx.config.is_guarded(&self.rule, class)
+    }
+
+    /// Records a held/observed entry; returns the error to send for a refusal.
+    fn hold(
+        &self,
+        ctx: &GateContext,
+        sql: &str,
+        info: &StmtInfo,
+        status: HeldStatus,
+    ) -> ErrorReply {
+        let statements = if info.statements.is_empty() {
+            vec![(String::new(), sql.to_string())]
+        } else {
+            info.statements.clone()
+        };
+        let reason = format!(
+            "{} is guarded for database {:?}, user {:?}",
+            info.class, self.session.database, self.session.user
+        );
+        match ctx
+            .registry
+            .record(&self.session, sql, statements, info.class, &reason, status)
+        {
+            Ok(entry) => {
+                let fps: Vec<&str> = entry
+                    .fingerprints
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|f| !f.is_empty())
+                    .collect();
+                if status == HeldStatus::Observed {
+                    tracing::warn!(held_id = %entry.id, class = %info.class, user = %self.session.user, database = %self.session.database, sql = %entry.sql, "would hold (observe mode)");
+                } else {
+                    tracing::warn!(held_id = %entry.id, class = %info.class, user = %self.session.user, database = %self.session.database, sql = %entry.sql, "statement held");
+                }
+                ErrorReply::error("42501", format!("stepgate: statement held ({})", info.class))
+                    .with_detail(format!("held id {}; fingerprint {}", entry.id, if fps.is_empty() { "(none)".to_string() } else { fps.join(", ") }))
+                    .with_hint(format!(
+                        "stepgate token new --held {id} | gpg --clearsign, then SET stepgate.token (or SHOW HELD {id} in the stepgate console)",
+                        id = entry.id
+                    ))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit log unavailable: guarded statement refused");
+                ErrorReply::error(
+                    "58030",
+                    "stepgate: audit log unavailable; guarded statement refused",
+                )
+            }
+        }
+    }
+
+    fn mention_refusal() -> ErrorReply {
+        tracing::warn!("refused a statement that names a stepgate setting");
+        ErrorReply::error("42501", "stepgate: statement refused: it names a stepgate setting")
+            .with_detail("stepgate settings are changed only with SET stepgate.<name> = '…', RESET stepgate.<name> and SHOW stepgate.<name>; other spellings never reach the server")
+    }
+
+    fn refuse_query(&mut self, ctx: &GateContext, refusal: ErrorReply) -> Action {
+        self.queue.push_back(Expect::Query {
+            effects: Vec::new(),
+            done: 0,
+            refused: Some(refusal),
+        });
+        self.batch += 1;
+        Action::Replace(query_message(&format!("EXECUTE {}", ctx.refusal_name)))
+    }
+
+    fn status_text(&self, ctx: &GateContext) -> String {
+        let guard: Vec<&str> = self.rule.guard.iter().map(|c| c.as_str()).collect();
+        let settings: Vec<&str> = self.stepgate.keys().map(String::as_str).collect();
+        sanitize(&format!(
+            "mode={}; rule=database:{},user:{},guard:{}; unparsed_guarded={}; settings={}; authorization=none",
+            ctx.mode.as_str(),
+            self.rule.database,
+            self.rule.user,
+            if guard.is_empty() { "-".to_string() } else { guard.join("+") },
+            !ctx.config.allow_unparsed,
+            if settings.is_empty() { "-".to_string() } else { settings.join("+") },
+        ))
+    }
+
+    /// What a statement name means right now (see the module docs for pending names).
+    fn lookup_statement(
+        &self,
+        name: &[u8],
+        local: &HashMap<Vec<u8>, Option<StmtInfo>>,
+    ) -> StmtInfo {
+        if let Some(v) = local.get(name) {
+            return v
+                .clone()
+                .unwrap_or_else(|| StmtInfo::unknown("a deallocated prepared statement"));
+        }
+        let mut current: Option<Option<&StmtInfo>> = None;
+        let mut earlier: Vec<Option<&StmtInfo>> = Vec::new();
+        for e in &self.queue {
+            let (batch, rec) = match e {
+                Expect::Parse {
+                    batch,
+                    name: n,
+                    info,
+                    refused: None,
+                } if n == name => (*batch, Some(info)),
+                Expect::Close {
+                    batch,
+                    kind: b'S',
+                    name: n,
+                } if n == name => (*batch, None),
+                Expect::Query { effects, .. } => {
+                    for eff in effects {
+                        match eff {
+                            Effect::Prepare { name: n, info } if n == name => {
+                                earlier.push(Some(info))
+                            }
+                            Effect::Deallocate(Some(n)) if n == name => earlier.push(None),
+                            Effect::Deallocate(None) | Effect::DiscardAll => earlier.push(None),
+                            _ => {}
+                        }
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            if batch == self.batch {
+                current = Some(rec);
+            } else {
+                earlier.push(rec);
+            }
+        }
+        if let Some(rec) = current {
+            return rec
+                .cloned()
+                .unwrap_or_else(|| StmtInfo::unknown("a closed prepared statement"));
+        }
+        let confirmed = self.prepared.get(name);
+        if earlier.is_empty() {
+            return confirmed.cloned().unwrap_or_else(|| {
+                StmtInfo::unknown(&format!(
+                    "unknown prepared statement {:?}",
+                    String::from_utf8_lossy(name)
+                ))
+            });
+        }
+        // Pending from an earlier batch: the outcome is not known yet; count the most dangerous.
+        let mut candidates: Vec<StmtInfo> = earlier
+            .into_iter()
+            .map(|r| {
+                r.cloned()
+                    .unwrap_or_else(|| StmtInfo::unknown("a pending prepared statement"))
+            })
+            .collect();
+        candidates.push(
+            confirmed
+                .cloned()
+                .unwrap_or_else(|| StmtInfo::unknown("a pending prepared statement")),
+        );
+        candidates
+            .into_iter()
+            .max_by_key(|i| i.class)
+            .unwrap_or_else(|| StmtInfo::unknown("?"))
+    }
+
+    fn lookup_portal(&self, name: &[u8]) -> StmtInfo {
+        let mut current: Option<Option<&StmtInfo>> = None;
+        let mut earlier: Vec<Option<&StmtInfo>> = Vec::new();
+        for e in &self.queue {
+            let (batch, rec) = match e {
+                Expect::Bind {
+                    batch,
+                    portal,
+                    info,
+                } if portal == name => (*batch, Some(info)),
+                Expect::Close {
+                    batch,
+                    kind: b'P',
+                    name: n,
+                } if n == name => (*batch, None),
+                _ => continue,
+            };
+            if batch == self.batch {
+                current = Some(rec);
+            } else {
+                earlier.push(rec);
+            }
+        }
+        if let Some(rec) = current {
+            return rec
+                .cloned()
+                .unwrap_or_else(|| StmtInfo::unknown("a closed portal"));
+        }
+        let confirmed = self.portals.get(name);
+        if earlier.is_empty() {
+            return confirmed
+                .cloned()
+                .unwrap_or_else(|| StmtInfo::unknown("unknown portal"));
+        }
+        let mut candidates: Vec<StmtInfo> = earlier
+            .into_iter()
+            .map(|r| {
+                r.cloned()
+                    .unwrap_or_else(|| StmtInfo::unknown("a pending portal"))
+            })
+            .collect();
+        candidates.push(
+            confirmed
+                .cloned()
+                .unwrap_or_else(|| StmtInfo::unknown("a pending portal")),
+        );
+        candidates
+            .into_iter()
+            .max_by_key(|i| i.class)
+            .unwrap_or_else(|| StmtInfo::unknown("?"))
+    }
+
+    /// Judges the statements of a query string. Returns (info of the whole message, effects per statement,
+    /// rewritten SQL if a stepgate statement had to be rewritten), or the refusal to send.
+    fn analyze(
+        &self,
+        ctx: &GateContext,
+        bytes: &[u8],
+        local: &mut HashMap<Vec<u8>, Option<StmtInfo>>,
+    ) -> Result<(StmtInfo, Vec<Effect>, Option<String>), Box<StmtInfo>> {
+        let unparsed = |what: &str| {
+            Box::new(StmtInfo {
+                class: Class::Unparsed,
+                statements: vec![(String::new(), what.to_string())],
+                effect: Effect::None,
+            })
+        };
+        let text =
+            decode(bytes, &self.lex).map_err(|e| unparsed(&format!("unreadable query: {e}")))?;
+        let stmts = ctx
+            .cache
+            .classifier()
+            .analyze(&text, &self.lex)
+            .map_err(|e| unparsed(&format!("{}: {e}", String::from_utf8_lossy(bytes))))?;
+        let mut class = Class::Read;
+        let mut guarded_statements = Vec::new();
+        let mut effects = Vec::with_capacity(stmts.len());
+        let mut rewrites: Vec<(usize, usize, String)> = Vec::new();
+        let mut mention = false;
+        for s in &stmts {
+            let mut c = s.verdict.class;
+            let mut effect = Effect::None;
+            match kind_of(&s.tokens) {
+                Kind2::Mention => mention = true,
+                Kind2::Set { name, value } => {
+                    c = Class::Session;
+                    rewrites.push((
+                        s.start,
+                        s.start + s.text.len(),
+                        format!("SET {name} = 'set'"),
+                    ));
+                    effect = Effect::SetStepgate { name, value };
+                }
+                Kind2::Reset(name) => {
+                    c = Class::Session;
+                    effect = Effect::ResetStepgate(name);
+                }
+                Kind2::ShowStatus => {
+                    c = Class::Read;
+                    rewrites.push((
+                        s.start,
+                        s.start + s.text.len(),
+                        format!(
+                            "SELECT '{}'::text AS \"stepgate.status\"",
+                            self.status_text(ctx)
+                        ),
+                    ));
+                }
+                Kind2::Prepare { name, inner_start } => {
+                    let inner = &s.tokens[inner_start..];
+                    let v = ctx.cache.classifier().judge(inner);
+                    let inner_sql = &text[inner[0].start..s.start + s.text.len()];
+                    let mut inner_class = v.class;
+                    if let Some(n) = embedded_execute(inner) {
+                        inner_class = inner_class.max(self.lookup_statement(&n, local).class);
+                    }
+                    let info = StmtInfo {
+                        class: inner_class,
+                        statements: vec![(split::fingerprint(inner), inner_sql.to_string())],
+                        effect: Effect::None,
+                    };
+                    c = Class::Session;
+                    local.insert(name.clone(), Some(info.clone()));
+                    effect = Effect::Prepare {
+                        name,
+                        info: Box::new(info),
+                    };
+                }
+                Kind2::Execute { name } => {
+                    // EXECUTE runs the prepared statement: a token has to list that statement.
+                    let info = self.lookup_statement(&name, local);
+                    if self.guarded(ctx, info.class) {
+                        guarded_statements.extend(info.statements.iter().cloned());
+                    }
+                    class = class.max(info.class);
+                    effects.push(Effect::None);
+                    continue;
+                }
+                Kind2::Deallocate(name) => {
+                    c = Class::Session;
+                    match &name {
+                        Some(n) => {
+                            local.insert(n.clone(), None);
+                        }
+                        None => local.clear(),
+                    }
+                    effect = Effect::Deallocate(name);
+                }
+                Kind2::DiscardAll => {
+                    c = Class::Session;
+                    local.clear();
+                    effect = Effect::DiscardAll;
+                }
+                Kind2::Plain => {
+                    if let Some(n) = embedded_execute(&s.tokens) {
+                        c = c.max(self.lookup_statement(&n, local).class);
+                    }
+                }
+            }
+            if self.guarded(ctx, c) {
+                guarded_statements.push((s.fingerprint(), s.text.to_string()));
+            }
+            class = class.max(c);
+            effects.push(effect);
+        }
+        if mention {
+            return Err(Box::new(StmtInfo {
+                class: Class::Privileged,
+                statements: Vec::new(),
+                effect: Effect::None,
+            }));
+        }
+        let rewritten = if rewrites.is_empty() {
+            None
+        } else if let Ok(orig) = std::str::from_utf8(bytes) {
+            let mut out = String::with_capacity(orig.len());
+            let mut pos = 0;
+            for (a, b, with) in rewrites {
+                out.push_str(&orig[pos..a]);
+                out.push_str(&with);
+                pos = b;
+            }
+            out.push_str(&orig[pos..]);
+            Some(out)
+        } else {
+            return Err(unparsed("a stepgate setting in a query that is not UTF-8"));
+        };
+        Ok((
+            StmtInfo {
+                class,
+                statements: guarded_statements,
+                effect: Effect::None,
+            },
+            effects,
+            rewritten,
+        ))
+    }
+
+    fn on_query(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
+        let bytes = body.strip_suffix(&[0]).unwrap_or(body);
+        if ctx.disabled {
+            self.queue.push_back(Expect::Query {
+                effects: Vec::new(),
+                done: 0,
+                refused: None,
+            });
+            self.batch += 1;
+            return Action::Forward;
+        }
+        let entry = ctx.cache.lookup(bytes, &self.lex, ctx.generation);
+        if !entry.attention && !self.guarded(ctx, entry.max) {
+            self.queue.push_back(Expect::Query {
+                effects: Vec::new(),
+                done: 0,
+                refused: None,
+            });
+            self.batch += 1;
+            return Action::Forward;
+        }
+        let mut local = HashMap::new();
+        let sql = crate::gate::redact(&String::from_utf8_lossy(bytes));
+        match self.analyze(ctx, bytes, &mut local) {
+            Err(info) if info.statements.is_empty() => {
+                self.refuse_query(ctx, Self::mention_refusal())
+            }
+            Err(info) => {
+                let err = self.hold(ctx, &sql, &info, HeldStatus::Held);
+                self.refuse_query(ctx, err)
+            }
+            Ok((info, effects, rewritten)) => {
+                let guarded = !info.statements.is_empty() || self.guarded(ctx, info.class);
+                match decide(guarded, ctx.mode, false) {
+                    Decision::Refuse => {
+                        let err = self.hold(ctx, &sql, &info, HeldStatus::Held);
+                        return self.refuse_query(ctx, err);
+                    }
+                    Decision::Observe => {
+                        self.hold(ctx, &sql, &info, HeldStatus::Observed);
+                    }
+                    Decision::Pass => {}
+                }
+                self.queue.push_back(Expect::Query {
+                    effects,
+                    done: 0,
+                    refused: None,
+                });
+                self.batch += 1;
+                match rewritten {
+                    Some(text) => Action::Replace(query_message(&text)),
+                    None => Action::Forward,
+                }
+            }
+        }
+    }
+
+    fn on_parse(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
+        let Some((name, rest)) = cstr(body) else {
+            return Action::Forward; // malformed: the server will say so
+        };
+        let Some((query, rest)) = cstr(rest) else {
+            return Action::Forward;
+        };
+        let name = name.to_vec();
+        let push = |me: &mut Self, info: StmtInfo, refused: Option<ErrorReply>| {
+            me.queue.push_back(Expect::Parse {
+                batch: me.batch,
+                name: name.clone(),
+                info,
+                refused,
+            });
+        };
+        if ctx.disabled {
+            push(self, StmtInfo::unknown(""), None);
+            return Action::Forward;
+        }
+        let entry = ctx.cache.lookup(query, &self.lex, ctx.generation);
+        if !entry.attention && !self.guarded(ctx, entry.max) {
+            let info = StmtInfo {
+                class: entry.max,
+                statements: Vec::new(),
+                effect: Effect::None,
+            };
+            push(self, info, None);
+            return Action::Forward;
+        }
+        let mut local = HashMap::new();
+        match self.analyze(ctx, query, &mut local) {
+            Err(info) if info.statements.is_empty() => {
+                // Never forwarded: a Parse of invalid SQL makes the server fail here instead.
+                push(self, StmtInfo::unknown(""), Some(Self::mention_refusal()));
+                let mut b = name.clone();
+                b.push(0);
+                b.extend_from_slice(ctx.refusal_name.as_bytes());
+                b.push(0);
+                b.extend_from_slice(&0u16.to_be_bytes());
+                Action::Replace(message(b'P', &b))
+            }
+            Err(info) => {
+                push(self, *info, None);
+                Action::Forward
+            }
+            Ok((mut info, effects, rewritten)) => {
+                // The statement's own fingerprints are what a token will have to list.
+                if info.statements.is_empty() {
+                    if let Ok(text) = decode(query, &self.lex) {
+                        if let Ok(stmts) = ctx.cache.classifier().analyze(&text, &self.lex) {
+                            info.statements = stmts
+                                .iter()
+                                .map(|s| (s.fingerprint(), s.text.to_string()))
+                                .collect();
+                        }
+                    }
+                }
+                info.effect = effects.into_iter().next().unwrap_or(Effect::None);
+                if let Effect::Prepare { .. } | Effect::Deallocate(_) | Effect::DiscardAll =
+                    info.effect
+                {
+                    // SQL PREPARE/DEALLOCATE/DISCARD through the extended protocol: name tracking would need the
+                    // server's confirmation of an inner statement; judge conservatively instead.
+                    info.class = info.class.max(Class::Unparsed);
+                    info.effect = Effect::None;
+                }
+                push(self, info, None);
+                match rewritten {
+                    Some(text) => {
+                        let mut b = name.clone();
+                        b.push(0);
+                        b.extend_from_slice(text.as_bytes());
+                        b.push(0);
+                        b.extend_from_slice(rest);
+                        Action::Replace(message(b'P', &b))
+                    }
+                    None => Action::Forward,
+                }
+            }
+        }
+    }
+
+    fn on_bind(&mut self, body: &[u8]) -> Action {
+        let Some((portal, rest)) = cstr(body) else {
+            return Action::Forward;
+        };
+        let Some((stmt, _)) = cstr(rest) else {
+            return Action::Forward;
+        };
+        let info = self.lookup_statement(stmt, &HashMap::new());
+        self.queue.push_back(Expect::Bind {
+            batch: self.batch,
+            portal: portal.to_vec(),
+            info,
+        });
+        Action::Forward
+    }
+
+    fn on_execute(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
+        let Some((portal, _)) = cstr(body) else {
+            return Action::Forward;
+        };
+        if ctx.disabled {
+            self.queue.push_back(Expect::Execute {
+                effect: Effect::None,
+                refused: None,
+            });
+            return Action::Forward;
+        }
+        let info = self.lookup_portal(portal);
+        let sql = info
+            .statements
+            .iter()
+            .map(|(_, s)| s.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        match decide(self.guarded(ctx, info.class), ctx.mode, false) {
+            Decision::Refuse => {
+                let err = self.hold(ctx, &sql, &info, HeldStatus::Held);
+                self.queue.push_back(Expect::Execute {
+                    effect: Effect::None,
+                    refused: Some(err),
+                });
+                let mut b = ctx.refusal_name.as_bytes().to_vec();
+                b.push(0);
+                b.extend_from_slice(&0i32.to_be_bytes());
+                Action::Replace(message(b'E', &b))
+            }
+            d => {
+                if d == Decision::Observe {
+                    self.hold(ctx, &sql, &info, HeldStatus::Observed);
+                }
+                self.queue.push_back(Expect::Execute {
+                    effect: info.effect.clone(),
+                    refused: None,
+                });
+                Action::Forward
+            }
+        }
+    }
+
+    fn on_function_call(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
+        self.batch += 1;
+        let oid = body
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .unwrap_or(0);
+        if ctx.disabled || LARGE_OBJECT_OIDS.contains(&oid) {
+            self.queue.push_back(Expect::FunctionCall { refused: None });
+            return Action::Forward;
+        }
+        let text = format!("FunctionCall of function OID {oid}");
+        let fp = crate::audit::hash_line(format!("functioncall {oid}").as_bytes());
+        let info = StmtInfo {
+            class: Class::Privileged,
+            statements: vec![(fp, text.clone())],
+            effect: Effect::None,
+        };
+        match decide(self.guarded(ctx, Class::Privileged), ctx.mode, false) {
+            Decision::Refuse => {
+                let err = self.hold(ctx, &text, &info, HeldStatus::Held);
+                self.queue
+                    .push_back(Expect::FunctionCall { refused: Some(err) });
+                let mut b = body.to_vec();
+                b[..4].copy_from_slice(&0u32.to_be_bytes());
+                Action::Replace(message(b'F', &b))
+            }
+            d => {
+                if d == Decision::Observe {
+                    self.hold(ctx, &text, &info, HeldStatus::Observed);
+                }
+                self.queue.push_back(Expect::FunctionCall { refused: None });
+                Action::Forward
+            }
+        }
+    }
+
+    // ---- backend --------------------------------------------------------------------------------
+
+    fn apply(&mut self, effect: Effect) {
+        match effect {
+            Effect::None => {}
+            Effect::SetStepgate { name, value } => {
+                self.stepgate.insert(name, value);
+            }
+            Effect::ResetStepgate(Some(name)) => {
+                self.stepgate.remove(&name);
+            }
+            Effect::ResetStepgate(None) => self.stepgate.clear(),
+            Effect::DiscardAll => {
+                self.stepgate.clear();
+                self.prepared.clear();
+                self.portals.clear();
+            }
+            Effect::Deallocate(Some(name)) => {
+                self.prepared.remove(&name);
+            }
+            Effect::Deallocate(None) => self.prepared.clear(),
+            Effect::Prepare { name, info } => {
+                self.prepared.insert(name, *info);
+            }
+        }
+    }
+
+    pub fn on_backend(&mut self, tag: u8, msg: &[u8]) -> Action {
+        let body = msg.get(5..).unwrap_or(&[]);
+        match tag {
+            b'1' => {
+                if let Some(Expect::Parse { name, info, .. }) =
+                    self.pop_if(|e| matches!(e, Expect::Parse { .. }))
+                {
+                    self.prepared.insert(name, info);
+                }
+            }
+            b'2' => {
+                if let Some(Expect::Bind { portal, info, .. }) =
+                    self.pop_if(|e| matches!(e, Expect::Bind { .. }))
+                {
+                    self.portals.insert(portal, info);
+                }
+            }
+            b'3' => {
+                if let Some(Expect::Close { kind, name, .. }) =
+                    self.pop_if(|e| matches!(e, Expect::Close { .. }))
+                {
+                    if kind == b'S' {
+                        self.prepared.remove(&name);
+                    } else {
+                        self.portals.remove(&name);
+                    }
+                }
+            }
+            b'C' | b'I' => match self.queue.front_mut() {
+                Some(Expect::Execute { .. }) => {
+                    if let Some(Expect::Execute { effect, .. }) = self.queue.pop_front() {
+                        if tag == b'C' {
+                            self.apply(effect);
+                        }
+                    }
+                }
+                Some(Expect::Query { effects, done, .. }) => {
+                    let effect = effects.get(*done).cloned().unwrap_or(Effect::None);
+                    *done += 1;
+                    if tag == b'C' {
+                        self.apply(effect);
+                    }
+                }
+                _ => {}
+            },
+            b's' => {
+                self.pop_if(|e| matches!(e, Expect::Execute { .. }));
+            }
+            b'E' => return self.on_error(msg, body),
+            b'Z' => {
+                self.txn_status = body.first().copied().unwrap_or(b'I');
+                while let Some(e) = self.queue.pop_front() {
+                    if matches!(
+                        e,
+                        Expect::Sync | Expect::Query { .. } | Expect::FunctionCall { .. }
+                    ) {
+                        break;
+                    }
+                }
+            }
+            b'S' => {
+                if let Some((name, rest)) = cstr(body) {
+                    let value = cstr(rest)
+                        .map(|(v, _)| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default();
+                    match name {
+                        b"client_encoding" => self.lex.client_encoding = value,
+                        b"standard_conforming_strings" => {
+                            self.lex.standard_conforming_strings = value == "on"
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        Action::Forward
+    }
+
+    fn pop_if(&mut self, pred: impl Fn(&Expect) -> bool) -> Option<Expect> {
+        if self.queue.front().is_some_and(pred) {
+            self.queue.pop_front()
+        } else {
+            None
+        }
+    }
+
+    fn on_error(&mut self, _msg: &[u8], body: &[u8]) -> Action {
+        let (code, _) = error_fields(body);
+        // An aborted transaction answers everything with 25P02: that is the server's truth, not ours to rewrite.
+        let ours = |r: &Option<ErrorReply>| r.clone().filter(|_| code != "25P02");
+        match self.queue.front_mut() {
+            Some(Expect::Query { refused, .. }) | Some(Expect::FunctionCall { refused }) => {
+                if let Some(err) = ours(refused) {
+                    return Action::Replace(err.to_bytes().to_vec());
+                }
+                Action::Forward
+            }
+            Some(Expect::Sync) | None => Action::Forward,
+            Some(_) => {
+                // An extended-protocol message failed: the server skips everything up to Sync.
+                let replacement = match self.queue.front() {
+                    Some(Expect::Execute { refused, .. }) | Some(Expect::Parse { refused, .. }) => {
+                        ours(refused)
+                    }
+                    _ => None,
+                };
+                while self.queue.front().is_some_and(|e| {
+                    !matches!(
+                        e,
+                        Expect::Sync | Expect::Query { .. } | Expect::FunctionCall { .. }
+                    )
+                }) {
+                    self.queue.pop_front();
+                }
+                if self.queue.is_empty() {
+                    self.skip_until_sync = true;
+                }
+                match replacement {
+                    Some(err) => Action::Replace(err.to_bytes().to_vec()),
+                    None => Action::Forward,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> GateContext {
+        GateContext::new(Config::default(), Registry::new(None), false)
+    }
+
+    fn st() -> SessionState {
+        SessionState::new(SessionFields::default(), Rule::default(), Vec::new())
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = name.as_bytes().to_vec();
+        b.push(0);
+        b.extend_from_slice(sql.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&0u16.to_be_bytes());
+        message(b'P', &b)
+    }
+
+    fn bind(portal: &str, stmt: &str) -> Vec<u8> {
+        let mut b = portal.as_bytes().to_vec();
+        b.push(0);
+        b.extend_from_slice(stmt.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        message(b'B', &b)
+    }
+
+    fn execute(portal: &str) -> Vec<u8> {
+        let mut b = portal.as_bytes().to_vec();
+        b.push(0);
+        b.extend_from_slice(&0i32.to_be_bytes());
+        message(b'E', &b)
+    }
+
+    fn fe(s: &mut SessionState, c: &GateContext, m: &[u8]) -> Action {
+        s.on_frontend(c, m[0], m)
+    }
+
+    fn be(s: &mut SessionState, tag: u8, body: &[u8]) -> Action {
+        s.on_backend(tag, &message(tag, body))
+    }
+
+    #[test]
+    fn prepared_read_passes() {
+        let c = ctx();
+        let mut s = st();
+        assert_eq!(
+            fe(&mut s, &c, &parse("s0", "select $1::int + $2::int")),
+            Action::Forward
+        );
+        assert_eq!(fe(&mut s, &c, &message(b'S', &[])), Action::Forward);
+        be(&mut s, b'1', &[]);
+        be(&mut s, b'Z', b"I");
+        assert_eq!(fe(&mut s, &c, &bind("", "s0")), Action::Forward);
+        assert_eq!(fe(&mut s, &c, &execute("")), Action::Forward);
+    }
+
+    #[test]
+    fn reparse_rejected_by_the_server_cannot_launder_a_drop() {
+        let c = ctx();
+        let mut s = st();
+        fe(&mut s, &c, &parse("p", "DROP TABLE t"));
+        fe(&mut s, &c, &message(b'S', &[]));
+        be(&mut s, b'1', &[]);
+        be(&mut s, b'Z', b"I");
+        // Re-Parse under the same name: the server refuses with 42P05, after we have seen the Parse.
+        fe(&mut s, &c, &parse("p", "SELECT 1"));
+        fe(&mut s, &c, &message(b'S', &[]));
+        fe(&mut s, &c, &bind("", "p"));
+        assert!(
+            matches!(fe(&mut s, &c, &execute("")), Action::Replace(_)),
+            "pending re-Parse from an earlier batch counts at its most dangerous"
+        );
+        be(
+            &mut s,
+            b'E',
+            b"SERROR\0C42P05\0Mprepared statement \"p\" already exists\0\0",
+        );
+        be(&mut s, b'Z', b"I");
+        fe(&mut s, &c, &message(b'S', &[]));
+        fe(&mut s, &c, &bind("", "p"));
+        assert!(
+            matches!(fe(&mut s, &c, &execute("")), Action::Replace(_)),
+            "p is still the DROP"
+        );
+    }
+}
