@@ -69,7 +69,7 @@ impl StmtInfo {
     fn unknown(what: &str) -> StmtInfo {
         StmtInfo {
             class: Class::Unparsed,
-            statements: vec![(String::new(), what.to_string())],
+            statements: vec![(crate::audit::hash_line(what.as_bytes()), what.to_string())],
             effect: Effect::None,
         }
     }
@@ -475,9 +475,10 @@ impl SessionState {
         Action::Replace(query_message(&format!("EXECUTE {}", ctx.refusal_name)))
     }
 
-    fn status_text(&self, ctx: &GateContext) -> String {
+    fn status_text(&self, ctx: &GateContext, settings: &[String]) -> String {
         let guard: Vec<&str> = self.rule.guard.iter().map(|c| c.as_str()).collect();
-        let settings: Vec<&str> = self.stepgate.keys().map(String::as_str).collect();
+        let mut settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        settings.sort();
         sanitize(&format!(
             "mode={}; rule=database:{},user:{},guard:{}; unparsed_guarded={}; settings={}; authorization=none",
             ctx.mode.as_str(),
@@ -648,6 +649,8 @@ impl SessionState {
         let mut effects = Vec::with_capacity(stmts.len());
         let mut rewrites: Vec<(usize, usize, String)> = Vec::new();
         let mut mention = false;
+        // Settings as the statements of this string will see them (SET takes effect for what follows).
+        let mut view: Vec<String> = self.stepgate.keys().cloned().collect();
         for s in &stmts {
             let mut c = s.verdict.class;
             let mut effect = Effect::None;
@@ -655,6 +658,9 @@ impl SessionState {
                 Kind2::Mention => mention = true,
                 Kind2::Set { name, value } => {
                     c = Class::Session;
+                    if !view.contains(&name) {
+                        view.push(name.clone());
+                    }
                     rewrites.push((
                         s.start,
                         s.start + s.text.len(),
@@ -664,6 +670,10 @@ impl SessionState {
                 }
                 Kind2::Reset(name) => {
                     c = Class::Session;
+                    match &name {
+                        Some(n) => view.retain(|v| v != n),
+                        None => view.clear(),
+                    }
                     effect = Effect::ResetStepgate(name);
                 }
                 Kind2::ShowStatus => {
@@ -673,7 +683,7 @@ impl SessionState {
                         s.start + s.text.len(),
                         format!(
                             "SELECT '{}'::text AS \"stepgate.status\"",
-                            self.status_text(ctx)
+                            self.status_text(ctx, &view)
                         ),
                     ));
                 }
@@ -701,7 +711,14 @@ impl SessionState {
                     // EXECUTE runs the prepared statement: a token has to list that statement.
                     let info = self.lookup_statement(&name, local);
                     if self.guarded(ctx, info.class) {
-                        guarded_statements.extend(info.statements.iter().cloned());
+                        if self.prepared.contains_key(&name)
+                            || local.get(&name).is_some_and(|v| v.is_some())
+                        {
+                            guarded_statements.extend(info.statements.iter().cloned());
+                        } else {
+                            // An unknown name: nothing to authorize but the EXECUTE itself.
+                            guarded_statements.push((s.fingerprint(), s.text.to_string()));
+                        }
                     }
                     class = class.max(info.class);
                     effects.push(Effect::None);
@@ -720,6 +737,7 @@ impl SessionState {
                 Kind2::DiscardAll => {
                     c = Class::Session;
                     local.clear();
+                    view.clear();
                     effect = Effect::DiscardAll;
                 }
                 Kind2::Plain => {

@@ -1,0 +1,565 @@
+//! The gate against a real PostgreSQL: guarded statements are held with the documented error, nothing
+//! they contain runs, and client and server never disagree about the session afterwards.
+
+mod common;
+
+use common::raw::{self, Raw};
+use common::*;
+use stepgate::gate::Mode;
+
+/// A fresh database with table `t (id int primary key, x int)` holding ids 1..=3, made directly on PostgreSQL.
+async fn setup(db: &str) -> tokio_postgres::Client {
+    pg().create_db(db).await;
+    let p = pg();
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&p.host).port(p.port).user(&p.user).dbname(db);
+    if let Some(pw) = &p.password {
+        cfg.password(pw);
+    }
+    let c = connect(cfg).await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, x int); INSERT INTO t VALUES (1, 0), (2, 0), (3, 0)",
+    )
+    .await
+    .unwrap();
+    c
+}
+
+async fn ids(direct: &tokio_postgres::Client) -> Vec<i32> {
+    direct
+        .query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn table_exists(direct: &tokio_postgres::Client, name: &str) -> bool {
+    direct
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn held(e: &tokio_postgres::Error, class: &str) -> String {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {e:?}"));
+    assert_eq!(db.code().code(), "42501", "{db:?}");
+    assert_eq!(db.message(), format!("stepgate: statement held ({class})"));
+    let detail = db.detail().unwrap();
+    assert!(detail.starts_with("held id "), "{detail}");
+    let id = detail[8..16].to_string();
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "{id}"
+    );
+    assert!(detail.contains("; fingerprint sha256:"), "{detail}");
+    let hint = db.hint().unwrap();
+    assert!(
+        hint.contains(&format!("stepgate token new --held {id}")),
+        "{hint}"
+    );
+    assert!(hint.contains(&format!("SHOW HELD {id}")), "{hint}");
+    id
+}
+
+#[tokio::test]
+async fn drop_table_is_held_and_the_table_survives() {
+    let direct = setup("gate_drop").await;
+    let g = gate().await;
+    let c = g.client("gate_drop").await;
+    let e = c.simple_query("DROP TABLE t").await.unwrap_err();
+    held(&e, "destructive");
+    assert!(table_exists(&direct, "t").await);
+    // Outside a transaction the session is idle and usable at once.
+    assert_eq!(
+        c.query_one("SELECT count(*)::int FROM t", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        3
+    );
+}
+
+#[tokio::test]
+async fn benign_statements_pass_and_dangerous_ones_do_not() {
+    let direct = setup("gate_mix").await;
+    let g = gate().await;
+    let c = g.client("gate_mix").await;
+    c.simple_query("SELECT * FROM t").await.unwrap();
+    c.simple_query("INSERT INTO t VALUES (4, 0)").await.unwrap();
+    c.simple_query("UPDATE t SET x = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    c.execute("UPDATE t SET x = $1 WHERE id = $2", &[&2i32, &2i32])
+        .await
+        .unwrap();
+    for (sql, class) in [
+        ("UPDATE t SET x = 1", "destructive"),
+        ("UPDATE t SET x = 1 WHERE 1 = 1", "destructive"),
+        ("WITH d AS (DELETE FROM t) SELECT 1", "destructive"),
+        ("DELETE FROM t WHERE true", "destructive"),
+        ("TRUNCATE t", "destructive"),
+        ("CREATE TABLE u (a int)", "ddl"),
+        ("GRANT SELECT ON t TO PUBLIC", "privileged"),
+        (
+            "SELECT pg_terminate_backend(pg_backend_pid())",
+            "privileged",
+        ),
+        ("SELEC 1", "unparsed"),
+    ] {
+        let e = c.simple_query(sql).await.unwrap_err();
+        held(&e, class);
+    }
+    // Through the extended protocol as well.
+    let e = c.execute("DELETE FROM t", &[]).await.unwrap_err();
+    held(&e, "destructive");
+    let xs: Vec<(i32, i32)> = direct
+        .query("SELECT id, x FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(xs, [(1, 1), (2, 2), (3, 0), (4, 0)]);
+    assert!(!table_exists(&direct, "u").await);
+}
+
+#[tokio::test]
+async fn refusal_inside_a_transaction_aborts_it_on_both_sides() {
+    let direct = setup("gate_tx").await;
+    let g = gate().await;
+    let c = g.client("gate_tx").await;
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("INSERT INTO t VALUES (10, 0)")
+        .await
+        .unwrap();
+    let e = c.batch_execute("DROP TABLE t").await.unwrap_err();
+    held(&e, "destructive");
+    // PostgreSQL's own answer for an aborted transaction.
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("25P02"), "{e:?}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        ids(&direct).await,
+        [1, 2, 3],
+        "the insert before the refusal was rolled back"
+    );
+    assert!(table_exists(&direct, "t").await);
+    c.batch_execute("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn refusal_in_a_multi_statement_query_runs_nothing() {
+    let direct = setup("gate_multi").await;
+    let g = gate().await;
+    let c = g.client("gate_multi").await;
+    let e = c
+        .simple_query("INSERT INTO t VALUES (20, 0); SELECT 1; DROP TABLE t;")
+        .await
+        .unwrap_err();
+    held(&e, "destructive");
+    assert_eq!(ids(&direct).await, [1, 2, 3]);
+    assert!(table_exists(&direct, "t").await);
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut b = name.as_bytes().to_vec();
+    b.push(0);
+    b.extend_from_slice(sql.as_bytes());
+    b.push(0);
+    b.extend_from_slice(&0u16.to_be_bytes());
+    raw::msg(b'P', &b)
+}
+
+fn bind(portal: &str, stmt: &str) -> Vec<u8> {
+    let mut b = portal.as_bytes().to_vec();
+    b.push(0);
+    b.extend_from_slice(stmt.as_bytes());
+    b.push(0);
+    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    raw::msg(b'B', &b)
+}
+
+fn execute(portal: &str) -> Vec<u8> {
+    let mut b = portal.as_bytes().to_vec();
+    b.push(0);
+    b.extend_from_slice(&0i32.to_be_bytes());
+    raw::msg(b'E', &b)
+}
+
+fn sync() -> Vec<u8> {
+    raw::msg(b'S', &[])
+}
+
+#[tokio::test]
+async fn refusal_in_a_pipelined_batch_behaves_like_a_server_error() {
+    let direct = setup("gate_batch").await;
+    let g = gate().await;
+    let mut r = Raw::login(g.addr, &pg().user, "gate_batch", &[]).await;
+    let mut batch = Vec::new();
+    for sql in [
+        "INSERT INTO t VALUES (30, 0)",
+        "DROP TABLE t",
+        "INSERT INTO t VALUES (31, 0)",
+    ] {
+        batch.extend(parse("", sql));
+        batch.extend(bind("", ""));
+        batch.extend(execute(""));
+    }
+    batch.extend(sync());
+    r.send(&batch).await;
+    let msgs = r.until_ready().await;
+    let tags: String = msgs.iter().map(|(t, _)| *t as char).collect();
+    // INSERT: ParseComplete, BindComplete, CommandComplete; DROP: ParseComplete, BindComplete, our error;
+    // then nothing until ReadyForQuery (idle: the implicit transaction was rolled back).
+    assert_eq!(tags, "12C12EZ", "{msgs:?}");
+    assert_eq!(raw::field(&msgs[5].1, b'C').as_deref(), Some("42501"));
+    assert_eq!(msgs[6].1, b"I");
+    assert_eq!(
+        ids(&direct).await,
+        [1, 2, 3],
+        "the first INSERT was not committed"
+    );
+    // The session is usable after Sync.
+    r.send(&[parse("", "SELECT 1"), bind("", ""), execute(""), sync()].concat())
+        .await;
+    let msgs = r.until_ready().await;
+    let tags: String = msgs.iter().map(|(t, _)| *t as char).collect();
+    assert_eq!(tags, "12DCZ");
+}
+
+/// Re-Parsing an existing name with `SELECT 1` fails on the server (42P05); it must not turn the DROP
+/// stored under that name into something that passes.
+#[tokio::test]
+async fn a_rejected_reparse_cannot_launder_a_prepared_drop() {
+    let direct = setup("gate_reparse").await;
+    let g = gate().await;
+    let mut r = Raw::login(g.addr, &pg().user, "gate_reparse", &[]).await;
+    r.send(&[parse("p", "DROP TABLE t"), sync()].concat()).await;
+    let tags: String = r
+        .until_ready()
+        .await
+        .iter()
+        .map(|(t, _)| *t as char)
+        .collect();
+    assert_eq!(tags, "1Z", "Parse of a DROP runs nothing and passes");
+    r.send(&[parse("p", "SELECT 1"), sync()].concat()).await;
+    let msgs = r.until_ready().await;
+    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42P05"));
+    r.send(&[bind("", "p"), execute(""), sync()].concat()).await;
+    let msgs = r.until_ready().await;
+    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+    assert_eq!(
+        Raw::error_message(&msgs).as_deref(),
+        Some("stepgate: statement held (destructive)")
+    );
+    assert!(table_exists(&direct, "t").await);
+    // Also when everything is sent at once, without waiting for the 42P05.
+    r.send(
+        &[
+            parse("p", "SELECT 1"),
+            sync(),
+            bind("", "p"),
+            execute(""),
+            sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    let first = r.until_ready().await;
+    assert_eq!(Raw::error_code(&first).as_deref(), Some("42P05"));
+    let second = r.until_ready().await;
+    assert_eq!(
+        Raw::error_code(&second).as_deref(),
+        Some("42501"),
+        "{second:?}"
+    );
+    assert!(table_exists(&direct, "t").await);
+}
+
+#[tokio::test]
+async fn sql_prepare_passes_and_every_execution_is_judged() {
+    let direct = setup("gate_prepare").await;
+    let g = gate().await;
+    let c = g.client("gate_prepare").await;
+    c.batch_execute("PREPARE wipe AS DELETE FROM t")
+        .await
+        .unwrap();
+    c.batch_execute("PREPARE one (int) AS SELECT $1")
+        .await
+        .unwrap();
+    c.simple_query("EXECUTE one(1)").await.unwrap();
+    for sql in [
+        "EXECUTE wipe",
+        "EXPLAIN ANALYZE EXECUTE wipe",
+        "CREATE TABLE copy AS EXECUTE wipe",
+        "EXECUTE never_prepared",
+    ] {
+        let e = c.simple_query(sql).await.unwrap_err();
+        let class = if sql.contains("never") {
+            "unparsed"
+        } else if sql.starts_with("CREATE") {
+            "destructive"
+        } else {
+            "destructive"
+        };
+        held(&e, class);
+    }
+    assert_eq!(ids(&direct).await, [1, 2, 3]);
+    // After DEALLOCATE the name is unknown again.
+    c.batch_execute("DEALLOCATE one").await.unwrap();
+    let e = c.simple_query("EXECUTE one(1)").await.unwrap_err();
+    held(&e, "unparsed");
+    // Within one query string, PREPARE then EXECUTE: the EXECUTE is judged by what was just prepared.
+    let e = c
+        .simple_query("PREPARE w2 AS TRUNCATE t; EXECUTE w2")
+        .await
+        .unwrap_err();
+    held(&e, "destructive");
+    assert_eq!(ids(&direct).await, [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn function_call_fast_path_is_privileged_except_large_objects() {
+    let g = gate().await;
+    let mut r = Raw::login(g.addr, &pg().user, "postgres", &[]).await;
+    let call = |oid: u32, args: &[i32]| {
+        let mut b = oid.to_be_bytes().to_vec();
+        b.extend(1u16.to_be_bytes());
+        b.extend(1u16.to_be_bytes());
+        b.extend((args.len() as u16).to_be_bytes());
+        for a in args {
+            b.extend(4i32.to_be_bytes());
+            b.extend(a.to_be_bytes());
+        }
+        b.extend(1u16.to_be_bytes());
+        raw::msg(b'F', &b)
+    };
+    // lo_creat (957) passes: large objects through libpq's fast path keep working.
+    r.send(&call(957, &[-1])).await;
+    let msgs = r.until_ready().await;
+    let v = msgs
+        .iter()
+        .find(|(t, _)| *t == b'V')
+        .expect("lo_creat answered");
+    let oid = i32::from_be_bytes([v.1[4], v.1[5], v.1[6], v.1[7]]);
+    // lo_unlink (964) is held.
+    r.send(&call(964, &[oid])).await;
+    let msgs = r.until_ready().await;
+    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+    assert_eq!(
+        Raw::error_message(&msgs).as_deref(),
+        Some("stepgate: statement held (privileged)")
+    );
+    // The large object still exists.
+    r.send(&raw::query(
+        format!("SELECT count(*) FROM pg_largeobject_metadata WHERE oid = {oid}").as_bytes(),
+    ))
+    .await;
+    let msgs = r.until_ready().await;
+    assert!(
+        msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"1")),
+        "{msgs:?}"
+    );
+    // Any other function over the fast path is privileged (int4pl, OID 177).
+    r.send(&call(177, &[1, 2])).await;
+    assert_eq!(
+        Raw::error_code(&r.until_ready().await).as_deref(),
+        Some("42501")
+    );
+}
+
+#[tokio::test]
+async fn stepgate_settings_stay_away_from_the_server() {
+    let g = gate().await;
+    let c = g.client("postgres").await;
+    c.batch_execute("SET stepgate.token = 'c2VjcmV0LXRva2Vu'")
+        .await
+        .unwrap();
+    // The server holds a harmless placeholder, never the value.
+    let rows = c.simple_query("SHOW stepgate.token").await.unwrap();
+    let shown = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(shown.as_deref(), Some("set"));
+    let rows = c.simple_query("SHOW stepgate.status").await.unwrap();
+    let status = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap();
+    assert!(status.contains("mode=enforce"), "{status}");
+    assert!(status.contains("settings=stepgate.token"), "{status}");
+    assert!(!status.contains("c2VjcmV0"), "{status}");
+    c.batch_execute("RESET stepgate.token").await.unwrap();
+    let status = c.simple_query("SHOW stepgate.status").await.unwrap();
+    assert!(format!("{status:?}").contains("settings=-"));
+    // In a multi-statement string it takes effect for the statements after it.
+    let rows = c
+        .simple_query("SET stepgate.note = 'x'; SHOW stepgate.status")
+        .await
+        .unwrap();
+    assert!(format!("{rows:?}").contains("settings=stepgate.note"));
+    // Inside an aborted transaction: 25P02 like any statement, and nothing changes.
+    c.batch_execute("BEGIN").await.unwrap();
+    let _ = c.batch_execute("SELECT 1/0").await.unwrap_err();
+    let e = c
+        .batch_execute("SET stepgate.other = 'y'")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("25P02"));
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let rows = c.simple_query("SHOW stepgate.status").await.unwrap();
+    assert!(!format!("{rows:?}").contains("stepgate.other"));
+    // DISCARD ALL and RESET ALL clear them.
+    c.batch_execute("DISCARD ALL").await.unwrap();
+    let rows = c.simple_query("SHOW stepgate.status").await.unwrap();
+    assert!(format!("{rows:?}").contains("settings=-"), "{rows:?}");
+}
+
+#[tokio::test]
+async fn other_spellings_of_stepgate_settings_are_refused_and_never_forwarded() {
+    let g = gate().await;
+    let c = g.client("postgres").await;
+    for sql in [
+        "SET \"stepgate\".token = 'x'",
+        "SET StepGate.token = 'x'",
+        "SET SESSION stepgate.token = 'x'",
+        "SET LOCAL stepgate.token = 'x'",
+        "SELECT set_config('stepgate.token', 'x', false)",
+        "SELECT set_config(E'stepgate\\x2etoken', 'x', false)",
+        "ALTER ROLE postgres SET stepgate.token = 'x'",
+        "ALTER DATABASE postgres SET stepgate.token = 'x'",
+        "SET stepgate.token = 'a', 'b'",
+    ] {
+        let e = c.simple_query(sql).await.unwrap_err();
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+        assert_eq!(db.code().code(), "42501", "{sql}");
+        assert!(
+            db.message().contains("names a stepgate setting"),
+            "{sql}: {}",
+            db.message()
+        );
+    }
+    // Nothing reached the server: the placeholder does not exist, no role or database setting was stored.
+    let e = c.simple_query("SHOW stepgate.token").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42704"));
+    let direct = pg().direct().await;
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM pg_db_role_setting WHERE array_to_string(setconfig, ',') LIKE '%stepgate%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    // Through the extended protocol too.
+    let e = c
+        .query("SELECT set_config('stepgate.token', $1, false)", &[&"x"])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+}
+
+#[tokio::test]
+async fn held_entries_are_recorded_with_passwords_redacted() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_path_buf();
+    let g = gate_with(|c| c.state_dir = dir.clone()).await;
+    let c = g.client("postgres").await;
+    let e = c
+        .simple_query("CREATE ROLE sneaky LOGIN PASSWORD 'hunter2-secret'")
+        .await
+        .unwrap_err();
+    let id = held(&e, "privileged");
+    let log = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    assert!(
+        !log.contains("hunter2-secret"),
+        "password in the audit log: {log}"
+    );
+    let rec: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["held_id"] == id.as_str())
+        .expect("held record");
+    assert_eq!(rec["event"], "held");
+    assert_eq!(rec["class"], "privileged");
+    assert_eq!(rec["user"], pg().user.as_str());
+    assert_eq!(rec["database"], "postgres");
+    assert_eq!(rec["client_addr"], "127.0.0.1");
+    assert!(rec["sql"].as_str().unwrap().contains("PASSWORD '********'"));
+    assert!(rec["fingerprint"].as_str().unwrap().starts_with("sha256:"));
+    assert_eq!(rec["seq"].as_u64(), Some(1));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(dir.join("audit.jsonl"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+}
+
+#[tokio::test]
+async fn observe_mode_lets_guarded_statements_run_and_records_them() {
+    let direct = setup("gate_observe").await;
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_path_buf();
+    let g = gate_with(|c| {
+        c.mode = Mode::Observe;
+        c.state_dir = dir.clone();
+    })
+    .await;
+    let c = g.client("gate_observe").await;
+    c.batch_execute("DELETE FROM t WHERE id = 3").await.unwrap();
+    c.batch_execute("UPDATE t SET x = 9").await.unwrap();
+    let xs: Vec<i32> = direct
+        .query("SELECT x FROM t", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(xs, [9, 9]);
+    let log = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    let observed: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "observed")
+        .collect();
+    assert_eq!(observed.len(), 1, "{log}");
+    assert_eq!(observed[0]["class"], "destructive");
+}
+
+#[tokio::test]
+async fn unparsed_stays_guarded_unless_allowed() {
+    let g = gate_with(|c| {
+        c.rules = vec![stepgate::config::Rule {
+            database: "*".into(),
+            user: "*".into(),
+            guard: vec![],
+        }]
+    })
+    .await;
+    let c = g.client("postgres").await;
+    c.simple_query("CREATE TEMP TABLE scratch (a int)")
+        .await
+        .unwrap();
+    let e = c.simple_query("SELEC 1").await.unwrap_err();
+    held(&e, "unparsed");
+    let g = gate_with(pipe_only).await;
+    let c = g.client("postgres").await;
+    let e = c.simple_query("SELEC 1").await.unwrap_err();
+    assert_eq!(
+        sqlstate(&e).as_deref(),
+        Some("42601"),
+        "the server's own syntax error"
+    );
+}
