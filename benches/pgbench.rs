@@ -1,6 +1,6 @@
-//! End-to-end throughput: `pgbench -S` straight to PostgreSQL, through stepgate, and through pgbouncer
-//! (session mode, when installed), alternating targets round by round in one run, reported as the median
-//! ratio to direct.
+//! End-to-end throughput: `pgbench -S` straight to PostgreSQL, through stepgate (enforce mode), through
+//! the same proxy with the gate switched off (`--unsafe-no-gate`), and through pgbouncer (session mode, when
+//! installed), alternating targets round by round in one run, reported as the median ratio to direct.
 //!
 //! Run: `cargo bench --bench pgbench` (env: BENCH_ROUNDS [5], BENCH_SECONDS [5], BENCH_CLIENTS [8]).
 //! Everything is local (127.0.0.1); a throwaway PostgreSQL is started and removed.
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use stepgate::config::Config;
 use stepgate::devdb::{free_port, DevDb, DevDbOptions, SUPERUSER};
-use stepgate::proxy::Server;
+use stepgate::proxy::{ServeOptions, Server};
 use tokio_util::sync::CancellationToken;
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -157,15 +157,31 @@ fn main() {
         }
         .unwrap();
         rt.block_on(async move {
-            let server = Server::bind(server_config).await.unwrap();
-            tx.send(server.local_addr().port()).unwrap();
-            server.run(stop).await;
+            // The same proxy twice: with the gate (enforce mode) and with classification switched off.
+            let mut off_config = server_config.clone();
+            off_config.state_dir = off_config.state_dir.with_file_name("state-nogate");
+            let gated = Server::bind(server_config).await.unwrap();
+            let ungated = Server::bind_with(
+                off_config,
+                ServeOptions {
+                    unsafe_no_gate: true,
+                },
+            )
+            .await
+            .unwrap();
+            tx.send((gated.local_addr().port(), ungated.local_addr().port()))
+                .unwrap();
+            tokio::join!(gated.run(stop.clone()), ungated.run(stop));
         });
     });
-    let sg_port = rx.recv().unwrap();
+    let (sg_port, nogate_port) = rx.recv().unwrap();
     let bouncer_dir = tempfile::tempdir().unwrap();
     let bouncer = start_pgbouncer(&db, bouncer_dir.path());
-    let mut targets: Vec<(&str, u16)> = vec![("direct", db.port()), ("stepgate", sg_port)];
+    let mut targets: Vec<(&str, u16)> = vec![
+        ("direct", db.port()),
+        ("stepgate", sg_port),
+        ("stepgate-nogate", nogate_port),
+    ];
     if let Some((_, port)) = &bouncer {
         targets.push(("pgbouncer", *port));
     } else {
@@ -192,6 +208,19 @@ fn main() {
             }
             println!("{line}");
         }
+        // The gate's own cost: stepgate with the gate on versus the same proxy with it off, round by round.
+        let mut gate_cost: Vec<f64> = tps_all[1]
+            .iter()
+            .zip(&tps_all[2])
+            .map(|(on, off)| on / off)
+            .collect();
+        let (lo, hi) = (
+            gate_cost.iter().cloned().fold(f64::MAX, f64::min),
+            gate_cost.iter().cloned().fold(f64::MIN, f64::max),
+        );
+        let m = median(&mut gate_cost);
+        println!("{mode:8} gate on / gate off: median {m:.3} (spread {lo:.3}..{hi:.3})");
+        println!("BENCH {{\"scenario\":\"select-only-{mode}\",\"target\":\"gate-on/gate-off\",\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4}}}");
         for (i, (name, _)) in targets.iter().enumerate() {
             let mut r = ratios[i].clone();
             let lo = r.iter().cloned().fold(f64::MAX, f64::min);

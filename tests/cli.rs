@@ -126,6 +126,62 @@ fn ctrl_c_in_psql_cancels_the_running_statement() {
     );
 }
 
+/// A person runs a migration with psql: it stops at the held DROP and shows the message, DETAIL and HINT,
+/// exactly like a server error: what ran before stays (autocommit) or is rolled back (--single-transaction).
+#[test]
+fn psql_migration_stops_at_the_held_drop() {
+    let s = Serve::start(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let direct = |sql: &'static str| {
+        rt.block_on(async {
+            let p = pg();
+            let mut cfg = tokio_postgres::Config::new();
+            cfg.host(&p.host)
+                .port(p.port)
+                .user(&p.user)
+                .dbname("cli_migrate");
+            let c = connect(cfg).await.unwrap();
+            c.simple_query(sql).await.unwrap();
+            c.query("SELECT id FROM notes ORDER BY id", &[])
+                .await
+                .map(|rows| rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+    };
+    rt.block_on(pg().create_db("cli_migrate"));
+    direct("CREATE TABLE notes (id int PRIMARY KEY, body text)");
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/migrations/0004_cleanup_with_drop.sql"
+    );
+    for (extra, expected) in [(None, vec![100]), (Some("--single-transaction"), vec![])] {
+        direct("DELETE FROM notes");
+        let mut args = vec!["-f", file];
+        args.extend(extra);
+        let mut c = Command::new("psql");
+        c.arg(s.conninfo("cli_migrate"))
+            .args(["-X", "-v", "ON_ERROR_STOP=1"])
+            .args(&args)
+            .stdin(Stdio::null());
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "psql stops with exit 3 on an error: {err}"
+        );
+        assert!(
+            err.contains(
+                "0004_cleanup_with_drop.sql:3: ERROR:  stepgate: statement held (destructive)"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("DETAIL:  held id "), "{err}");
+        assert!(err.contains("HINT:  stepgate token new --held "), "{err}");
+        assert_eq!(direct("SELECT 1"), expected, "{extra:?}");
+    }
+}
+
 #[test]
 fn psql_c_and_f_through_stepgate() {
     let s = Serve::start(&[]);

@@ -482,17 +482,18 @@ where
                     let msg = &buf[ready..ready + len];
                     match tag {
                         b'X' => terminate = true,
-                        b'p' if !logged_in => {
-                            if flags.sasl_initial_next.swap(false, Ordering::AcqRel) {
-                                let mechanism =
-                                    frame::cstr(frame::body(msg)).map(|(m, _)| m).unwrap_or(&[]);
-                                if mechanism.ends_with(b"-PLUS") {
-                                    return Err(FrontendError::ChannelBinding(
-                                        String::from_utf8_lossy(mechanism).into_owned(),
-                                    ));
-                                }
+                        b'p' if !logged_in
+                            && flags.sasl_initial_next.swap(false, Ordering::AcqRel) =>
+                        {
+                            let mechanism =
+                                frame::cstr(frame::body(msg)).map(|(m, _)| m).unwrap_or(&[]);
+                            if mechanism.ends_with(b"-PLUS") {
+                                return Err(FrontendError::ChannelBinding(
+                                    String::from_utf8_lossy(mechanism).into_owned(),
+                                ));
                             }
                         }
+                        b'p' if !logged_in => {}
                         _ if logged_in => {
                             let action = state
                                 .lock()
