@@ -343,3 +343,44 @@ fn app_traffic_false_hold_rate() {
         rate * 100.0
     );
 }
+
+/// Untrusted text never panics the classifier: random splices of corpus fragments and odd bytes.
+#[test]
+fn random_text_never_panics() {
+    let c = Classifier::default();
+    let cached = CachedClassifier::new(c.clone(), 256);
+    let mut rng = StdRng::seed_from_u64(42);
+    let corpus: Vec<String> = corpus().into_iter().map(|(_, s)| s).collect();
+    let odd = [
+        "'", "\"", "$$", "$a$", "/*", "*/", "--", ";", "(", ")", "[", "]", "E'\\", "U&\"", "\\",
+        "::", "é", "\u{0}", "$1", ".",
+    ];
+    for i in 0..3_000 {
+        let mut text = String::new();
+        for _ in 0..rng.random_range(1..6) {
+            if rng.random_bool(0.5) {
+                let s = &corpus[rng.random_range(0..corpus.len())];
+                let a = rng.random_range(0..=s.len());
+                let b = rng.random_range(a..=s.len());
+                if let Some(piece) = s.get(a..b) {
+                    text.push_str(piece);
+                }
+            } else {
+                text.push_str(odd[rng.random_range(0..odd.len())]);
+            }
+        }
+        let settings = LexSettings {
+            standard_conforming_strings: i % 3 != 0,
+            client_encoding: ["UTF8", "LATIN1", "SJIS", "SQL_ASCII"][i % 4].into(),
+        };
+        let _ = c.analyze(&text, &settings);
+        let _ = cached.lookup(text.as_bytes(), &settings, 1);
+        let mut bytes = text.clone().into_bytes();
+        if !bytes.is_empty() {
+            let k = rng.random_range(0..bytes.len());
+            bytes[k] = rng.random();
+        }
+        let _ = cached.lookup(&bytes, &settings, 1);
+        let _ = crate::gate::redact(&text);
+    }
+}

@@ -761,7 +761,9 @@ impl SessionState {
         }
         let rewritten = if rewrites.is_empty() {
             None
-        } else if let Ok(orig) = std::str::from_utf8(bytes) {
+        } else if let (std::borrow::Cow::Borrowed(orig), true) = (&text, text.len() == bytes.len())
+        {
+            // The offsets are offsets into the bytes as they came: safe to splice.
             let mut out = String::with_capacity(orig.len());
             let mut pos = 0;
             for (a, b, with) in rewrites {
@@ -986,10 +988,14 @@ impl SessionState {
 
     fn on_function_call(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
         self.batch += 1;
-        let oid = body
+        let Some(oid) = body
             .get(..4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-            .unwrap_or(0);
+        else {
+            // Too short to name a function: the server rejects it as a protocol violation.
+            self.queue.push_back(Expect::FunctionCall { refused: None });
+            return Action::Forward;
+        };
         if ctx.disabled || LARGE_OBJECT_OIDS.contains(&oid) {
             self.queue.push_back(Expect::FunctionCall { refused: None });
             return Action::Forward;
@@ -1262,5 +1268,51 @@ mod tests {
             matches!(fe(&mut s, &c, &execute("")), Action::Replace(_)),
             "p is still the DROP"
         );
+    }
+
+    /// Untrusted bytes never panic the state machine: random messages of every inspected type, in both
+    /// directions, in any order.
+    #[test]
+    fn random_messages_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let c = ctx();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let pieces: [&[u8]; 12] = [
+            b"\0",
+            b"p\0",
+            b"SELECT 1\0",
+            b"DROP TABLE t\0",
+            b"SET stepgate.token = 'x'\0",
+            b"\x00\x00\x03\xc4",
+            b"S",
+            b"P",
+            b"\xff\xfe",
+            b"EXECUTE p\0",
+            b"PREPARE p AS DELETE FROM t\0",
+            b"SERROR\0C26000\0\0",
+        ];
+        for _ in 0..2_000 {
+            let mut s = st();
+            for _ in 0..rng.random_range(1..12) {
+                let mut body = Vec::new();
+                for _ in 0..rng.random_range(0..4) {
+                    body.extend_from_slice(pieces[rng.random_range(0..pieces.len())]);
+                }
+                if rng.random_bool(0.5) {
+                    let tag = b"QPBECSFcf"[rng.random_range(0..9)];
+                    let _ = fe(&mut s, &c, &message(tag, &body));
+                } else {
+                    let tag = b"123CIsEZS"[rng.random_range(0..9)];
+                    let _ = be(&mut s, tag, &body);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_function_call_is_forwarded_for_the_server_to_reject() {
+        let c = ctx();
+        let mut s = st();
+        assert_eq!(fe(&mut s, &c, &message(b'F', &[0, 1])), Action::Forward);
     }
 }
