@@ -138,33 +138,11 @@ fn psql_raw(port: u16, args: &[&str]) -> Result<(bool, String, String)> {
 }
 
 fn psql(port: u16, args: &[&str]) -> Result<String> {
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            SUPERUSER,
-            "-d",
-            "demo",
-            "-X",
-            "-At",
-        ])
-        .args(["-v", "ON_ERROR_STOP=1"])
-        .args(args)
-        .env_remove("PGOPTIONS")
-        .stdin(Stdio::null())
-        .output()
-        .context("running psql")?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() {
-        bail!(
-            "psql {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    let (ok, out, err) = psql_raw(port, args)?;
+    if !ok {
+        bail!("psql {args:?} failed: {err}");
     }
-    Ok(text)
+    Ok(out)
 }
 
 fn step(name: &str, r: Result<()>) -> Result<()> {

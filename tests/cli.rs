@@ -134,13 +134,7 @@ fn psql_migration_stops_at_the_held_drop() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let direct = |sql: &'static str| {
         rt.block_on(async {
-            let p = pg();
-            let mut cfg = tokio_postgres::Config::new();
-            cfg.host(&p.host)
-                .port(p.port)
-                .user(&p.user)
-                .dbname("cli_migrate");
-            let c = connect(cfg).await.unwrap();
+            let c = pg().direct_to("cli_migrate").await;
             c.simple_query(sql).await.unwrap();
             c.query("SELECT id FROM notes ORDER BY id", &[])
                 .await
@@ -188,13 +182,7 @@ fn psql_c_and_f_through_stepgate() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         pg().create_db("cli_smoke").await;
-        let p = pg();
-        let mut cfg = tokio_postgres::Config::new();
-        cfg.host(&p.host)
-            .port(p.port)
-            .user(&p.user)
-            .dbname("cli_smoke");
-        let c = connect(cfg).await.unwrap();
+        let c = pg().direct_to("cli_smoke").await;
         c.batch_execute("CREATE TABLE pipe_smoke (id int PRIMARY KEY, note text)")
             .await
             .unwrap();

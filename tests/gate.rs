@@ -10,13 +10,7 @@ use stepgate::gate::Mode;
 /// A fresh database with table `t (id int primary key, x int)` holding ids 1..=3, made directly on PostgreSQL.
 async fn setup(db: &str) -> tokio_postgres::Client {
     pg().create_db(db).await;
-    let p = pg();
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&p.host).port(p.port).user(&p.user).dbname(db);
-    if let Some(pw) = &p.password {
-        cfg.password(pw);
-    }
-    let c = connect(cfg).await.unwrap();
+    let c = pg().direct_to(db).await;
     c.batch_execute(
         "CREATE TABLE t (id int PRIMARY KEY, x int); INSERT INTO t VALUES (1, 0), (2, 0), (3, 0)",
     )

@@ -91,7 +91,7 @@ async fn pipelined_queries_come_back_in_order() {
 #[tokio::test]
 async fn transactions_commit_and_roll_back() {
     pg().create_db("pipe_tx").await;
-    let direct = connect_db("pipe_tx").await;
+    let direct = pg().direct_to("pipe_tx").await;
     direct
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
@@ -126,20 +126,10 @@ async fn transactions_commit_and_roll_back() {
     assert_eq!(ids, [2]);
 }
 
-async fn connect_db(db: &str) -> tokio_postgres::Client {
-    let p = pg();
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&p.host).port(p.port).user(&p.user).dbname(db);
-    if let Some(pw) = &p.password {
-        cfg.password(pw);
-    }
-    connect(cfg).await.unwrap()
-}
-
 #[tokio::test]
 async fn copy_in_and_out_100mb_round_trip() {
     pg().create_db("pipe_copy").await;
-    let direct = connect_db("pipe_copy").await;
+    let direct = pg().direct_to("pipe_copy").await;
     direct
         .batch_execute("CREATE UNLOGGED TABLE blob (id int, payload text)")
         .await

@@ -501,125 +501,92 @@ impl SessionState {
                 .clone()
                 .unwrap_or_else(|| StmtInfo::unknown("a deallocated prepared statement"));
         }
-        let mut current: Option<Option<&StmtInfo>> = None;
-        let mut earlier: Vec<Option<&StmtInfo>> = Vec::new();
+        let mut pending: Vec<(Option<u64>, Option<&StmtInfo>)> = Vec::new();
         for e in &self.queue {
-            let (batch, rec) = match e {
+            match e {
                 Expect::Parse {
                     batch,
                     name: n,
                     info,
                     refused: None,
-                } if n == name => (*batch, Some(info)),
+                } if n == name => pending.push((Some(*batch), Some(info))),
                 Expect::Close {
                     batch,
                     kind: b'S',
                     name: n,
-                } if n == name => (*batch, None),
+                } if n == name => pending.push((Some(*batch), None)),
+                // SQL PREPARE/DEALLOCATE in a query string still running: never of the current batch.
                 Expect::Query { effects, .. } => {
                     for eff in effects {
                         match eff {
                             Effect::Prepare { name: n, info } if n == name => {
-                                earlier.push(Some(info))
+                                pending.push((None, Some(info)))
                             }
-                            Effect::Deallocate(Some(n)) if n == name => earlier.push(None),
-                            Effect::Deallocate(None) | Effect::DiscardAll => earlier.push(None),
+                            Effect::Deallocate(Some(n)) if n == name => pending.push((None, None)),
+                            Effect::Deallocate(None) | Effect::DiscardAll => {
+                                pending.push((None, None))
+                            }
                             _ => {}
                         }
                     }
-                    continue;
                 }
-                _ => continue,
-            };
-            if batch == self.batch {
-                current = Some(rec);
-            } else {
-                earlier.push(rec);
+                _ => {}
             }
         }
-        if let Some(rec) = current {
-            return rec
-                .cloned()
-                .unwrap_or_else(|| StmtInfo::unknown("a closed prepared statement"));
-        }
-        let confirmed = self.prepared.get(name);
-        if earlier.is_empty() {
-            return confirmed.cloned().unwrap_or_else(|| {
-                StmtInfo::unknown(&format!(
-                    "unknown prepared statement {:?}",
-                    String::from_utf8_lossy(name)
-                ))
-            });
-        }
-        // Pending from an earlier batch: the outcome is not known yet; count the most dangerous.
-        let mut candidates: Vec<StmtInfo> = earlier
-            .into_iter()
-            .map(|r| {
-                r.cloned()
-                    .unwrap_or_else(|| StmtInfo::unknown("a pending prepared statement"))
-            })
-            .collect();
-        candidates.push(
-            confirmed
-                .cloned()
-                .unwrap_or_else(|| StmtInfo::unknown("a pending prepared statement")),
-        );
-        candidates
-            .into_iter()
-            .max_by_key(|i| i.class)
-            .unwrap_or_else(|| StmtInfo::unknown("?"))
+        self.resolve(pending, self.prepared.get(name), "prepared statement", name)
     }
 
     fn lookup_portal(&self, name: &[u8]) -> StmtInfo {
-        let mut current: Option<Option<&StmtInfo>> = None;
-        let mut earlier: Vec<Option<&StmtInfo>> = Vec::new();
-        for e in &self.queue {
-            let (batch, rec) = match e {
+        let pending = self
+            .queue
+            .iter()
+            .filter_map(|e| match e {
                 Expect::Bind {
                     batch,
                     portal,
                     info,
-                } if portal == name => (*batch, Some(info)),
+                } if portal == name => Some((Some(*batch), Some(info))),
                 Expect::Close {
                     batch,
                     kind: b'P',
                     name: n,
-                } if n == name => (*batch, None),
-                _ => continue,
-            };
-            if batch == self.batch {
-                current = Some(rec);
-            } else {
-                earlier.push(rec);
-            }
-        }
-        if let Some(rec) = current {
-            return rec
-                .cloned()
-                .unwrap_or_else(|| StmtInfo::unknown("a closed portal"));
-        }
-        let confirmed = self.portals.get(name);
-        if earlier.is_empty() {
-            return confirmed
-                .cloned()
-                .unwrap_or_else(|| StmtInfo::unknown("unknown portal"));
-        }
-        let mut candidates: Vec<StmtInfo> = earlier
-            .into_iter()
-            .map(|r| {
-                r.cloned()
-                    .unwrap_or_else(|| StmtInfo::unknown("a pending portal"))
+                } if n == name => Some((Some(*batch), None)),
+                _ => None,
             })
             .collect();
-        candidates.push(
-            confirmed
-                .cloned()
-                .unwrap_or_else(|| StmtInfo::unknown("a pending portal")),
-        );
-        candidates
-            .into_iter()
+        self.resolve(pending, self.portals.get(name), "portal", name)
+    }
+
+    /// Combines what is pending for a name with what the server confirmed. The latest record of the current
+    /// batch decides (if it failed, the server skips the rest of the batch); records of earlier batches are
+    /// not settled yet, so the most dangerous of them and the confirmed value counts. `None` records are
+    /// removals (Close, DEALLOCATE): the name would be unknown.
+    fn resolve(
+        &self,
+        pending: Vec<(Option<u64>, Option<&StmtInfo>)>,
+        confirmed: Option<&StmtInfo>,
+        what: &str,
+        name: &[u8],
+    ) -> StmtInfo {
+        let unknown = || {
+            StmtInfo::unknown(&format!(
+                "unknown {what} {:?}",
+                String::from_utf8_lossy(name)
+            ))
+        };
+        if let Some((_, rec)) = pending.iter().rev().find(|(b, _)| *b == Some(self.batch)) {
+            return rec.cloned().unwrap_or_else(unknown);
+        }
+        if pending.is_empty() {
+            return confirmed.cloned().unwrap_or_else(unknown);
+        }
+        pending
+            .iter()
+            .map(|(_, r)| *r)
+            .chain([confirmed])
+            .map(|r| r.cloned().unwrap_or_else(unknown))
             .max_by_key(|i| i.class)
-            .unwrap_or_else(|| StmtInfo::unknown("?"))
+            .unwrap_or_else(unknown)
     }
 
     /// Judges the statements of a query string. Returns (info of the whole message, effects per statement,

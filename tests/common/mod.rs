@@ -81,11 +81,16 @@ impl Pg {
 
     /// A direct connection (bypassing stepgate) as the superuser: for setting up tables and checking rows.
     pub async fn direct(&self) -> tokio_postgres::Client {
+        self.direct_to(&self.dbname).await
+    }
+
+    /// A direct connection as the superuser to database `db`.
+    pub async fn direct_to(&self, db: &str) -> tokio_postgres::Client {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&self.host)
             .port(self.port)
             .user(&self.user)
-            .dbname(&self.dbname);
+            .dbname(db);
         if let Some(p) = &self.password {
             cfg.password(p);
         }
