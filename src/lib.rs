@@ -15,4 +15,5 @@ pub mod devdb;
 pub mod gate;
 pub mod logging;
 pub mod proxy;
+pub mod token;
 pub mod wire;
