@@ -3,5 +3,6 @@
 //! `stepgate token` commands build on it.
 
 pub mod payload;
+pub mod signed;
 
 pub use payload::{Payload, PayloadError, StatementGrant};

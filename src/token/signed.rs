@@ -1,0 +1,642 @@
+//! The OpenPGP layer of a token: the signed forms stepgate accepts, and which keys signed.
+//!
+//! Accepted: a cleartext-signed message (`gpg --clearsign`, `sq sign --cleartext-signature`, `stepgate token
+//! sign`), an inline-signed message, armored or binary and possibly compressed (`gpg --sign [--armor]`),
+//! several armored signed messages concatenated (one per signer, the same payload in each), and the one-line
+//! base64 of any of these. Limits: 64 KiB of token, 64 KiB of payload, 8 signatures.
+//!
+//! Every signature must verify cryptographically; one bad signature rejects the token. Signatures by keys
+//! outside the keyring are ignored. A signing key must be alive and unrevoked *now*, not only when it signed
+//! (OpenPGP judges a signature by the key's state at signing time). What the signers may authorize is the
+//! policy's business, not this module's.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use openpgp::cert::prelude::*;
+use openpgp::parse::stream::{
+    GoodChecksum, MessageLayer, MessageStructure, VerificationError, VerificationHelper,
+    VerifierBuilder,
+};
+use openpgp::parse::Parse;
+use openpgp::policy::StandardPolicy;
+use openpgp::types::RevocationStatus;
+use openpgp::{Cert, KeyHandle};
+use sequoia_openpgp as openpgp;
+use thiserror::Error;
+
+use super::payload::MAX_PAYLOAD;
+
+/// Largest token string accepted.
+pub const MAX_TOKEN: usize = 64 * 1024;
+/// Most signatures accepted in one token.
+pub const MAX_SIGNATURES: usize = 8;
+
+/// Why a token's signatures do not hold. `code()` is the reason code of DESIGN.md.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SignatureError {
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("bad_signature: {0}")]
+    BadSignature(String),
+    #[error("unknown_key: no signature by a key in the keyring")]
+    UnknownKey,
+    #[error("key_expired: key {0} is not alive now")]
+    KeyExpired(String),
+    #[error("key_revoked: key {0} is revoked")]
+    KeyRevoked(String),
+}
+
+impl SignatureError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            SignatureError::Malformed(_) => "malformed",
+            SignatureError::BadSignature(_) => "bad_signature",
+            SignatureError::UnknownKey => "unknown_key",
+            SignatureError::KeyExpired(_) => "key_expired",
+            SignatureError::KeyRevoked(_) => "key_revoked",
+        }
+    }
+}
+
+/// A key that made a good signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignerInfo {
+    /// Primary key fingerprint, uppercase hex.
+    pub fingerprint: String,
+    /// The certificate's primary user id (e.g. `Alice <alice@example.com>`).
+    pub user_id: String,
+    /// When the signature was made.
+    pub signed_at: SystemTime,
+}
+
+/// A token whose signatures verified.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub payload: Vec<u8>,
+    /// Distinct primary keys from the keyring that signed, in order of appearance.
+    pub signers: Vec<SignerInfo>,
+}
+
+/// Public keys stepgate trusts to sign (which of them may authorize what is the policy's business).
+#[derive(Debug, Clone, Default)]
+pub struct Keyring {
+    pub certs: Vec<Cert>,
+}
+
+impl Keyring {
+    /// Loads armored or binary public keys from one file, or from every file of a directory.
+    pub fn load(path: &Path) -> Result<Keyring, String> {
+        let mut files = Vec::new();
+        if path.is_dir() {
+            let mut entries: Vec<_> = std::fs::read_dir(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect();
+            entries.sort();
+            files.extend(entries);
+        } else {
+            files.push(path.to_path_buf());
+        }
+        let mut certs = Vec::new();
+        for f in files {
+            let bytes = std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+            for cert in
+                CertParser::from_bytes(&bytes).map_err(|e| format!("{}: {e}", f.display()))?
+            {
+                certs.push(cert.map_err(|e| format!("{}: {e}", f.display()))?);
+            }
+        }
+        Ok(Keyring { certs })
+    }
+}
+
+/// The token as bytes OpenPGP can parse: the one-line base64 form is decoded first.
+fn unwrap_base64(token: &[u8]) -> Result<Vec<u8>, SignatureError> {
+    let trimmed = token.trim_ascii();
+    let looks_base64 = !trimmed.is_empty()
+        && !trimmed.starts_with(b"-----")
+        && trimmed
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'));
+    if !looks_base64 {
+        return Ok(token.to_vec());
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(trimmed)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(trimmed))
+        .map_err(|e| {
+            SignatureError::Malformed(format!("not base64 and not an OpenPGP message: {e}"))
+        })
+}
+
+/// Splits concatenated armored messages; a binary message is one message.
+fn messages(bytes: &[u8]) -> Result<Vec<&[u8]>, SignatureError> {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Ok(vec![bytes]);
+    };
+    if !text.trim_start().starts_with("-----BEGIN PGP") {
+        return Ok(vec![bytes]);
+    }
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("-----BEGIN PGP") {
+        let block = &rest[start..];
+        let end_marker = if block.starts_with("-----BEGIN PGP SIGNED MESSAGE-----") {
+            "-----END PGP SIGNATURE-----"
+        } else {
+            "-----END PGP MESSAGE-----"
+        };
+        let end = block.find(end_marker).ok_or_else(|| {
+            SignatureError::Malformed(format!("armored block without {end_marker}"))
+        })? + end_marker.len();
+        out.push(&block.as_bytes()[..end]);
+        rest = &block[end..];
+    }
+    if !rest.trim().is_empty() {
+        return Err(SignatureError::Malformed(
+            "text after the last armored block".into(),
+        ));
+    }
+    Ok(out)
+}
+
+struct Helper<'a> {
+    keyring: &'a Keyring,
+    policy: &'a StandardPolicy<'a>,
+    now: SystemTime,
+    signers: Vec<SignerInfo>,
+    error: Option<SignatureError>,
+    signatures: usize,
+}
+
+impl Helper<'_> {
+    fn good(&mut self, g: &GoodChecksum<'_>) {
+        let cert = g.ka.cert();
+        let fpr = cert.fingerprint().to_hex();
+        // The key must be usable now, not only when it signed.
+        match cert.with_policy(self.policy, self.now) {
+            Ok(vc) => {
+                if let RevocationStatus::Revoked(_) = vc.revocation_status() {
+                    self.error.get_or_insert(SignatureError::KeyRevoked(fpr));
+                    return;
+                }
+                if vc.alive().is_err() {
+                    self.error.get_or_insert(SignatureError::KeyExpired(fpr));
+                    return;
+                }
+                let handle = g.ka.key().key_handle();
+                match vc.keys().key_handle(handle).next() {
+                    Some(k) if matches!(k.revocation_status(), RevocationStatus::Revoked(_)) => {
+                        self.error.get_or_insert(SignatureError::KeyRevoked(fpr));
+                        return;
+                    }
+                    Some(k) if k.alive().is_err() => {
+                        self.error.get_or_insert(SignatureError::KeyExpired(fpr));
+                        return;
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.error.get_or_insert(SignatureError::KeyExpired(fpr));
+                        return;
+                    }
+                }
+                let user_id = vc
+                    .primary_userid()
+                    .map(|u| String::from_utf8_lossy(u.userid().value()).into_owned())
+                    .unwrap_or_default();
+                let signed_at = g
+                    .sig
+                    .signature_creation_time()
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                if !self.signers.iter().any(|s| s.fingerprint == fpr) {
+                    self.signers.push(SignerInfo {
+                        fingerprint: fpr,
+                        user_id,
+                        signed_at,
+                    });
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let err = if text.contains("revoked") {
+                    SignatureError::KeyRevoked(fpr)
+                } else {
+                    SignatureError::KeyExpired(fpr)
+                };
+                self.error.get_or_insert(err);
+            }
+        }
+    }
+}
+
+impl VerificationHelper for Helper<'_> {
+    fn get_certs(&mut self, ids: &[KeyHandle]) -> openpgp::Result<Vec<Cert>> {
+        Ok(self
+            .keyring
+            .certs
+            .iter()
+            .filter(|c| {
+                c.keys()
+                    .any(|k| ids.iter().any(|id| id.aliases(k.key().key_handle())))
+            })
+            .cloned()
+            .collect())
+    }
+
+    fn check(&mut self, structure: MessageStructure) -> openpgp::Result<()> {
+        for layer in structure.into_iter() {
+            match layer {
+                MessageLayer::SignatureGroup { results } => {
+                    for r in results {
+                        self.signatures += 1;
+                        match r {
+                            Ok(g) => self.good(&g),
+                            // Signatures by keys outside the keyring are ignored.
+                            Err(VerificationError::MissingKey { .. }) => {}
+                            Err(VerificationError::BadKey { ka, error, .. }) => {
+                                let fpr = ka.cert().fingerprint().to_hex();
+                                let text = error.to_string();
+                                self.error.get_or_insert(if text.contains("revoked") {
+                                    SignatureError::KeyRevoked(fpr)
+                                } else if text.contains("xpired") || text.contains("not alive") {
+                                    SignatureError::KeyExpired(fpr)
+                                } else {
+                                    SignatureError::BadSignature(text)
+                                });
+                            }
+                            Err(e) => {
+                                self.error
+                                    .get_or_insert(SignatureError::BadSignature(e.to_string()));
+                            }
+                        }
+                    }
+                }
+                MessageLayer::Compression { .. } => {}
+                MessageLayer::Encryption { .. } => {
+                    self.error.get_or_insert(SignatureError::Malformed(
+                        "an encrypted message is not a token".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Verifies the signatures of a token and returns its payload and signers.
+pub fn verify(token: &[u8], keyring: &Keyring, now: SystemTime) -> Result<Signed, SignatureError> {
+    if token.len() > MAX_TOKEN {
+        return Err(SignatureError::Malformed(format!(
+            "token of {} bytes exceeds the limit of {MAX_TOKEN} bytes",
+            token.len()
+        )));
+    }
+    let bytes = unwrap_base64(token)?;
+    let policy = StandardPolicy::new();
+    let mut payload: Option<Vec<u8>> = None;
+    let mut signers: Vec<SignerInfo> = Vec::new();
+    let mut total_signatures = 0;
+    for message in messages(&bytes)? {
+        let helper = Helper {
+            keyring,
+            policy: &policy,
+            now,
+            signers: Vec::new(),
+            error: None,
+            signatures: 0,
+        };
+        let mut verifier = VerifierBuilder::from_bytes(message)
+            .and_then(|b| b.with_policy(&policy, Some(now), helper))
+            .map_err(|e| classify_parse_error(&e))?;
+        let mut data = Vec::new();
+        verifier
+            .by_ref()
+            .take(MAX_PAYLOAD as u64 + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| SignatureError::BadSignature(e.to_string()))?;
+        if data.len() > MAX_PAYLOAD {
+            return Err(SignatureError::Malformed(format!(
+                "payload exceeds {MAX_PAYLOAD} bytes"
+            )));
+        }
+        if !verifier.message_processed() {
+            return Err(SignatureError::Malformed(
+                "trailing data after the signed message".into(),
+            ));
+        }
+        let helper = verifier.into_helper();
+        if let Some(e) = helper.error {
+            return Err(e);
+        }
+        total_signatures += helper.signatures;
+        if total_signatures > MAX_SIGNATURES {
+            return Err(SignatureError::Malformed(format!(
+                "more than {MAX_SIGNATURES} signatures"
+            )));
+        }
+        let data = normalize(data);
+        match &payload {
+            None => payload = Some(data),
+            Some(p) if *p == data => {}
+            Some(_) => {
+                return Err(SignatureError::Malformed(
+                    "the signed messages carry different payloads".into(),
+                ))
+            }
+        }
+        for s in helper.signers {
+            if !signers.iter().any(|x| x.fingerprint == s.fingerprint) {
+                signers.push(s);
+            }
+        }
+    }
+    let payload = payload.ok_or_else(|| SignatureError::Malformed("no signed message".into()))?;
+    if signers.is_empty() {
+        return Err(SignatureError::UnknownKey);
+    }
+    Ok(Signed { payload, signers })
+}
+
+/// Cleartext signatures drop the final newline; inline ones keep it. Compare payloads without it.
+fn normalize(mut data: Vec<u8>) -> Vec<u8> {
+    if data.ends_with(b"\r\n") {
+        data.truncate(data.len() - 2);
+    } else if data.ends_with(b"\n") {
+        data.truncate(data.len() - 1);
+    }
+    data
+}
+
+fn classify_parse_error(e: &anyhow::Error) -> SignatureError {
+    let text = e.to_string();
+    if text.contains("signature") && (text.contains("bad") || text.contains("Bad")) {
+        SignatureError::BadSignature(text)
+    } else {
+        SignatureError::Malformed(text)
+    }
+}
+
+/// Signs `payload` as one cleartext-signed message with every key in `signers` (secret keys, unprotected
+/// or already decrypted). GnuPG verifies what this makes (`gpg --verify`).
+pub fn sign_cleartext(
+    payload: &[u8],
+    signers: &[Cert],
+    now: SystemTime,
+) -> Result<Vec<u8>, String> {
+    use openpgp::serialize::stream::{Message, Signer};
+    use std::io::Write;
+    let policy = StandardPolicy::new();
+    let mut keypairs = Vec::new();
+    for cert in signers {
+        let key = cert
+            .keys()
+            .with_policy(&policy, now)
+            .supported()
+            .alive()
+            .revoked(false)
+            .for_signing()
+            .secret()
+            .next()
+            .ok_or_else(|| {
+                format!(
+                    "key {} has no usable signing key with secret material",
+                    cert.fingerprint()
+                )
+            })?;
+        let pair = key.key().clone().into_keypair().map_err(|e| {
+            format!(
+                "key {}: {e} (is it protected by a passphrase?)",
+                cert.fingerprint()
+            )
+        })?;
+        keypairs.push(pair);
+    }
+    let mut keypairs = keypairs.into_iter();
+    let first = keypairs.next().ok_or("no signing key given")?;
+    let mut out = Vec::new();
+    let message = Message::new(&mut out);
+    let mut signer = Signer::new(message, first)
+        .map_err(|e| e.to_string())?
+        .cleartext();
+    for k in keypairs {
+        signer = signer.add_signer(k).map_err(|e| e.to_string())?;
+    }
+    let mut w = signer
+        .creation_time(now)
+        .build()
+        .map_err(|e| e.to_string())?;
+    w.write_all(payload).map_err(|e| e.to_string())?;
+    w.finalize().map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openpgp::serialize::stream::{Armorer, LiteralWriter, Message, Signer};
+    use openpgp::serialize::Serialize;
+    use std::io::Write;
+    use std::time::Duration;
+
+    const PAYLOAD: &[u8] = b"stepgate-token: 1\nid: 7d4c0a6e-5b1f-4f0e-9a53-2f1e9c0b8d11\n";
+
+    fn key(name: &str) -> Cert {
+        CertBuilder::general_purpose(Some(format!("{name} <{name}@example.com>")))
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_creation_time(SystemTime::now() - Duration::from_secs(3600))
+            .generate()
+            .unwrap()
+            .0
+    }
+
+    fn ring(certs: &[&Cert]) -> Keyring {
+        Keyring {
+            certs: certs
+                .iter()
+                .map(|c| (*c).clone().strip_secret_key_material())
+                .collect(),
+        }
+    }
+
+    fn inline(payload: &[u8], cert: &Cert, armor: bool) -> Vec<u8> {
+        let p = StandardPolicy::new();
+        let kp = cert
+            .keys()
+            .with_policy(&p, None)
+            .for_signing()
+            .secret()
+            .next()
+            .unwrap()
+            .key()
+            .clone()
+            .into_keypair()
+            .unwrap();
+        let mut out = Vec::new();
+        let mut m = Message::new(&mut out);
+        if armor {
+            m = Armorer::new(m).build().unwrap();
+        }
+        let s = Signer::new(m, kp).unwrap().build().unwrap();
+        let mut w = LiteralWriter::new(s).build().unwrap();
+        w.write_all(payload).unwrap();
+        w.finalize().unwrap();
+        out
+    }
+
+    #[test]
+    fn cleartext_inline_binary_and_base64_forms() {
+        let alice = key("alice");
+        let keys = ring(&[&alice]);
+        let now = SystemTime::now();
+        let clear = sign_cleartext(PAYLOAD, std::slice::from_ref(&alice), now).unwrap();
+        assert!(clear.starts_with(b"-----BEGIN PGP SIGNED MESSAGE-----"));
+        for form in [
+            clear.clone(),
+            inline(PAYLOAD, &alice, true),
+            inline(PAYLOAD, &alice, false),
+            base64::engine::general_purpose::STANDARD
+                .encode(&clear)
+                .into_bytes(),
+            base64::engine::general_purpose::STANDARD
+                .encode(inline(PAYLOAD, &alice, false))
+                .into_bytes(),
+        ] {
+            let s = verify(&form, &keys, now).unwrap();
+            assert_eq!(s.payload, PAYLOAD.strip_suffix(b"\n").unwrap());
+            assert_eq!(s.signers.len(), 1);
+            assert_eq!(s.signers[0].fingerprint, alice.fingerprint().to_hex());
+            assert_eq!(s.signers[0].user_id, "alice <alice@example.com>");
+        }
+    }
+
+    #[test]
+    fn several_signers_count_separately() {
+        let (alice, bob) = (key("alice"), key("bob"));
+        let keys = ring(&[&alice, &bob]);
+        let now = SystemTime::now();
+        let both = sign_cleartext(PAYLOAD, &[alice.clone(), bob.clone()], now).unwrap();
+        assert_eq!(verify(&both, &keys, now).unwrap().signers.len(), 2);
+        // Two people's separate files, concatenated.
+        let mut merged = sign_cleartext(PAYLOAD, std::slice::from_ref(&alice), now).unwrap();
+        merged.extend(sign_cleartext(PAYLOAD, std::slice::from_ref(&bob), now).unwrap());
+        assert_eq!(verify(&merged, &keys, now).unwrap().signers.len(), 2);
+        // The same key twice is one signer.
+        let mut twice = sign_cleartext(PAYLOAD, std::slice::from_ref(&alice), now).unwrap();
+        twice.extend(sign_cleartext(PAYLOAD, std::slice::from_ref(&alice), now).unwrap());
+        assert_eq!(verify(&twice, &keys, now).unwrap().signers.len(), 1);
+        // Different payloads cannot be merged.
+        let mut mixed = sign_cleartext(PAYLOAD, std::slice::from_ref(&alice), now).unwrap();
+        mixed.extend(sign_cleartext(b"other\n", &[bob], now).unwrap());
+        assert_eq!(verify(&mixed, &keys, now).unwrap_err().code(), "malformed");
+    }
+
+    #[test]
+    fn tampering_unknown_keys_and_garbage() {
+        let (alice, mallory) = (key("alice"), key("mallory"));
+        let keys = ring(&[&alice]);
+        let now = SystemTime::now();
+        let clear = sign_cleartext(PAYLOAD, std::slice::from_ref(&alice), now).unwrap();
+        let tampered = String::from_utf8(clear.clone())
+            .unwrap()
+            .replacen("7d4c0a6e", "7d4c0a6f", 1);
+        assert_eq!(
+            verify(tampered.as_bytes(), &keys, now).unwrap_err().code(),
+            "bad_signature"
+        );
+        let mut bin = inline(PAYLOAD, &alice, false);
+        let last = bin.len() - 10;
+        bin[last] ^= 0x01;
+        let e = verify(&bin, &keys, now).unwrap_err();
+        assert!(matches!(e.code(), "bad_signature" | "malformed"), "{e}");
+        // Only a key outside the keyring signed.
+        let theirs = sign_cleartext(PAYLOAD, std::slice::from_ref(&mallory), now).unwrap();
+        assert_eq!(
+            verify(&theirs, &keys, now).unwrap_err().code(),
+            "unknown_key"
+        );
+        // A key outside the keyring next to a good one is ignored.
+        let both = sign_cleartext(PAYLOAD, &[alice.clone(), mallory], now).unwrap();
+        assert_eq!(verify(&both, &keys, now).unwrap().signers.len(), 1);
+        assert_eq!(
+            verify(b"!!!not a token!!!", &keys, now).unwrap_err().code(),
+            "malformed"
+        );
+        assert_eq!(
+            verify(b"QUJDREVGRw==", &keys, now).unwrap_err().code(),
+            "malformed"
+        );
+        let huge = vec![b'A'; 10 << 20];
+        let started = std::time::Instant::now();
+        assert_eq!(verify(&huge, &keys, now).unwrap_err().code(), "malformed");
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_key_must_be_valid_now_not_only_when_it_signed() {
+        let now = SystemTime::now();
+        let long_ago = now - Duration::from_secs(30 * 24 * 3600);
+        // Valid for one day, thirty days ago.
+        let (expired, _) = CertBuilder::general_purpose(Some("old <old@example.com>"))
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_creation_time(long_ago)
+            .set_validity_period(Duration::from_secs(24 * 3600))
+            .generate()
+            .unwrap();
+        let signed_then = sign_cleartext(
+            PAYLOAD,
+            std::slice::from_ref(&expired),
+            long_ago + Duration::from_secs(60),
+        )
+        .unwrap();
+        let keys = ring(&[&expired]);
+        assert_eq!(
+            verify(&signed_then, &keys, long_ago + Duration::from_secs(120))
+                .unwrap()
+                .signers
+                .len(),
+            1
+        );
+        assert_eq!(
+            verify(&signed_then, &keys, now).unwrap_err().code(),
+            "key_expired"
+        );
+        // Revoked after signing.
+        let alice = key("alice");
+        let signed = sign_cleartext(
+            PAYLOAD,
+            std::slice::from_ref(&alice),
+            now - Duration::from_secs(60),
+        )
+        .unwrap();
+        let mut signer = alice
+            .primary_key()
+            .key()
+            .clone()
+            .parts_into_secret()
+            .unwrap()
+            .into_keypair()
+            .unwrap();
+        let rev = alice
+            .revoke(
+                &mut signer,
+                openpgp::types::ReasonForRevocation::KeyCompromised,
+                b"lost",
+            )
+            .unwrap();
+        let (revoked, _) = alice.insert_packets(rev).unwrap();
+        let mut armored = Vec::new();
+        revoked.armored().serialize(&mut armored).unwrap();
+        let keys = Keyring {
+            certs: vec![Cert::from_bytes(&armored).unwrap()],
+        };
+        assert_eq!(
+            verify(&signed, &keys, now).unwrap_err().code(),
+            "key_revoked"
+        );
+    }
+}
