@@ -4,5 +4,6 @@
 
 pub mod payload;
 pub mod signed;
+pub mod verify;
 
 pub use payload::{Payload, PayloadError, StatementGrant};
