@@ -418,6 +418,72 @@ async fn stepgate_settings_stay_away_from_the_server() {
     assert!(format!("{rows:?}").contains("settings=-"), "{rows:?}");
 }
 
+/// The server's own statement log never sees a stepgate setting's value.
+#[tokio::test]
+async fn the_server_log_never_sees_the_value() {
+    let Some(log) = pg().devdb().map(|d| d.log_path()) else {
+        return; // DATABASE_URL: the server's log is not ours to read
+    };
+    let g = gate().await;
+    let c = g.client("postgres").await;
+    c.batch_execute("SET log_statement = 'all'").await.unwrap();
+    c.batch_execute("SET stepgate.token = 'c2VjcmV0LWluLXRoZS1sb2c'; SELECT 'marker-after-set'")
+        .await
+        .unwrap();
+    c.execute("SET stepgate.token = 'ZXh0ZW5kZWQtc2VjcmV0'", &[])
+        .await
+        .unwrap();
+    c.batch_execute("SELECT 'marker-end'").await.unwrap();
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("marker-end") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(text.contains("marker-after-set"), "the statement log is on");
+    assert!(
+        text.contains("stepgate.token = 'set'"),
+        "the placeholder reached the server"
+    );
+    assert!(
+        !text.contains("c2VjcmV0LWluLXRoZS1sb2c"),
+        "a value reached the server log"
+    );
+    assert!(
+        !text.contains("ZXh0ZW5kZWQtc2VjcmV0"),
+        "a value reached the server log"
+    );
+}
+
+#[tokio::test]
+async fn stepgate_settings_through_the_extended_protocol() {
+    let g = gate().await;
+    let c = g.client("postgres").await;
+    // tokio-postgres sends Parse/Bind/Execute: the Parse is rewritten, the value kept by stepgate.
+    c.execute("SET stepgate.note = 'extended-secret'", &[])
+        .await
+        .unwrap();
+    let row = c.query_one("SHOW stepgate.status", &[]).await.unwrap();
+    let status: String = row.get(0);
+    assert!(status.contains("settings=stepgate.note"), "{status}");
+    assert!(!status.contains("extended-secret"));
+    let row = c.query_one("SHOW stepgate.note", &[]).await.unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        "set",
+        "the server only ever saw the placeholder"
+    );
+    c.execute("RESET stepgate.note", &[]).await.unwrap();
+    let status: String = c
+        .query_one("SHOW stepgate.status", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(status.contains("settings=-"), "{status}");
+}
+
 #[tokio::test]
 async fn other_spellings_of_stepgate_settings_are_refused_and_never_forwarded() {
     let g = gate().await;
