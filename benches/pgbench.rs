@@ -2,7 +2,8 @@
 //! the same proxy with the gate switched off (`--unsafe-no-gate`), and through pgbouncer (session mode, when
 //! installed), alternating targets round by round in one run, reported as the median ratio to direct.
 //!
-//! Run: `cargo bench --bench pgbench` (env: BENCH_ROUNDS [5], BENCH_SECONDS [5], BENCH_CLIENTS [8]).
+//! Run: `cargo bench --bench pgbench` (env: BENCH_ROUNDS [5], BENCH_SECONDS [5], BENCH_CLIENTS [8],
+//! BENCH_MODES [simple,prepared], BENCH_NO_PGBOUNCER to leave pgbouncer out).
 //! Everything is local (127.0.0.1); a throwaway PostgreSQL is started and removed.
 
 use std::process::{Child, Command, Stdio};
@@ -176,7 +177,11 @@ fn main() {
     });
     let (sg_port, nogate_port) = rx.recv().unwrap();
     let bouncer_dir = tempfile::tempdir().unwrap();
-    let bouncer = start_pgbouncer(&db, bouncer_dir.path());
+    let bouncer = if std::env::var_os("BENCH_NO_PGBOUNCER").is_some() {
+        None
+    } else {
+        start_pgbouncer(&db, bouncer_dir.path())
+    };
     let mut targets: Vec<(&str, u16)> = vec![
         ("direct", db.port()),
         ("stepgate", sg_port),
@@ -185,13 +190,14 @@ fn main() {
     if let Some((_, port)) = &bouncer {
         targets.push(("pgbouncer", *port));
     } else {
-        eprintln!("pgbouncer not installed: comparing direct and stepgate only");
+        eprintln!("pgbouncer not installed or left out (BENCH_NO_PGBOUNCER): comparing direct and stepgate only");
     }
 
     println!(
         "pgbench -S -c {clients} -j 2, {seconds} s per run, {rounds} rounds, targets alternating"
     );
-    for mode in ["simple", "prepared"] {
+    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "simple,prepared".into());
+    for mode in modes.split(',').filter(|m| !m.is_empty()) {
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         let mut tps_all: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         for round in 0..rounds {

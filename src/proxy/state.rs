@@ -922,15 +922,17 @@ impl SessionState {
             return Action::Forward;
         }
         let info = self.lookup_portal(portal);
-        let sql = info
-            .statements
-            .iter()
-            .map(|(_, s)| s.as_str())
-            .collect::<Vec<_>>()
-            .join("; ");
+        // Only a hold needs the SQL text; the pass path does no string work.
+        let sql = |info: &StmtInfo| {
+            info.statements
+                .iter()
+                .map(|(_, s)| s.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         match decide(self.guarded(ctx, info.class), ctx.mode, false) {
             Decision::Refuse => {
-                let err = self.hold(ctx, &sql, &info, HeldStatus::Held);
+                let err = self.hold(ctx, &sql(&info), &info, HeldStatus::Held);
                 self.queue.push_back(Expect::Execute {
                     effect: Effect::None,
                     refused: Some(err),
@@ -942,10 +944,10 @@ impl SessionState {
             }
             d => {
                 if d == Decision::Observe {
-                    self.hold(ctx, &sql, &info, HeldStatus::Observed);
+                    self.hold(ctx, &sql(&info), &info, HeldStatus::Observed);
                 }
                 self.queue.push_back(Expect::Execute {
-                    effect: info.effect.clone(),
+                    effect: info.effect,
                     refused: None,
                 });
                 Action::Forward
