@@ -99,7 +99,6 @@ fn gpg_signatures_verify_in_every_form() {
     let file = gpg.path("payload.txt");
     std::fs::write(&file, PAYLOAD).unwrap();
     let f = file.to_str().unwrap();
-    let now = SystemTime::now();
     let forms: Vec<(&str, Vec<&str>, usize)> = vec![
         (
             "clearsign",
@@ -134,7 +133,8 @@ fn gpg_signatures_verify_in_every_form() {
     for (what, args, signers) in forms {
         let (ok, out, err) = gpg.run(&args, None);
         assert!(ok, "{what}: {err}");
-        let signed = verify(&out, &ring, now).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let signed =
+            verify(&out, &ring, SystemTime::now()).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(
             String::from_utf8_lossy(&signed.payload),
             PAYLOAD.trim_end(),

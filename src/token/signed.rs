@@ -33,6 +33,9 @@ use super::payload::MAX_PAYLOAD;
 pub const MAX_TOKEN: usize = 64 * 1024;
 /// Most signatures accepted in one token.
 pub const MAX_SIGNATURES: usize = 8;
+/// How far a signer's clock may run ahead of ours: a signature made "in the future" by less than this is
+/// still accepted (keys are still judged at the real time).
+pub const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Why a token's signatures do not hold. `code()` is the reason code of DESIGN.md.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -311,7 +314,7 @@ pub fn verify(token: &[u8], keyring: &Keyring, now: SystemTime) -> Result<Signed
             signatures: 0,
         };
         let mut verifier = VerifierBuilder::from_bytes(message)
-            .and_then(|b| b.with_policy(&policy, Some(now), helper))
+            .and_then(|b| b.with_policy(&policy, Some(now + CLOCK_SKEW), helper))
             .map_err(|e| classify_parse_error(&e))?;
         let mut data = Vec::new();
         verifier

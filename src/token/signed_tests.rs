@@ -140,6 +140,30 @@ fn tampering_unknown_keys_and_garbage() {
 }
 
 #[test]
+fn a_signers_clock_may_run_a_little_ahead() {
+    let alice = key("alice");
+    let keys = ring(&[&alice]);
+    let now = SystemTime::now();
+    let ahead = sign_cleartext(
+        PAYLOAD,
+        std::slice::from_ref(&alice),
+        now + Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(verify(&ahead, &keys, now).unwrap().signers.len(), 1);
+    let far_ahead = sign_cleartext(
+        PAYLOAD,
+        std::slice::from_ref(&alice),
+        now + Duration::from_secs(3600),
+    )
+    .unwrap();
+    assert_eq!(
+        verify(&far_ahead, &keys, now).unwrap_err().code(),
+        "bad_signature"
+    );
+}
+
+#[test]
 fn a_key_must_be_valid_now_not_only_when_it_signed() {
     let now = SystemTime::now();
     let long_ago = now - Duration::from_secs(30 * 24 * 3600);
