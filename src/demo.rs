@@ -21,9 +21,11 @@ pub struct DemoOptions {
 /// Runs the demo. In `--check` mode returns an error naming the first step that did not behave.
 pub async fn run(opts: DemoOptions) -> Result<()> {
     eprintln!("starting a throwaway PostgreSQL …");
-    let db = tokio::task::spawn_blocking(|| DevDb::start(&DevDbOptions::default()))
-        .await
-        .context("starting PostgreSQL")??;
+    let db = std::sync::Arc::new(
+        tokio::task::spawn_blocking(|| DevDb::start(&DevDbOptions::default()))
+            .await
+            .context("starting PostgreSQL")??,
+    );
     db.psql("CREATE DATABASE demo")?;
     // The demo table is created directly on PostgreSQL: through stepgate, CREATE TABLE is held.
     demo_table(&db)?;
@@ -47,9 +49,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let state_dir = state.path().join("state");
     let result = if opts.check {
         let port = addr.port();
-        let db_port = db.port();
-        let socket = db.socket_dir().to_path_buf();
-        tokio::task::spawn_blocking(move || walkthrough(port, db_port, &socket, &state_dir))
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || walkthrough(port, &db, &state_dir))
             .await
             .context("walkthrough")?
     } else {
@@ -91,21 +92,11 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 }
 
 fn demo_table(db: &DevDb) -> Result<()> {
-    let out = Command::new("psql")
-        .arg("-h")
-        .arg(db.socket_dir())
-        .args(["-p", &db.port().to_string(), "-U", SUPERUSER, "-d", "demo", "-X", "-q", "-v", "ON_ERROR_STOP=1"])
-        .args(["-c", "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'hello'), (2, 'world')"])
-        .env_remove("PGOPTIONS")
-        .stdin(Stdio::null())
-        .output()
-        .context("running psql")?;
-    if !out.status.success() {
-        bail!(
-            "creating the demo table failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    db.psql_in(
+        "demo",
+        "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'hello'), (2, 'world')",
+    )
+    .context("creating the demo table")?;
     Ok(())
 }
 
@@ -153,12 +144,7 @@ fn step(name: &str, r: Result<()>) -> Result<()> {
     r
 }
 
-fn walkthrough(
-    port: u16,
-    db_port: u16,
-    socket: &std::path::Path,
-    state_dir: &std::path::Path,
-) -> Result<()> {
+fn walkthrough(port: u16, db: &DevDb, state_dir: &std::path::Path) -> Result<()> {
     step(
         "psql connects through stepgate and runs SELECT 1",
         (|| {
@@ -217,22 +203,10 @@ fn walkthrough(
     step(
         "the table still exists (checked directly on PostgreSQL)",
         (|| {
-            let out = Command::new("psql")
-                .arg("-h")
-                .arg(socket)
-                .args([
-                    "-p",
-                    &db_port.to_string(),
-                    "-U",
-                    SUPERUSER,
-                    "-d",
-                    "demo",
-                    "-X",
-                    "-At",
-                ])
-                .args(["-c", "SELECT count(*) FROM notes"])
-                .output()?;
-            let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let got = db
+                .psql_in("demo", "SELECT count(*) FROM notes")?
+                .trim()
+                .to_string();
             if got != "3" {
                 bail!("expected 3 rows, got {got:?}");
             }

@@ -318,6 +318,11 @@ impl DevDb {
     /// Runs SQL as the superuser over the Unix socket (never through stepgate) and returns psql's
     /// unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> Result<String, DevDbError> {
+        self.psql_in("postgres", sql)
+    }
+
+    /// [`DevDb::psql`] in database `db`.
+    pub fn psql_in(&self, db: &str, sql: &str) -> Result<String, DevDbError> {
         let mut c = Command::new("psql");
         c.arg("-h")
             .arg(&self.root)
@@ -327,7 +332,7 @@ impl DevDb {
                 "-U",
                 SUPERUSER,
                 "-d",
-                "postgres",
+                db,
                 "-X",
                 "-At",
                 "-v",

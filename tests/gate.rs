@@ -162,33 +162,18 @@ async fn refusal_in_a_multi_statement_query_runs_nothing() {
 }
 
 fn parse(name: &str, sql: &str) -> Vec<u8> {
-    let mut b = name.as_bytes().to_vec();
-    b.push(0);
-    b.extend_from_slice(sql.as_bytes());
-    b.push(0);
-    b.extend_from_slice(&0u16.to_be_bytes());
-    raw::msg(b'P', &b)
+    build::parse(name.as_bytes(), sql.as_bytes())
 }
 
 fn bind(portal: &str, stmt: &str) -> Vec<u8> {
-    let mut b = portal.as_bytes().to_vec();
-    b.push(0);
-    b.extend_from_slice(stmt.as_bytes());
-    b.push(0);
-    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    raw::msg(b'B', &b)
+    build::bind(portal.as_bytes(), stmt.as_bytes())
 }
 
 fn execute(portal: &str) -> Vec<u8> {
-    let mut b = portal.as_bytes().to_vec();
-    b.push(0);
-    b.extend_from_slice(&0i32.to_be_bytes());
-    raw::msg(b'E', &b)
+    build::execute(portal.as_bytes())
 }
 
-fn sync() -> Vec<u8> {
-    raw::msg(b'S', &[])
-}
+use stepgate::wire::build::{self, sync};
 
 #[tokio::test]
 async fn refusal_in_a_pipelined_batch_behaves_like_a_server_error() {

@@ -608,12 +608,7 @@ where
                             shared.cancel_keys.insert((pid, key), ());
                             keys.push((pid, key));
                         }
-                        b'E' if !logged_in => {
-                            if is_fatal(body) {
-                                flags.upstream_fatal.store(true, Ordering::Release);
-                            }
-                            login_failed = true;
-                        }
+                        b'E' if !logged_in => login_failed = true,
                         _ => {}
                     }
                     if tag == b'E' && is_fatal(body) {

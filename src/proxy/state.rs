@@ -20,6 +20,7 @@ use crate::classify::lex::{Kind, Token};
 use crate::classify::{decode, split, Class, LexSettings};
 use crate::config::{Config, Rule};
 use crate::gate::{decide, Decision, HeldStatus, Mode, Registry, SessionFields};
+use crate::wire::build::{self, message};
 use crate::wire::frame::cstr;
 use crate::wire::reply::{error_fields, ErrorReply};
 
@@ -165,20 +166,6 @@ pub struct SessionState {
     skip_until_sync: bool,
     /// Transaction status from the last ReadyForQuery (`I`, `T` or `E`).
     pub txn_status: u8,
-}
-
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(body.len() + 5);
-    v.push(tag);
-    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
-fn query_message(sql: &str) -> Vec<u8> {
-    let mut body = sql.as_bytes().to_vec();
-    body.push(0);
-    message(b'Q', &body)
 }
 
 /// Text safe to put inside a single-quoted literal we build ourselves.
@@ -465,14 +452,21 @@ impl SessionState {
             .with_detail("stepgate settings are changed only with SET stepgate.<name> = '…', RESET stepgate.<name> and SHOW stepgate.<name>; other spellings never reach the server")
     }
 
-    fn refuse_query(&mut self, ctx: &GateContext, refusal: ErrorReply) -> Action {
+    /// A Query message is its own batch: its responses end with ReadyForQuery.
+    fn expect_query(&mut self, effects: Vec<Effect>, refused: Option<ErrorReply>) {
         self.queue.push_back(Expect::Query {
-            effects: Vec::new(),
+            effects,
             done: 0,
-            refused: Some(refusal),
+            refused,
         });
         self.batch += 1;
-        Action::Replace(query_message(&format!("EXECUTE {}", ctx.refusal_name)))
+    }
+
+    fn refuse_query(&mut self, ctx: &GateContext, refusal: ErrorReply) -> Action {
+        self.expect_query(Vec::new(), Some(refusal));
+        Action::Replace(build::query(
+            format!("EXECUTE {}", ctx.refusal_name).as_bytes(),
+        ))
     }
 
     fn status_text(&self, ctx: &GateContext, settings: &[String]) -> String {
@@ -756,55 +750,40 @@ impl SessionState {
 
     fn on_query(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
         let bytes = body.strip_suffix(&[0]).unwrap_or(body);
-        if ctx.disabled {
-            self.queue.push_back(Expect::Query {
-                effects: Vec::new(),
-                done: 0,
-                refused: None,
-            });
-            self.batch += 1;
-            return Action::Forward;
-        }
-        let entry = ctx.cache.lookup(bytes, &self.lex, ctx.generation);
-        if !entry.attention && !self.guarded(ctx, entry.max) {
-            self.queue.push_back(Expect::Query {
-                effects: Vec::new(),
-                done: 0,
-                refused: None,
-            });
-            self.batch += 1;
+        let fast_pass = ctx.disabled || {
+            let entry = ctx.cache.lookup(bytes, &self.lex, ctx.generation);
+            !entry.attention && !self.guarded(ctx, entry.max)
+        };
+        if fast_pass {
+            self.expect_query(Vec::new(), None);
             return Action::Forward;
         }
         let mut local = HashMap::new();
-        let sql = crate::gate::redact(&String::from_utf8_lossy(bytes));
+        // The message's SQL, redacted, is only needed for a held entry.
+        let sql = || crate::gate::redact(&String::from_utf8_lossy(bytes));
         match self.analyze(ctx, bytes, &mut local) {
             Err(info) if info.statements.is_empty() => {
                 self.refuse_query(ctx, Self::mention_refusal())
             }
             Err(info) => {
-                let err = self.hold(ctx, &sql, &info, HeldStatus::Held);
+                let err = self.hold(ctx, &sql(), &info, HeldStatus::Held);
                 self.refuse_query(ctx, err)
             }
             Ok((info, effects, rewritten)) => {
                 let guarded = !info.statements.is_empty() || self.guarded(ctx, info.class);
                 match decide(guarded, ctx.mode, false) {
                     Decision::Refuse => {
-                        let err = self.hold(ctx, &sql, &info, HeldStatus::Held);
+                        let err = self.hold(ctx, &sql(), &info, HeldStatus::Held);
                         return self.refuse_query(ctx, err);
                     }
                     Decision::Observe => {
-                        self.hold(ctx, &sql, &info, HeldStatus::Observed);
+                        self.hold(ctx, &sql(), &info, HeldStatus::Observed);
                     }
                     Decision::Pass => {}
                 }
-                self.queue.push_back(Expect::Query {
-                    effects,
-                    done: 0,
-                    refused: None,
-                });
-                self.batch += 1;
+                self.expect_query(effects, None);
                 match rewritten {
-                    Some(text) => Action::Replace(query_message(&text)),
+                    Some(text) => Action::Replace(build::query(text.as_bytes())),
                     None => Action::Forward,
                 }
             }
@@ -846,12 +825,7 @@ impl SessionState {
             Err(info) if info.statements.is_empty() => {
                 // Never forwarded: a Parse of invalid SQL makes the server fail here instead.
                 push(self, StmtInfo::unknown(""), Some(Self::mention_refusal()));
-                let mut b = name.clone();
-                b.push(0);
-                b.extend_from_slice(ctx.refusal_name.as_bytes());
-                b.push(0);
-                b.extend_from_slice(&0u16.to_be_bytes());
-                Action::Replace(message(b'P', &b))
+                Action::Replace(build::parse(&name, ctx.refusal_name.as_bytes()))
             }
             Err(info) => {
                 push(self, *info, None);
@@ -937,10 +911,7 @@ impl SessionState {
                     effect: Effect::None,
                     refused: Some(err),
                 });
-                let mut b = ctx.refusal_name.as_bytes().to_vec();
-                b.push(0);
-                b.extend_from_slice(&0i32.to_be_bytes());
-                Action::Replace(message(b'E', &b))
+                Action::Replace(build::execute(ctx.refusal_name.as_bytes()))
             }
             d => {
                 if d == Decision::Observe {
@@ -1162,28 +1133,15 @@ mod tests {
     }
 
     fn parse(name: &str, sql: &str) -> Vec<u8> {
-        let mut b = name.as_bytes().to_vec();
-        b.push(0);
-        b.extend_from_slice(sql.as_bytes());
-        b.push(0);
-        b.extend_from_slice(&0u16.to_be_bytes());
-        message(b'P', &b)
+        build::parse(name.as_bytes(), sql.as_bytes())
     }
 
     fn bind(portal: &str, stmt: &str) -> Vec<u8> {
-        let mut b = portal.as_bytes().to_vec();
-        b.push(0);
-        b.extend_from_slice(stmt.as_bytes());
-        b.push(0);
-        b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-        message(b'B', &b)
+        build::bind(portal.as_bytes(), stmt.as_bytes())
     }
 
     fn execute(portal: &str) -> Vec<u8> {
-        let mut b = portal.as_bytes().to_vec();
-        b.push(0);
-        b.extend_from_slice(&0i32.to_be_bytes());
-        message(b'E', &b)
+        build::execute(portal.as_bytes())
     }
 
     fn fe(s: &mut SessionState, c: &GateContext, m: &[u8]) -> Action {

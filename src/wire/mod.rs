@@ -6,6 +6,7 @@
 //! bytes without being decoded; only the messages the proxy must look at are handed over whole. Nothing
 //! here performs I/O, so everything can be unit tested, fuzzed and benchmarked on plain byte slices.
 
+pub mod build;
 pub mod frame;
 pub mod reply;
 pub mod startup;

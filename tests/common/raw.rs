@@ -27,18 +27,8 @@ pub fn startup_packet(params: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
-pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
-pub fn query(sql: &[u8]) -> Vec<u8> {
-    let mut body = sql.to_vec();
-    body.push(0);
-    msg(b'Q', &body)
-}
+#[allow(unused_imports)]
+pub use stepgate::wire::build::{message as msg, query};
 
 /// Field `kind` of an ErrorResponse/NoticeResponse body.
 pub fn field(body: &[u8], kind: u8) -> Option<String> {
