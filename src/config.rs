@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
+use crate::token::SignerPolicy;
 use crate::classify::{Class, Classifier};
 use crate::gate::Mode;
 
@@ -92,6 +93,25 @@ struct RawConfig {
     /// privileged, unparsed]
     #[serde(default)]
     rule: Vec<RawRule>,
+    /// When set, tokens must name this instance.
+    instance: Option<String>,
+    /// Armored public keys of the signers: one file, or a directory of files.
+    keyring: Option<PathBuf>,
+    /// Who may sign tokens, and for what.
+    #[serde(default)]
+    signer: Vec<RawSigner>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigner {
+    name: String,
+    /// Primary key fingerprint (hex; spaces allowed).
+    fingerprint: String,
+    /// Database names or patterns. [*]
+    databases: Option<Vec<String>>,
+    /// Classes this signer may authorize. [ddl, destructive, privileged, unparsed]
+    classes: Option<Vec<Class>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,6 +123,11 @@ struct RawRule {
     user: Option<String>,
     /// Classes held without a token. [ddl, destructive, privileged, unparsed]
     guard: Option<Vec<Class>>,
+    /// Distinct signers a token needs. [1]
+    signatures: Option<usize>,
+    /// Longest time from a signature to the token's not-after. [1h]
+    #[serde(default, deserialize_with = "de_duration")]
+    max_token_lifetime: Option<Duration>,
 }
 
 /// Which statements are guarded for a database and user.
@@ -111,7 +136,14 @@ pub struct Rule {
     pub database: String,
     pub user: String,
     pub guard: Vec<Class>,
+    /// Distinct signers a token needs.
+    pub signatures: usize,
+    /// Longest time from a signature to the token's not-after.
+    pub max_token_lifetime: Duration,
 }
+
+/// Default `max_token_lifetime` of a rule.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 impl Default for Rule {
     fn default() -> Self {
@@ -119,6 +151,8 @@ impl Default for Rule {
             database: "*".into(),
             user: "*".into(),
             guard: Class::DEFAULT_GUARDED.to_vec(),
+            signatures: 1,
+            max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
         }
     }
 }
@@ -172,6 +206,11 @@ pub struct Config {
     /// None: the built-in list ([`crate::classify::DEFAULT_DANGEROUS_FUNCTIONS`]).
     pub dangerous_functions: Option<Vec<String>>,
     pub rules: Vec<Rule>,
+    /// When set, tokens must name this instance.
+    pub instance: Option<String>,
+    /// Public keys of the signers (file or directory), resolved against the config's folder.
+    pub keyring: Option<PathBuf>,
+    pub signers: Vec<SignerPolicy>,
 }
 
 /// Command-line flags that override the file.
@@ -183,6 +222,7 @@ pub struct Overrides {
     pub upstream_tls: Option<UpstreamTls>,
     pub log_format: Option<LogFormat>,
     pub mode: Option<Mode>,
+    pub keyring: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -202,6 +242,9 @@ impl Default for Config {
             allow_unparsed: false,
             dangerous_functions: None,
             rules: Vec::new(),
+            instance: None,
+            keyring: None,
+            signers: Vec::new(),
         }
     }
 }
@@ -258,6 +301,29 @@ impl Config {
                     database: r.database.unwrap_or_else(|| "*".into()),
                     user: r.user.unwrap_or_else(|| "*".into()),
                     guard: r.guard.unwrap_or_else(|| Class::DEFAULT_GUARDED.to_vec()),
+                    signatures: r.signatures.unwrap_or(1),
+                    max_token_lifetime: r
+                        .max_token_lifetime
+                        .unwrap_or(DEFAULT_MAX_TOKEN_LIFETIME),
+                })
+                .collect(),
+            instance: raw.instance,
+            keyring: raw.keyring.map(resolve),
+            signers: raw
+                .signer
+                .into_iter()
+                .map(|s| SignerPolicy {
+                    name: s.name,
+                    fingerprint: s
+                        .fingerprint
+                        .chars()
+                        .filter(|c| !c.is_whitespace())
+                        .collect::<String>()
+                        .to_ascii_uppercase(),
+                    databases: s.databases.unwrap_or_else(|| vec!["*".into()]),
+                    classes: s
+                        .classes
+                        .unwrap_or_else(|| Class::DEFAULT_GUARDED.to_vec()),
                 })
                 .collect(),
         };
@@ -307,6 +373,9 @@ impl Config {
         if let Some(v) = o.mode {
             self.mode = v;
         }
+        if let Some(v) = &o.keyring {
+            self.keyring = Some(v.clone());
+        }
         self.validate("command line")?;
         Ok(self)
     }
@@ -334,7 +403,76 @@ impl Config {
                 format!("must be between {MIN_MESSAGE_SIZE} bytes and 1GiB"),
             ));
         }
+        let mut names = std::collections::HashSet::new();
+        for s in &self.signers {
+            let hex_ok = s.fingerprint.chars().all(|c| c.is_ascii_hexdigit());
+            if !(hex_ok && matches!(s.fingerprint.len(), 40 | 64)) {
+                return Err(invalid(
+                    "signer.fingerprint",
+                    format!(
+                        "signer {:?}: {:?} is not a key fingerprint (40 or 64 hex digits)",
+                        s.name, s.fingerprint
+                    ),
+                ));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(invalid(
+                    "signer.name",
+                    format!("signer {:?} is named twice", s.name),
+                ));
+            }
+            if s.classes.is_empty() || s.databases.is_empty() {
+                return Err(invalid(
+                    "signer",
+                    format!("signer {:?} may authorize nothing (empty databases or classes)", s.name),
+                ));
+            }
+        }
+        if !self.signers.is_empty() && self.keyring.is_none() {
+            return Err(invalid(
+                "keyring",
+                "[[signer]]s are named but no keyring holds their public keys".into(),
+            ));
+        }
+        for r in &self.rules {
+            if r.signatures == 0 {
+                return Err(invalid(
+                    "rule.signatures",
+                    format!("rule for database {:?}, user {:?}: must be at least 1", r.database, r.user),
+                ));
+            }
+            // With signers configured, every rule's demand must be one the signers can meet.
+            if !self.signers.is_empty() || r.signatures > 1 {
+                let able = self
+                    .signers
+                    .iter()
+                    .filter(|s| {
+                        s.databases.iter().any(|d| patterns_overlap(d, &r.database))
+                            && s.classes.iter().any(|c| r.guard.contains(c))
+                    })
+                    .count();
+                if able < r.signatures {
+                    return Err(invalid(
+                        "rule.signatures",
+                        format!(
+                            "rule for database {:?}, user {:?} needs {} signers but only {able} [[signer]]s may sign for it",
+                            r.database, r.user, r.signatures
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+/// Whether some name matches both patterns.
+fn patterns_overlap(a: &str, b: &str) -> bool {
+    match (a.strip_suffix('*'), b.strip_suffix('*')) {
+        (Some(pa), Some(pb)) => pa.starts_with(pb) || pb.starts_with(pa),
+        (Some(_), None) => pattern_matches(a, b),
+        (None, Some(_)) => pattern_matches(b, a),
+        (None, None) => a == b,
     }
 }
 

@@ -46,6 +46,9 @@ enum Cmd {
         /// Directory for stepgate's state [default: ./stepgate-state].
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Public keys of the signers: an armored file or a directory of them (overrides `keyring`).
+        #[arg(long)]
+        keyring: Option<PathBuf>,
         /// TLS to the upstream server [default: disable].
         #[arg(long, value_enum)]
         upstream_tls: Option<UpstreamTls>,
@@ -129,6 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             upstream,
             state_dir,
+            keyring,
             upstream_tls,
             log_format,
             mode,
@@ -141,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 upstream_tls,
                 log_format,
                 mode,
+                keyring,
             };
             let config = Config::load(config.as_deref(), &overrides)?;
             stepgate::logging::init(config.log_format);

@@ -5,6 +5,7 @@
 //! closing them with an error. Each connection holds one permit of a semaphore sized `max_connections`;
 //! a connection beyond it completes the startup handshake and is refused with SQLSTATE 53300.
 
+mod authz;
 mod session;
 pub mod state;
 mod stream;
@@ -44,6 +45,8 @@ pub enum ServeError {
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("token policy: {0}")]
+    Policy(String),
 }
 
 /// Options of `serve` that are deliberately not in the config file.
@@ -84,9 +87,14 @@ impl Server {
             path: config.state_dir.display().to_string(),
             source,
         })?;
+        let policy = crate::token::Policy::load(&config).map_err(ServeError::Policy)?;
         let audit = std::sync::Arc::new(crate::audit::AuditLog::open(&config.state_dir)?);
         let registry = crate::gate::Registry::new(Some(audit.clone()));
-        registry.restore(&crate::audit::AuditLog::read_all(audit.path())?);
+        let records = crate::audit::AuditLog::read_all(audit.path())?;
+        registry.restore(&records);
+        let ledger = crate::token::Ledger::default();
+        ledger.restore(&records);
+        drop(records);
         if options.unsafe_no_gate {
             warn!("--unsafe-no-gate: NOTHING is classified or held; use this only to measure the gate's cost");
             let mut f = serde_json::Map::new();
@@ -96,7 +104,8 @@ impl Server {
             );
             audit.append("gate_disabled", f, true)?;
         }
-        let gate = state::GateContext::new(config.clone(), registry, options.unsafe_no_gate);
+        let gate = state::GateContext::new(config.clone(), registry, options.unsafe_no_gate)
+            .with_tokens(policy, ledger, audit);
         let tls_acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let upstream_tls = match config.upstream_tls {
             UpstreamTls::Disable => None,

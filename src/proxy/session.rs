@@ -583,6 +583,18 @@ where
                         b'Z' if !logged_in => {
                             logged_in = true;
                             flags.logged_in.store(true, Ordering::Release);
+                            // A token from the startup packet counts only once the server accepted the login.
+                            let verdict = state
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .on_login(&shared.gate);
+                            if let Err(fatal) = verdict {
+                                wr.write_all(&buf[..ready]).await?;
+                                wr.write_all(&fatal.to_bytes()).await?;
+                                wr.flush().await?;
+                                flags.upstream_fatal.store(true, Ordering::Release);
+                                return Ok(BackendEnd::LoginFailed);
+                            }
                         }
                         b'R' if body.len() >= 4 => {
                             let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
@@ -619,7 +631,7 @@ where
                         let action = state
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .on_backend(tag, msg);
+                            .on_backend(&shared.gate, tag, msg);
                         if let Action::Replace(replacement) = action {
                             flags.client_at_boundary.store(false, Ordering::Relaxed);
                             wr.write_all(&buf[..ready]).await?;

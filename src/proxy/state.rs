@@ -23,6 +23,11 @@ use crate::gate::{decide, Decision, HeldStatus, Mode, Registry, SessionFields};
 use crate::wire::build::{self, message};
 use crate::wire::frame::cstr;
 use crate::wire::reply::{error_fields, ErrorReply};
+use crate::token::grant::TokenRef;
+use crate::token::{Ledger, Policy};
+use super::authz::{rejection, Denied, Grant, Reservation};
+use std::sync::Arc;
+use crate::audit::AuditLog;
 
 /// Shared by every session of a server.
 pub struct GateContext {
@@ -36,6 +41,12 @@ pub struct GateContext {
     pub generation: u64,
     /// Random suffix of the names used to make the server fail on purpose.
     pub refusal_name: String,
+    /// Keyring and signers tokens are verified against.
+    pub policy: Policy,
+    /// Spent token uses, shared by every session.
+    pub ledger: Ledger,
+    /// Where token events are recorded (None only in unit tests).
+    pub audit: Option<Arc<AuditLog>>,
 }
 
 impl GateContext {
@@ -52,7 +63,18 @@ impl GateContext {
             disabled,
             generation: 1,
             refusal_name: format!("stepgate_refused_{suffix}"),
+            policy: Policy::default(),
+            ledger: Ledger::default(),
+            audit: None,
         }
+    }
+
+    /// Adds the token policy, the ledger of spent uses and the audit log.
+    pub fn with_tokens(mut self, policy: Policy, ledger: Ledger, audit: Arc<AuditLog>) -> Self {
+        self.policy = policy;
+        self.ledger = ledger;
+        self.audit = Some(audit);
+        self
     }
 }
 
@@ -83,6 +105,8 @@ pub enum Effect {
     SetStepgate {
         name: String,
         value: String,
+        /// For `stepgate.token`: the verified token that becomes active.
+        token: Option<TokenRef>,
     },
     /// `RESET stepgate.<name>`, or every stepgate setting for `RESET ALL`.
     ResetStepgate(Option<String>),
@@ -101,6 +125,7 @@ enum Expect {
         effects: Vec<Effect>,
         done: usize,
         refused: Option<ErrorReply>,
+        reservations: Vec<Reservation>,
     },
     Parse {
         batch: u64,
@@ -116,6 +141,8 @@ enum Expect {
     Execute {
         effect: Effect,
         refused: Option<ErrorReply>,
+        portal: Vec<u8>,
+        reservations: Vec<Reservation>,
     },
     Close {
         batch: u64,
@@ -166,6 +193,30 @@ pub struct SessionState {
     skip_until_sync: bool,
     /// Transaction status from the last ReadyForQuery (`I`, `T` or `E`).
     pub txn_status: u8,
+    /// The session's verified token.
+    token: Option<TokenRef>,
+    /// A token from the startup packet, verified once the upstream accepted the login.
+    startup_token: Option<String>,
+    /// Reservations of portals suspended by a row limit: their later Executes are the same use.
+    suspended: HashMap<Vec<u8>, Vec<Reservation>>,
+}
+
+/// Why a message is refused outright, before any decision.
+pub(crate) enum Refused {
+    /// It names a stepgate setting in a way that is not accepted.
+    Mention,
+    /// It cannot be judged: held as this.
+    Hold(Box<StmtInfo>),
+    /// `SET stepgate.token` with a token that does not verify.
+    Token(ErrorReply),
+}
+
+/// What [`SessionState::analyze`] finds in a query string.
+pub(crate) struct Analysis {
+    info: StmtInfo,
+    effects: Vec<Effect>,
+    rewritten: Option<String>,
+    grants: Vec<Grant>,
 }
 
 /// Text safe to put inside a single-quoted literal we build ourselves.
@@ -319,11 +370,16 @@ impl SessionState {
         rule: Rule,
         startup_settings: Vec<(String, String)>,
     ) -> SessionState {
+        let mut stepgate: BTreeMap<String, String> = startup_settings.into_iter().collect();
+        let startup_token = stepgate.remove("stepgate.token");
         SessionState {
             session,
             rule,
             lex: LexSettings::default(),
-            stepgate: startup_settings.into_iter().collect(),
+            stepgate,
+            token: None,
+            startup_token,
+            suspended: HashMap::new(),
             prepared: HashMap::new(),
             portals: HashMap::new(),
             queue: VecDeque::new(),
@@ -335,6 +391,29 @@ impl SessionState {
 
     pub fn rule(&self) -> &Rule {
         &self.rule
+    }
+
+    /// Called when the upstream has accepted the login: verifies a token from the startup packet. An error
+    /// is the FATAL to send before closing the session.
+    pub fn on_login(&mut self, ctx: &GateContext) -> Result<(), ErrorReply> {
+        let Some(raw) = self.startup_token.take() else {
+            return Ok(());
+        };
+        match ctx.verify_token(raw.as_bytes(), &self.session, &self.rule) {
+            Ok(tok) => {
+                ctx.token_activated(&self.session, &tok);
+                self.stepgate
+                    .insert("stepgate.token".into(), tok.id().to_string());
+                self.token = Some(tok);
+                Ok(())
+            }
+            Err(reason) => Err(rejection(&reason, true)),
+        }
+    }
+
+    /// The session's active token, if any.
+    pub fn token(&self) -> Option<&TokenRef> {
+        self.token.as_ref()
     }
 
     /// Frontend message tags the gate must see whole.
@@ -403,16 +482,24 @@ impl SessionState {
         sql: &str,
         info: &StmtInfo,
         status: HeldStatus,
+        denied: Option<&Denied>,
     ) -> ErrorReply {
+        if let Some(Denied::AuditUnavailable) = denied {
+            return Self::audit_unavailable();
+        }
+        let why = denied.and_then(Denied::describe);
         let statements = if info.statements.is_empty() {
             vec![(String::new(), sql.to_string())]
         } else {
             info.statements.clone()
         };
-        let reason = format!(
+        let mut reason = format!(
             "{} is guarded for database {:?}, user {:?}",
             info.class, self.session.database, self.session.user
         );
+        if let Some(why) = &why {
+            reason = format!("{reason}; {why}");
+        }
         match ctx
             .registry
             .record(&self.session, sql, statements, info.class, &reason, status)
@@ -430,7 +517,12 @@ impl SessionState {
                     tracing::warn!(held_id = %entry.id, class = %info.class, user = %self.session.user, database = %self.session.database, sql = %entry.sql, "statement held");
                 }
                 ErrorReply::error("42501", format!("stepgate: statement held ({})", info.class))
-                    .with_detail(format!("held id {}; fingerprint {}", entry.id, if fps.is_empty() { "(none)".to_string() } else { fps.join(", ") }))
+                    .with_detail(format!(
+                        "held id {}; fingerprint {}{}",
+                        entry.id,
+                        if fps.is_empty() { "(none)".to_string() } else { fps.join(", ") },
+                        why.as_deref().map(|w| format!("; {w}")).unwrap_or_default()
+                    ))
                     .with_hint(format!(
                         "stepgate token new --held {id} | gpg --clearsign, then SET stepgate.token (or SHOW HELD {id} in the stepgate console)",
                         id = entry.id
@@ -438,12 +530,16 @@ impl SessionState {
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit log unavailable: guarded statement refused");
-                ErrorReply::error(
-                    "58030",
-                    "stepgate: audit log unavailable; guarded statement refused",
-                )
+                Self::audit_unavailable()
             }
         }
+    }
+
+    fn audit_unavailable() -> ErrorReply {
+        ErrorReply::error(
+            "58030",
+            "stepgate: audit log unavailable; guarded statement refused",
+        )
     }
 
     fn mention_refusal() -> ErrorReply {
@@ -453,17 +549,23 @@ impl SessionState {
     }
 
     /// A Query message is its own batch: its responses end with ReadyForQuery.
-    fn expect_query(&mut self, effects: Vec<Effect>, refused: Option<ErrorReply>) {
+    fn expect_query(
+        &mut self,
+        effects: Vec<Effect>,
+        refused: Option<ErrorReply>,
+        reservations: Vec<Reservation>,
+    ) {
         self.queue.push_back(Expect::Query {
             effects,
             done: 0,
             refused,
+            reservations,
         });
         self.batch += 1;
     }
 
     fn refuse_query(&mut self, ctx: &GateContext, refusal: ErrorReply) -> Action {
-        self.expect_query(Vec::new(), Some(refusal));
+        self.expect_query(Vec::new(), Some(refusal), Vec::new());
         Action::Replace(build::query(
             format!("EXECUTE {}", ctx.refusal_name).as_bytes(),
         ))
@@ -474,13 +576,24 @@ impl SessionState {
         let mut settings: Vec<&str> = settings.iter().map(String::as_str).collect();
         settings.sort();
         sanitize(&format!(
-            "mode={}; rule=database:{},user:{},guard:{}; unparsed_guarded={}; settings={}; authorization=none",
+            "mode={}; rule=database:{},user:{},guard:{},signatures:{}; unparsed_guarded={}; settings={}; {}",
             ctx.mode.as_str(),
             self.rule.database,
             self.rule.user,
             if guard.is_empty() { "-".to_string() } else { guard.join("+") },
+            self.rule.signatures,
             !ctx.config.allow_unparsed,
             if settings.is_empty() { "-".to_string() } else { settings.join("+") },
+            match &self.token {
+                None => "token=none".to_string(),
+                Some(t) => format!(
+                    "token={}; signers={}; not_after={}; statements={}",
+                    t.id(),
+                    t.auth.signers.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join("+"),
+                    humantime::format_rfc3339_seconds(t.auth.payload.not_after),
+                    t.auth.payload.statements.len()
+                ),
+            }
         ))
     }
 
@@ -590,13 +703,13 @@ impl SessionState {
         ctx: &GateContext,
         bytes: &[u8],
         local: &mut HashMap<Vec<u8>, Option<StmtInfo>>,
-    ) -> Result<(StmtInfo, Vec<Effect>, Option<String>), Box<StmtInfo>> {
+    ) -> Result<Analysis, Refused> {
         let unparsed = |what: &str| {
-            Box::new(StmtInfo {
+            Refused::Hold(Box::new(StmtInfo {
                 class: Class::Unparsed,
                 statements: vec![(String::new(), what.to_string())],
                 effect: Effect::None,
-            })
+            }))
         };
         let text =
             decode(bytes, &self.lex).map_err(|e| unparsed(&format!("unreadable query: {e}")))?;
@@ -612,7 +725,10 @@ impl SessionState {
         let mut mention = false;
         // Settings as the statements of this string will see them (SET takes effect for what follows).
         let mut view: Vec<String> = self.stepgate.keys().cloned().collect();
+        let mut view_token = self.token.clone();
+        let mut grants: Vec<Grant> = Vec::new();
         for s in &stmts {
+            let index = effects.len();
             let mut c = s.verdict.class;
             let mut effect = Effect::None;
             match kind_of(&s.tokens) {
@@ -622,18 +738,32 @@ impl SessionState {
                     if !view.contains(&name) {
                         view.push(name.clone());
                     }
+                    let (shown, token) = if name == "stepgate.token" {
+                        // Verified now, so a bad token fails the SET itself; the server sees only its id.
+                        let tok = ctx
+                            .verify_token(value.as_bytes(), &self.session, &self.rule)
+                            .map_err(|reason| Refused::Token(rejection(&reason, false)))?;
+                        view_token = Some(tok.clone());
+                        (sanitize(tok.id()), Some(tok))
+                    } else {
+                        ("set".to_string(), None)
+                    };
                     rewrites.push((
                         s.start,
                         s.start + s.text.len(),
-                        format!("SET {name} = 'set'"),
+                        format!("SET {name} = '{shown}'"),
                     ));
-                    effect = Effect::SetStepgate { name, value };
+                    let value = if token.is_some() { shown } else { value };
+                    effect = Effect::SetStepgate { name, value, token };
                 }
                 Kind2::Reset(name) => {
                     c = Class::Session;
                     match &name {
                         Some(n) => view.retain(|v| v != n),
                         None => view.clear(),
+                    }
+                    if name.as_deref().is_none_or(|n| n == "stepgate.token") {
+                        view_token = None;
                     }
                     effect = Effect::ResetStepgate(name);
                 }
@@ -672,14 +802,23 @@ impl SessionState {
                     // EXECUTE runs the prepared statement: a token has to list that statement.
                     let info = self.lookup_statement(&name, local);
                     if self.guarded(ctx, info.class) {
-                        if self.prepared.contains_key(&name)
+                        let listed = if self.prepared.contains_key(&name)
                             || local.get(&name).is_some_and(|v| v.is_some())
                         {
-                            guarded_statements.extend(info.statements.iter().cloned());
+                            info.statements.clone()
                         } else {
                             // An unknown name: nothing to authorize but the EXECUTE itself.
-                            guarded_statements.push((s.fingerprint(), s.text.to_string()));
+                            vec![(s.fingerprint(), s.text.to_string())]
+                        };
+                        for (fingerprint, sql) in &listed {
+                            grants.push(Grant {
+                                index,
+                                fingerprint: fingerprint.clone(),
+                                sql: sql.clone(),
+                                token: view_token.clone(),
+                            });
                         }
+                        guarded_statements.extend(listed);
                     }
                     class = class.max(info.class);
                     effects.push(Effect::None);
@@ -699,6 +838,7 @@ impl SessionState {
                     c = Class::Session;
                     local.clear();
                     view.clear();
+                    view_token = None;
                     effect = Effect::DiscardAll;
                 }
                 Kind2::Plain => {
@@ -708,17 +848,20 @@ impl SessionState {
                 }
             }
             if self.guarded(ctx, c) {
-                guarded_statements.push((s.fingerprint(), s.text.to_string()));
+                let fingerprint = s.fingerprint();
+                grants.push(Grant {
+                    index,
+                    fingerprint: fingerprint.clone(),
+                    sql: s.text.to_string(),
+                    token: view_token.clone(),
+                });
+                guarded_statements.push((fingerprint, s.text.to_string()));
             }
             class = class.max(c);
             effects.push(effect);
         }
         if mention {
-            return Err(Box::new(StmtInfo {
-                class: Class::Privileged,
-                statements: Vec::new(),
-                effect: Effect::None,
-            }));
+            return Err(Refused::Mention);
         }
         let rewritten = if rewrites.is_empty() {
             None
@@ -737,15 +880,37 @@ impl SessionState {
         } else {
             return Err(unparsed("a stepgate setting in a query that is not UTF-8"));
         };
-        Ok((
-            StmtInfo {
+        Ok(Analysis {
+            info: StmtInfo {
                 class,
                 statements: guarded_statements,
                 effect: Effect::None,
             },
             effects,
             rewritten,
-        ))
+            grants,
+        })
+    }
+
+    /// For a guarded message: reserve uses for its grants (see [`GateContext::authorize`]). Returns the
+    /// reservations, or why it is not authorized.
+    fn authorize(
+        &self,
+        ctx: &GateContext,
+        guarded: bool,
+        grants: &[Grant],
+        class: Class,
+    ) -> (Vec<Reservation>, Option<Denied>) {
+        if !guarded {
+            return (Vec::new(), None);
+        }
+        if grants.iter().all(|g| g.token.is_none()) {
+            return (Vec::new(), Some(Denied::NoToken));
+        }
+        match ctx.authorize(&self.session, &self.rule, grants, class) {
+            Ok(r) => (r, None),
+            Err(d) => (Vec::new(), Some(d)),
+        }
     }
 
     fn on_query(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
@@ -755,33 +920,39 @@ impl SessionState {
             !entry.attention && !self.guarded(ctx, entry.max)
         };
         if fast_pass {
-            self.expect_query(Vec::new(), None);
+            self.expect_query(Vec::new(), None, Vec::new());
             return Action::Forward;
         }
         let mut local = HashMap::new();
         // The message's SQL, redacted, is only needed for a held entry.
         let sql = || crate::gate::redact(&String::from_utf8_lossy(bytes));
         match self.analyze(ctx, bytes, &mut local) {
-            Err(info) if info.statements.is_empty() => {
-                self.refuse_query(ctx, Self::mention_refusal())
-            }
-            Err(info) => {
-                let err = self.hold(ctx, &sql(), &info, HeldStatus::Held);
+            Err(Refused::Mention) => self.refuse_query(ctx, Self::mention_refusal()),
+            Err(Refused::Token(err)) => self.refuse_query(ctx, err),
+            Err(Refused::Hold(info)) => {
+                let err = self.hold(ctx, &sql(), &info, HeldStatus::Held, None);
                 self.refuse_query(ctx, err)
             }
-            Ok((info, effects, rewritten)) => {
+            Ok(Analysis {
+                info,
+                effects,
+                rewritten,
+                grants,
+            }) => {
                 let guarded = !info.statements.is_empty() || self.guarded(ctx, info.class);
-                match decide(guarded, ctx.mode, false) {
+                let (reservations, denied) = self.authorize(ctx, guarded, &grants, info.class);
+                match decide(guarded, ctx.mode, denied.is_none()) {
                     Decision::Refuse => {
-                        let err = self.hold(ctx, &sql(), &info, HeldStatus::Held);
+                        let err =
+                            self.hold(ctx, &sql(), &info, HeldStatus::Held, denied.as_ref());
                         return self.refuse_query(ctx, err);
                     }
                     Decision::Observe => {
-                        self.hold(ctx, &sql(), &info, HeldStatus::Observed);
+                        self.hold(ctx, &sql(), &info, HeldStatus::Observed, denied.as_ref());
                     }
                     Decision::Pass => {}
                 }
-                self.expect_query(effects, None);
+                self.expect_query(effects, None, reservations);
                 match rewritten {
                     Some(text) => Action::Replace(build::query(text.as_bytes())),
                     None => Action::Forward,
@@ -822,16 +993,25 @@ impl SessionState {
         }
         let mut local = HashMap::new();
         match self.analyze(ctx, query, &mut local) {
-            Err(info) if info.statements.is_empty() => {
+            Err(Refused::Mention) => {
                 // Never forwarded: a Parse of invalid SQL makes the server fail here instead.
                 push(self, StmtInfo::unknown(""), Some(Self::mention_refusal()));
                 Action::Replace(build::parse(&name, ctx.refusal_name.as_bytes()))
             }
-            Err(info) => {
+            Err(Refused::Token(err)) => {
+                push(self, StmtInfo::unknown(""), Some(err));
+                Action::Replace(build::parse(&name, ctx.refusal_name.as_bytes()))
+            }
+            Err(Refused::Hold(info)) => {
                 push(self, *info, None);
                 Action::Forward
             }
-            Ok((mut info, effects, rewritten)) => {
+            Ok(Analysis {
+                mut info,
+                effects,
+                rewritten,
+                ..
+            }) => {
                 // The statement's own fingerprints are what a token will have to list.
                 if info.statements.is_empty() {
                     if let Ok(text) = decode(query, &self.lex) {
@@ -888,14 +1068,17 @@ impl SessionState {
         let Some((portal, _)) = cstr(body) else {
             return Action::Forward;
         };
+        let portal = portal.to_vec();
         if ctx.disabled {
             self.queue.push_back(Expect::Execute {
                 effect: Effect::None,
                 refused: None,
+                portal,
+                reservations: Vec::new(),
             });
             return Action::Forward;
         }
-        let info = self.lookup_portal(portal);
+        let info = self.lookup_portal(&portal);
         // Only a hold needs the SQL text; the pass path does no string work.
         let sql = |info: &StmtInfo| {
             info.statements
@@ -904,22 +1087,64 @@ impl SessionState {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
-        match decide(self.guarded(ctx, info.class), ctx.mode, false) {
+        let guarded = self.guarded(ctx, info.class);
+        // A portal suspended by a row limit continues the use its first Execute reserved.
+        let rebound = self.queue.iter().any(
+            |e| matches!(e, Expect::Bind { portal: p, .. } | Expect::Close { kind: b'P', name: p, .. } if *p == portal),
+        );
+        let continued = if guarded && !rebound {
+            self.suspended.remove(&portal)
+        } else {
+            None
+        };
+        let (reservations, denied) = match continued {
+            Some(r) => (r, None),
+            None => {
+                let grants: Vec<Grant> = info
+                    .statements
+                    .iter()
+                    .map(|(fingerprint, sql)| Grant {
+                        index: 0,
+                        fingerprint: fingerprint.clone(),
+                        sql: sql.clone(),
+                        token: self.token.clone(),
+                    })
+                    .collect();
+                self.authorize(ctx, guarded, &grants, info.class)
+            }
+        };
+        match decide(guarded, ctx.mode, denied.is_none()) {
             Decision::Refuse => {
-                let err = self.hold(ctx, &sql(&info), &info, HeldStatus::Held);
+                let err = self.hold(
+                    ctx,
+                    &sql(&info),
+                    &info,
+                    HeldStatus::Held,
+                    denied.as_ref(),
+                );
                 self.queue.push_back(Expect::Execute {
                     effect: Effect::None,
                     refused: Some(err),
+                    portal,
+                    reservations: Vec::new(),
                 });
                 Action::Replace(build::execute(ctx.refusal_name.as_bytes()))
             }
             d => {
                 if d == Decision::Observe {
-                    self.hold(ctx, &sql(&info), &info, HeldStatus::Observed);
+                    self.hold(
+                        ctx,
+                        &sql(&info),
+                        &info,
+                        HeldStatus::Observed,
+                        denied.as_ref(),
+                    );
                 }
                 self.queue.push_back(Expect::Execute {
                     effect: info.effect,
                     refused: None,
+                    portal,
+                    reservations,
                 });
                 Action::Forward
             }
@@ -949,7 +1174,7 @@ impl SessionState {
         };
         match decide(self.guarded(ctx, Class::Privileged), ctx.mode, false) {
             Decision::Refuse => {
-                let err = self.hold(ctx, &text, &info, HeldStatus::Held);
+                let err = self.hold(ctx, &text, &info, HeldStatus::Held, None);
                 self.queue
                     .push_back(Expect::FunctionCall { refused: Some(err) });
                 let mut b = body.to_vec();
@@ -958,7 +1183,7 @@ impl SessionState {
             }
             d => {
                 if d == Decision::Observe {
-                    self.hold(ctx, &text, &info, HeldStatus::Observed);
+                    self.hold(ctx, &text, &info, HeldStatus::Observed, None);
                 }
                 self.queue.push_back(Expect::FunctionCall { refused: None });
                 Action::Forward
@@ -968,17 +1193,28 @@ impl SessionState {
 
     // ---- backend --------------------------------------------------------------------------------
 
-    fn apply(&mut self, effect: Effect) {
+    fn apply(&mut self, ctx: &GateContext, effect: Effect) {
         match effect {
             Effect::None => {}
-            Effect::SetStepgate { name, value } => {
+            Effect::SetStepgate { name, value, token } => {
+                if let Some(tok) = token {
+                    ctx.token_activated(&self.session, &tok);
+                    self.token = Some(tok);
+                }
                 self.stepgate.insert(name, value);
             }
             Effect::ResetStepgate(Some(name)) => {
+                if name == "stepgate.token" {
+                    self.token = None;
+                }
                 self.stepgate.remove(&name);
             }
-            Effect::ResetStepgate(None) => self.stepgate.clear(),
+            Effect::ResetStepgate(None) => {
+                self.token = None;
+                self.stepgate.clear()
+            }
             Effect::DiscardAll => {
+                self.token = None;
                 self.stepgate.clear();
                 self.prepared.clear();
                 self.portals.clear();
@@ -993,7 +1229,34 @@ impl SessionState {
         }
     }
 
-    pub fn on_backend(&mut self, tag: u8, msg: &[u8]) -> Action {
+    /// Confirms the reservations of a statement the server completed.
+    fn confirm(&self, ctx: &GateContext, reservations: Vec<Reservation>, body: &[u8]) {
+        let tag = cstr(body)
+            .map(|(t, _)| String::from_utf8_lossy(t).into_owned())
+            .unwrap_or_default();
+        for r in reservations {
+            ctx.executed(&self.session, &r, &tag);
+        }
+    }
+
+    /// Gives back the reservations of statements the server did not run.
+    fn release(&self, ctx: &GateContext, reservations: Vec<Reservation>, why: &str) {
+        for r in reservations {
+            ctx.released(&self.session, &r, why);
+        }
+    }
+
+    /// Releases what an expectation that will never be answered had reserved.
+    fn abandon(&self, ctx: &GateContext, e: Expect, why: &str) {
+        match e {
+            Expect::Query { reservations, .. } | Expect::Execute { reservations, .. } => {
+                self.release(ctx, reservations, why)
+            }
+            _ => {}
+        }
+    }
+
+    pub fn on_backend(&mut self, ctx: &GateContext, tag: u8, msg: &[u8]) -> Action {
         let body = msg.get(5..).unwrap_or(&[]);
         match tag {
             b'1' => {
@@ -1007,6 +1270,7 @@ impl SessionState {
                 if let Some(Expect::Bind { portal, info, .. }) =
                     self.pop_if(|e| matches!(e, Expect::Bind { .. }))
                 {
+                    self.suspended.remove(&portal);
                     self.portals.insert(portal, info);
                 }
             }
@@ -1017,40 +1281,77 @@ impl SessionState {
                     if kind == b'S' {
                         self.prepared.remove(&name);
                     } else {
+                        self.suspended.remove(&name);
                         self.portals.remove(&name);
                     }
                 }
             }
             b'C' | b'I' => match self.queue.front_mut() {
                 Some(Expect::Execute { .. }) => {
-                    if let Some(Expect::Execute { effect, .. }) = self.queue.pop_front() {
+                    if let Some(Expect::Execute {
+                        effect,
+                        reservations,
+                        ..
+                    }) = self.queue.pop_front()
+                    {
                         if tag == b'C' {
-                            self.apply(effect);
+                            self.confirm(ctx, reservations, body);
+                            self.apply(ctx, effect);
+                        } else {
+                            self.release(ctx, reservations, "empty query");
                         }
                     }
                 }
-                Some(Expect::Query { effects, done, .. }) => {
-                    let effect = effects.get(*done).cloned().unwrap_or(Effect::None);
+                Some(Expect::Query {
+                    effects,
+                    done,
+                    reservations,
+                    ..
+                }) => {
+                    let index = *done;
+                    let effect = effects.get(index).cloned().unwrap_or(Effect::None);
                     *done += 1;
+                    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(reservations)
+                        .into_iter()
+                        .partition(|r| r.index == index);
+                    *reservations = rest;
                     if tag == b'C' {
-                        self.apply(effect);
+                        self.confirm(ctx, mine, body);
+                        self.apply(ctx, effect);
+                    } else {
+                        self.release(ctx, mine, "empty query");
                     }
                 }
                 _ => {}
             },
             b's' => {
-                self.pop_if(|e| matches!(e, Expect::Execute { .. }));
+                if let Some(Expect::Execute {
+                    portal,
+                    reservations,
+                    ..
+                }) = self.pop_if(|e| matches!(e, Expect::Execute { .. }))
+                {
+                    if !reservations.is_empty() {
+                        self.suspended.insert(portal, reservations);
+                    }
+                }
             }
-            b'E' => return self.on_error(msg, body),
+            b'E' => return self.on_error(ctx, msg, body),
             b'Z' => {
                 self.txn_status = body.first().copied().unwrap_or(b'I');
                 while let Some(e) = self.queue.pop_front() {
-                    if matches!(
+                    let last = matches!(
                         e,
                         Expect::Sync | Expect::Query { .. } | Expect::FunctionCall { .. }
-                    ) {
+                    );
+                    self.abandon(ctx, e, "no response from the server");
+                    if last {
                         break;
                     }
+                }
+                if self.txn_status == b'I' {
+                    // Portals do not outlive their transaction.
+                    self.suspended.clear();
                 }
             }
             b'S' => {
@@ -1080,10 +1381,16 @@ impl SessionState {
         }
     }
 
-    fn on_error(&mut self, _msg: &[u8], body: &[u8]) -> Action {
-        let (code, _) = error_fields(body);
+    fn on_error(&mut self, ctx: &GateContext, _msg: &[u8], body: &[u8]) -> Action {
+        let (code, message) = error_fields(body);
+        let why = format!("server error {code}: {message}");
         // An aborted transaction answers everything with 25P02: that is the server's truth, not ours to rewrite.
         let ours = |r: &Option<ErrorReply>| r.clone().filter(|_| code != "25P02");
+        if let Some(Expect::Query { reservations, .. }) = self.queue.front_mut() {
+            // The failing statement and the ones after it in the string do not run.
+            let left = std::mem::take(reservations);
+            self.release(ctx, left, &why);
+        }
         match self.queue.front_mut() {
             Some(Expect::Query { refused, .. }) | Some(Expect::FunctionCall { refused }) => {
                 if let Some(err) = ours(refused) {
@@ -1106,7 +1413,9 @@ impl SessionState {
                         Expect::Sync | Expect::Query { .. } | Expect::FunctionCall { .. }
                     )
                 }) {
-                    self.queue.pop_front();
+                    if let Some(e) = self.queue.pop_front() {
+                        self.abandon(ctx, e, &why);
+                    }
                 }
                 if self.queue.is_empty() {
                     self.skip_until_sync = true;
@@ -1149,7 +1458,7 @@ mod tests {
     }
 
     fn be(s: &mut SessionState, tag: u8, body: &[u8]) -> Action {
-        s.on_backend(tag, &message(tag, body))
+        s.on_backend(&ctx(), tag, &message(tag, body))
     }
 
     #[test]

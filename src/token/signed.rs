@@ -73,6 +73,8 @@ pub struct SignerInfo {
     pub user_id: String,
     /// When the signature was made.
     pub signed_at: SystemTime,
+    /// When the certificate or the signing key expires, whichever is first.
+    pub key_expires: Option<SystemTime>,
 }
 
 /// A token whose signatures verified.
@@ -193,6 +195,7 @@ impl Helper<'_> {
                     return;
                 }
                 let handle = g.ka.key().key_handle();
+                let mut key_expires = vc.primary_key().key_expiration_time();
                 match vc.keys().key_handle(handle).next() {
                     Some(k) if matches!(k.revocation_status(), RevocationStatus::Revoked(_)) => {
                         self.error.get_or_insert(SignatureError::KeyRevoked(fpr));
@@ -202,7 +205,11 @@ impl Helper<'_> {
                         self.error.get_or_insert(SignatureError::KeyExpired(fpr));
                         return;
                     }
-                    Some(_) => {}
+                    Some(k) => {
+                        if let Some(t) = k.key_expiration_time() {
+                            key_expires = Some(key_expires.map_or(t, |e| e.min(t)));
+                        }
+                    }
                     None => {
                         self.error.get_or_insert(SignatureError::KeyExpired(fpr));
                         return;
@@ -221,6 +228,7 @@ impl Helper<'_> {
                         fingerprint: fpr,
                         user_id,
                         signed_at,
+                        key_expires,
                     });
                 }
             }

@@ -96,7 +96,7 @@ pub struct Authorization {
     pub payload: Payload,
     /// The signers that count, with their policy names.
     pub signers: Vec<(SignerInfo, String)>,
-    /// When this verification must be redone: the token's not-after (key expiry is re-checked then too).
+    /// When this verification must be redone: the token's not-after or the first expiry of a signing key.
     pub valid_until: SystemTime,
 }
 
@@ -208,8 +208,12 @@ pub fn verify_token(
             need: policy.signatures_required,
         });
     }
+    let valid_until = counting
+        .iter()
+        .filter_map(|(s, _)| s.key_expires)
+        .fold(payload.not_after, SystemTime::min);
     Ok(Authorization {
-        valid_until: payload.not_after,
+        valid_until,
         payload,
         signers: counting,
     })

@@ -1,0 +1,255 @@
+//! Authorization of guarded statements by a session's token: verifying a token when it is set, reserving
+//! uses durably before a statement is forwarded, and confirming or releasing them when the server answers.
+//!
+//! Every step is an audit record (DESIGN.md "Audit log"): `token_set`, `token_rejected`, `authorized`
+//! (written and fsync'd before the statement is forwarded), `executed`, `released`.
+
+use std::time::SystemTime;
+
+use serde_json::{Map, Value};
+
+use super::state::GateContext;
+use crate::classify::Class;
+use crate::config::Rule;
+use crate::gate::{redact, SessionFields};
+use crate::token::grant::TokenRef;
+use crate::token::{ActiveToken, Reason};
+use crate::wire::reply::ErrorReply;
+
+/// A guarded statement of a message and the token that would cover it.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// Index of the statement in the message (which CommandComplete confirms it).
+    pub index: usize,
+    pub fingerprint: String,
+    pub sql: String,
+    pub token: Option<TokenRef>,
+}
+
+/// One reserved use.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub index: usize,
+    pub token: TokenRef,
+    pub fingerprint: String,
+    pub sql: String,
+    pub class: Class,
+}
+
+/// Why a guarded message is not authorized.
+#[derive(Debug, Clone)]
+pub enum Denied {
+    NoToken,
+    /// The session's token no longer verifies (expired, key expired or revoked, policy changed).
+    Token { id: String, reason: Reason },
+    NotListed { id: String, fingerprint: String },
+    AlreadyUsed { id: String, fingerprint: String },
+    AuditUnavailable,
+}
+
+impl Denied {
+    /// The reason code and what it concerns, for the DETAIL and the audit record.
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            Denied::NoToken | Denied::AuditUnavailable => None,
+            Denied::Token { id, reason } => Some(format!("token {id}: {reason}")),
+            Denied::NotListed { id, fingerprint } => {
+                Some(format!("token {id}: statement_not_listed ({fingerprint})"))
+            }
+            Denied::AlreadyUsed { id, fingerprint } => {
+                Some(format!("token {id}: already_used ({fingerprint})"))
+            }
+        }
+    }
+}
+
+fn session_map(s: &SessionFields) -> Map<String, Value> {
+    match serde_json::to_value(s) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    }
+}
+
+/// A short, non-reversible reference to a token for logs: its length and a hash prefix.
+pub fn token_ref(raw: &[u8]) -> String {
+    let h = crate::audit::hash_line(raw);
+    format!("{} bytes, {}…", raw.len(), &h[..19])
+}
+
+impl GateContext {
+    fn audit(&self, event: &str, fields: Map<String, Value>, sync: bool) -> bool {
+        match &self.audit {
+            None => true,
+            Some(log) => match log.append(event, fields, sync) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, event, "audit log write failed");
+                    false
+                }
+            },
+        }
+    }
+
+    /// Verifies a token a session supplies; a refusal is audited as `token_rejected`.
+    pub fn verify_token(
+        &self,
+        raw: &[u8],
+        session: &SessionFields,
+        rule: &Rule,
+    ) -> Result<TokenRef, Reason> {
+        let now = SystemTime::now();
+        let result = self.policy.verify(
+            raw,
+            rule,
+            self.cache.classifier(),
+            &session.database,
+            &session.user,
+            now,
+        );
+        match result {
+            Ok(auth) => Ok(std::sync::Arc::new(ActiveToken::new(
+                auth,
+                raw.to_vec(),
+                self.generation,
+            ))),
+            Err(reason) => {
+                tracing::warn!(user = %session.user, database = %session.database, code = reason.code(), reason = %reason, token = %token_ref(raw), "token rejected");
+                let mut f = session_map(session);
+                f.insert("reason".into(), reason.code().into());
+                f.insert("detail".into(), reason.to_string().into());
+                f.insert("token_sha256".into(), crate::audit::hash_line(raw).into());
+                self.audit("token_rejected", f, false);
+                Err(reason)
+            }
+        }
+    }
+
+    /// Records a token becoming the session's active token (the record keeps the token: it is the evidence).
+    pub fn token_activated(&self, session: &SessionFields, token: &ActiveToken) {
+        let mut f = session_map(session);
+        f.insert("token_id".into(), token.id().into());
+        f.insert("signers".into(), token.signers_json());
+        f.insert(
+            "not_after".into(),
+            humantime::format_rfc3339_seconds(token.auth.payload.not_after)
+                .to_string()
+                .into(),
+        );
+        f.insert(
+            "token".into(),
+            String::from_utf8_lossy(&token.raw).into_owned().into(),
+        );
+        self.audit("token_set", f, false);
+        tracing::info!(user = %session.user, database = %session.database, token_id = token.id(), signers = token.auth.signers.len(), "token set");
+    }
+
+    /// Reserves one use for every grant, durably; all or nothing.
+    pub fn authorize(
+        &self,
+        session: &SessionFields,
+        rule: &Rule,
+        grants: &[Grant],
+        class: Class,
+    ) -> Result<Vec<Reservation>, Denied> {
+        if grants.is_empty() {
+            return Err(Denied::NoToken);
+        }
+        let now = SystemTime::now();
+        let mut taken: Vec<Reservation> = Vec::with_capacity(grants.len());
+        let undo = |taken: &[Reservation]| {
+            for r in taken {
+                self.ledger.release(r.token.id(), &r.fingerprint);
+            }
+        };
+        for g in grants {
+            let Some(tok) = &g.token else {
+                undo(&taken);
+                return Err(Denied::NoToken);
+            };
+            if !tok.is_current(self.generation, now) {
+                if let Err(reason) = self.policy.verify(
+                    &tok.raw,
+                    rule,
+                    self.cache.classifier(),
+                    &session.database,
+                    &session.user,
+                    now,
+                ) {
+                    undo(&taken);
+                    return Err(Denied::Token {
+                        id: tok.id().to_string(),
+                        reason,
+                    });
+                }
+            }
+            let Some(&limit) = tok.listed.get(&g.fingerprint) else {
+                undo(&taken);
+                return Err(Denied::NotListed {
+                    id: tok.id().to_string(),
+                    fingerprint: g.fingerprint.clone(),
+                });
+            };
+            if !self.ledger.reserve(tok.id(), &g.fingerprint, limit) {
+                undo(&taken);
+                return Err(Denied::AlreadyUsed {
+                    id: tok.id().to_string(),
+                    fingerprint: g.fingerprint.clone(),
+                });
+            }
+            taken.push(Reservation {
+                index: g.index,
+                token: tok.clone(),
+                fingerprint: g.fingerprint.clone(),
+                sql: redact(&g.sql),
+                class,
+            });
+        }
+        let last = taken.len() - 1;
+        for (i, r) in taken.iter().enumerate() {
+            if !self.audit("authorized", self.use_fields(session, r), i == last) {
+                undo(&taken);
+                return Err(Denied::AuditUnavailable);
+            }
+        }
+        for r in &taken {
+            tracing::info!(user = %session.user, database = %session.database, token_id = r.token.id(), fingerprint = %r.fingerprint, "authorized");
+        }
+        Ok(taken)
+    }
+
+    fn use_fields(&self, session: &SessionFields, r: &Reservation) -> Map<String, Value> {
+        let mut f = session_map(session);
+        f.insert("sql".into(), r.sql.clone().into());
+        f.insert("fingerprint".into(), r.fingerprint.clone().into());
+        f.insert("class".into(), r.class.as_str().into());
+        f.insert("token_id".into(), r.token.id().into());
+        f.insert("signers".into(), r.token.signers_json());
+        f
+    }
+
+    /// The server ran an authorized statement.
+    pub fn executed(&self, session: &SessionFields, r: &Reservation, command_tag: &str) {
+        let mut f = self.use_fields(session, r);
+        f.insert("outcome".into(), command_tag.into());
+        self.audit("executed", f, false);
+    }
+
+    /// The server refused an authorized statement: the use is given back.
+    pub fn released(&self, session: &SessionFields, r: &Reservation, why: &str) {
+        self.ledger.release(r.token.id(), &r.fingerprint);
+        let mut f = self.use_fields(session, r);
+        f.insert("reason".into(), why.into());
+        self.audit("released", f, false);
+    }
+}
+
+/// The error for a token that fails verification when it is set.
+pub fn rejection(reason: &Reason, fatal: bool) -> ErrorReply {
+    let msg = format!("stepgate: token rejected ({})", reason.code());
+    let e = if fatal {
+        ErrorReply::fatal("28000", msg)
+    } else {
+        ErrorReply::error("28000", msg)
+    };
+    e.with_detail(reason.to_string())
+}
