@@ -11,9 +11,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
-use crate::token::SignerPolicy;
 use crate::classify::{Class, Classifier};
 use crate::gate::Mode;
+use crate::token::SignerPolicy;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
 pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:5432";
@@ -302,9 +302,7 @@ impl Config {
                     user: r.user.unwrap_or_else(|| "*".into()),
                     guard: r.guard.unwrap_or_else(|| Class::DEFAULT_GUARDED.to_vec()),
                     signatures: r.signatures.unwrap_or(1),
-                    max_token_lifetime: r
-                        .max_token_lifetime
-                        .unwrap_or(DEFAULT_MAX_TOKEN_LIFETIME),
+                    max_token_lifetime: r.max_token_lifetime.unwrap_or(DEFAULT_MAX_TOKEN_LIFETIME),
                 })
                 .collect(),
             instance: raw.instance,
@@ -321,9 +319,7 @@ impl Config {
                         .collect::<String>()
                         .to_ascii_uppercase(),
                     databases: s.databases.unwrap_or_else(|| vec!["*".into()]),
-                    classes: s
-                        .classes
-                        .unwrap_or_else(|| Class::DEFAULT_GUARDED.to_vec()),
+                    classes: s.classes.unwrap_or_else(|| Class::DEFAULT_GUARDED.to_vec()),
                 })
                 .collect(),
         };
@@ -424,7 +420,10 @@ impl Config {
             if s.classes.is_empty() || s.databases.is_empty() {
                 return Err(invalid(
                     "signer",
-                    format!("signer {:?} may authorize nothing (empty databases or classes)", s.name),
+                    format!(
+                        "signer {:?} may authorize nothing (empty databases or classes)",
+                        s.name
+                    ),
                 ));
             }
         }
@@ -438,7 +437,10 @@ impl Config {
             if r.signatures == 0 {
                 return Err(invalid(
                     "rule.signatures",
-                    format!("rule for database {:?}, user {:?}: must be at least 1", r.database, r.user),
+                    format!(
+                        "rule for database {:?}, user {:?}: must be at least 1",
+                        r.database, r.user
+                    ),
                 ));
             }
             // With signers configured, every rule's demand must be one the signers can meet.

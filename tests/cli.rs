@@ -4,86 +4,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_stepgate");
-
-/// A `stepgate serve` process; killed when dropped.
-struct Serve {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Serve {
-    fn start(extra: &[&str]) -> Serve {
-        let dir = tempfile::tempdir().unwrap();
-        let port = stepgate::devdb::free_port();
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--upstream",
-                &pg().addr(),
-            ])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Wait for the "accepting connections" line, keep draining stderr afterwards.
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let started = Instant::now();
-        loop {
-            match rx.recv_timeout(Duration::from_secs(20)) {
-                Ok(line) if line.contains("accepting connections") => break,
-                Ok(_) => {}
-                Err(e) => panic!("stepgate serve did not start: {e}"),
-            }
-            assert!(started.elapsed() < Duration::from_secs(20));
-        }
-        Serve {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn conninfo(&self, db: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={} dbname={db} sslmode=disable",
-            self.port,
-            pg().user
-        )
-    }
-
-    fn signal(&self, sig: &str) {
-        Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::serve::{Serve, BIN};
 
 #[test]
 fn serve_with_flags_then_psql_select_1() {

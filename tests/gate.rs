@@ -356,11 +356,11 @@ async fn function_call_fast_path_is_privileged_except_large_objects() {
 async fn stepgate_settings_stay_away_from_the_server() {
     let g = gate().await;
     let c = g.client("postgres").await;
-    c.batch_execute("SET stepgate.token = 'c2VjcmV0LXRva2Vu'")
+    c.batch_execute("SET stepgate.note = 'c2VjcmV0LXRva2Vu'")
         .await
         .unwrap();
     // The server holds a harmless placeholder, never the value.
-    let rows = c.simple_query("SHOW stepgate.token").await.unwrap();
+    let rows = c.simple_query("SHOW stepgate.note").await.unwrap();
     let shown = rows.iter().find_map(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
         _ => None,
@@ -375,9 +375,9 @@ async fn stepgate_settings_stay_away_from_the_server() {
         })
         .unwrap();
     assert!(status.contains("mode=enforce"), "{status}");
-    assert!(status.contains("settings=stepgate.token"), "{status}");
+    assert!(status.contains("settings=stepgate.note"), "{status}");
     assert!(!status.contains("c2VjcmV0"), "{status}");
-    c.batch_execute("RESET stepgate.token").await.unwrap();
+    c.batch_execute("RESET stepgate.note").await.unwrap();
     let status = c.simple_query("SHOW stepgate.status").await.unwrap();
     assert!(format!("{status:?}").contains("settings=-"));
     // In a multi-statement string it takes effect for the statements after it.
@@ -412,10 +412,10 @@ async fn the_server_log_never_sees_the_value() {
     let g = gate().await;
     let c = g.client("postgres").await;
     c.batch_execute("SET log_statement = 'all'").await.unwrap();
-    c.batch_execute("SET stepgate.token = 'c2VjcmV0LWluLXRoZS1sb2c'; SELECT 'marker-after-set'")
+    c.batch_execute("SET stepgate.note = 'c2VjcmV0LWluLXRoZS1sb2c'; SELECT 'marker-after-set'")
         .await
         .unwrap();
-    c.execute("SET stepgate.token = 'ZXh0ZW5kZWQtc2VjcmV0'", &[])
+    c.execute("SET stepgate.note = 'ZXh0ZW5kZWQtc2VjcmV0'", &[])
         .await
         .unwrap();
     c.batch_execute("SELECT 'marker-end'").await.unwrap();
@@ -429,8 +429,8 @@ async fn the_server_log_never_sees_the_value() {
     }
     assert!(text.contains("marker-after-set"), "the statement log is on");
     assert!(
-        text.contains("stepgate.token = 'set'"),
-        "the placeholder reached the server"
+        text.contains("stepgate.note = 'set'"),
+        "the placeholder reached the server (tokens: see tests/token.rs)"
     );
     assert!(
         !text.contains("c2VjcmV0LWluLXRoZS1sb2c"),
@@ -589,6 +589,7 @@ async fn unparsed_stays_guarded_unless_allowed() {
             database: "*".into(),
             user: "*".into(),
             guard: vec![],
+            ..Default::default()
         }]
     })
     .await;

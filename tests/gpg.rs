@@ -1,88 +1,17 @@
 //! GnuPG interoperability of the token signature layer: what gpg signs, stepgate verifies, and what
 //! stepgate signs, gpg verifies. Uses a throwaway GNUPGHOME.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
+
 use std::time::SystemTime;
+
+use common::gnupg::GnuPg;
 
 use openpgp::cert::prelude::*;
 use openpgp::parse::Parse;
 use openpgp::serialize::Serialize;
 use sequoia_openpgp as openpgp;
 use stepgate::token::signed::{sign_cleartext, verify, Keyring};
-
-struct GnuPg {
-    home: tempfile::TempDir,
-}
-
-impl GnuPg {
-    fn new() -> GnuPg {
-        let home = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            home.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
-        GnuPg { home }
-    }
-
-    fn run(&self, args: &[&str], stdin: Option<&Path>) -> (bool, Vec<u8>, String) {
-        let mut c = Command::new("gpg");
-        c.env("GNUPGHOME", self.home.path())
-            .args([
-                "--batch",
-                "--yes",
-                "--pinentry-mode",
-                "loopback",
-                "--passphrase",
-                "",
-            ])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c.stdin(match stdin {
-            Some(p) => Stdio::from(std::fs::File::open(p).unwrap()),
-            None => Stdio::null(),
-        });
-        let out = c.output().expect("gpg runs");
-        (
-            out.status.success(),
-            out.stdout,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    /// Generates a key without expiry; returns its fingerprint.
-    fn generate(&self, uid: &str, algo: &str) -> String {
-        let (ok, _, err) = self.run(&["--quick-gen-key", uid, algo, "sign", "never"], None);
-        assert!(ok, "{err}");
-        let (_, out, _) = self.run(&["--with-colons", "--list-keys", uid], None);
-        String::from_utf8_lossy(&out)
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("fpr:")
-                    .map(|r| r.trim_matches(':').to_string())
-            })
-            .unwrap()
-    }
-
-    fn export(&self, uid: &str) -> Vec<u8> {
-        self.run(&["--armor", "--export", uid], None).1
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.home.path().join(name)
-    }
-}
-
-impl Drop for GnuPg {
-    fn drop(&mut self) {
-        let _ = Command::new("gpgconf")
-            .env("GNUPGHOME", self.home.path())
-            .args(["--kill", "gpg-agent"])
-            .status();
-    }
-}
 
 const PAYLOAD: &str =
     "stepgate-token: 1\nid: 7d4c0a6e-5b1f-4f0e-9a53-2f1e9c0b8d11\ndatabase: app\n";

@@ -367,8 +367,9 @@ async fn stepgate_startup_settings_are_not_forwarded() {
     let g = gate().await;
     let p = pg();
     let direct_addr: std::net::SocketAddr = format!("{}:{}", p.host, p.port).parse().unwrap();
-    let probe = b"SHOW stepgate.token";
-    let opts: &[u8] = b"-c stepgate.token=secret-value -c search_path=pipe_schema,public";
+    // (stepgate.token itself must verify at login: tests/token.rs covers it.)
+    let probe = b"SHOW stepgate.note";
+    let opts: &[u8] = b"-c stepgate.note=secret-value -c search_path=pipe_schema,public";
     // Sent straight to PostgreSQL, the setting would exist as a placeholder: the probe can tell.
     let mut d = Raw::login(direct_addr, &p.user, "postgres", &[("options", opts)]).await;
     d.send(&raw::query(probe)).await;

@@ -41,9 +41,18 @@ pub struct Reservation {
 pub enum Denied {
     NoToken,
     /// The session's token no longer verifies (expired, key expired or revoked, policy changed).
-    Token { id: String, reason: Reason },
-    NotListed { id: String, fingerprint: String },
-    AlreadyUsed { id: String, fingerprint: String },
+    Token {
+        id: String,
+        reason: Reason,
+    },
+    NotListed {
+        id: String,
+        fingerprint: String,
+    },
+    AlreadyUsed {
+        id: String,
+        fingerprint: String,
+    },
     AuditUnavailable,
 }
 

@@ -628,10 +628,11 @@ where
                     }
                     if logged_in || tag == b'S' {
                         let msg = &buf[ready..ready + len];
-                        let action = state
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .on_backend(&shared.gate, tag, msg);
+                        let action = state.lock().unwrap_or_else(|p| p.into_inner()).on_backend(
+                            &shared.gate,
+                            tag,
+                            msg,
+                        );
                         if let Action::Replace(replacement) = action {
                             flags.client_at_boundary.store(false, Ordering::Relaxed);
                             wr.write_all(&buf[..ready]).await?;

@@ -15,19 +15,19 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use super::authz::{rejection, Denied, Grant, Reservation};
+use crate::audit::AuditLog;
 use crate::classify::cache::CachedClassifier;
 use crate::classify::lex::{Kind, Token};
 use crate::classify::{decode, split, Class, LexSettings};
 use crate::config::{Config, Rule};
 use crate::gate::{decide, Decision, HeldStatus, Mode, Registry, SessionFields};
+use crate::token::grant::TokenRef;
+use crate::token::{Ledger, Policy};
 use crate::wire::build::{self, message};
 use crate::wire::frame::cstr;
 use crate::wire::reply::{error_fields, ErrorReply};
-use crate::token::grant::TokenRef;
-use crate::token::{Ledger, Policy};
-use super::authz::{rejection, Denied, Grant, Reservation};
 use std::sync::Arc;
-use crate::audit::AuditLog;
 
 /// Shared by every session of a server.
 pub struct GateContext {
@@ -943,8 +943,7 @@ impl SessionState {
                 let (reservations, denied) = self.authorize(ctx, guarded, &grants, info.class);
                 match decide(guarded, ctx.mode, denied.is_none()) {
                     Decision::Refuse => {
-                        let err =
-                            self.hold(ctx, &sql(), &info, HeldStatus::Held, denied.as_ref());
+                        let err = self.hold(ctx, &sql(), &info, HeldStatus::Held, denied.as_ref());
                         return self.refuse_query(ctx, err);
                     }
                     Decision::Observe => {
@@ -1115,13 +1114,7 @@ impl SessionState {
         };
         match decide(guarded, ctx.mode, denied.is_none()) {
             Decision::Refuse => {
-                let err = self.hold(
-                    ctx,
-                    &sql(&info),
-                    &info,
-                    HeldStatus::Held,
-                    denied.as_ref(),
-                );
+                let err = self.hold(ctx, &sql(&info), &info, HeldStatus::Held, denied.as_ref());
                 self.queue.push_back(Expect::Execute {
                     effect: Effect::None,
                     refused: Some(err),

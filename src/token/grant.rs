@@ -34,10 +34,11 @@ impl Policy {
             None => Keyring::default(),
         };
         for s in &config.signers {
-            let found = keyring
-                .certs
-                .iter()
-                .any(|c| c.fingerprint().to_hex().eq_ignore_ascii_case(&s.fingerprint));
+            let found = keyring.certs.iter().any(|c| {
+                c.fingerprint()
+                    .to_hex()
+                    .eq_ignore_ascii_case(&s.fingerprint)
+            });
             if !found {
                 return Err(format!(
                     "signer {:?}: key {} is not in the keyring {}",

@@ -2,6 +2,7 @@
 //! layer ([`signed`]), verification against the keyring and the policy ([`verify`]), and what a session and
 //! the server keep at run time: the verified token and the ledger of spent uses ([`grant`]).
 
+pub mod cli;
 pub mod grant;
 pub mod payload;
 pub mod signed;

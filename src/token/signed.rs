@@ -399,6 +399,32 @@ pub fn sign_cleartext(
     signers: &[Cert],
     now: SystemTime,
 ) -> Result<Vec<u8>, String> {
+    sign_cleartext_with(payload, signers, now, None)
+}
+
+/// Whether any of these keys' signing secrets is protected by a passphrase.
+pub fn needs_passphrase(signers: &[Cert], now: SystemTime) -> bool {
+    let policy = StandardPolicy::new();
+    signers.iter().any(|cert| {
+        cert.keys()
+            .with_policy(&policy, now)
+            .supported()
+            .alive()
+            .revoked(false)
+            .for_signing()
+            .secret()
+            .next()
+            .is_some_and(|k| !k.key().has_unencrypted_secret())
+    })
+}
+
+/// [`sign_cleartext`] with a passphrase for protected secret keys.
+pub fn sign_cleartext_with(
+    payload: &[u8],
+    signers: &[Cert],
+    now: SystemTime,
+    passphrase: Option<&str>,
+) -> Result<Vec<u8>, String> {
     use openpgp::serialize::stream::{Message, Signer};
     use std::io::Write;
     let policy = StandardPolicy::new();
@@ -419,7 +445,19 @@ pub fn sign_cleartext(
                     cert.fingerprint()
                 )
             })?;
-        let pair = key.key().clone().into_keypair().map_err(|e| {
+        let mut secret = key.key().clone();
+        if !secret.has_unencrypted_secret() {
+            let Some(p) = passphrase else {
+                return Err(format!(
+                    "key {} is protected by a passphrase (set STEPGATE_PASSPHRASE)",
+                    cert.fingerprint()
+                ));
+            };
+            secret = secret
+                .decrypt_secret(&p.into())
+                .map_err(|_| format!("key {}: wrong passphrase", cert.fingerprint()))?;
+        }
+        let pair = secret.into_keypair().map_err(|e| {
             format!(
                 "key {}: {e} (is it protected by a passphrase?)",
                 cert.fingerprint()

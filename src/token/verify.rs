@@ -81,12 +81,13 @@ impl Reason {
 
 impl From<PayloadError> for Reason {
     fn from(e: PayloadError) -> Self {
-        Reason::Malformed(
-            e.to_string()
-                .trim_start_matches("malformed")
-                .trim_start_matches(": ")
+        Reason::Malformed(match e {
+            PayloadError::Line { line, message } => format!("line {line}: {message}"),
+            other => other
+                .to_string()
+                .trim_start_matches("malformed: ")
                 .to_string(),
-        )
+        })
     }
 }
 
@@ -107,6 +108,16 @@ fn pattern_matches(pattern: &str, value: &str) -> bool {
     }
 }
 
+/// The class of one statement's text, as the gate judges it.
+pub fn class_of(classifier: &Classifier, sql: &str) -> Result<Class, String> {
+    let tokens = lex::lex(sql, true).map_err(|e| e.to_string())?;
+    let sig: Vec<_> = lex::significant(&tokens)
+        .into_iter()
+        .filter(|t| t.kind != lex::Kind::Semicolon)
+        .collect();
+    Ok(classifier.judge(&sig).class)
+}
+
 /// Verifies `token` for a session of `user` on `database` at `now`.
 pub fn verify_token(
     token: &[u8],
@@ -118,13 +129,8 @@ pub fn verify_token(
     let signed = signed::verify(token, policy.keyring, now)?;
     let payload = Payload::parse(&signed.payload)?;
     for (i, g) in payload.statements.iter().enumerate() {
-        let tokens = lex::lex(&g.sql, true)
+        let class = class_of(policy.classifier, &g.sql)
             .map_err(|e| Reason::Malformed(format!("statement {}: {e}", i + 1)))?;
-        let sig: Vec<_> = lex::significant(&tokens)
-            .into_iter()
-            .filter(|t| t.kind != lex::Kind::Semicolon)
-            .collect();
-        let class = policy.classifier.judge(&sig).class;
         if class != g.class {
             return Err(Reason::Malformed(format!(
                 "statement {} is listed as {} but is {class}: {}",

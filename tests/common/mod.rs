@@ -2,7 +2,9 @@
 //! stepgate server per test on a free port.
 #![allow(dead_code)]
 
+pub mod gnupg;
 pub mod raw;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -131,7 +133,9 @@ pub async fn connect_err(cfg: tokio_postgres::Config) -> tokio_postgres::Error {
 /// A stepgate server running in this test's runtime; stops when dropped.
 pub struct Gate {
     pub addr: SocketAddr,
+    pub config: Config,
     shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
     _state: tempfile::TempDir,
 }
 
@@ -145,15 +149,22 @@ pub async fn gate_with(tweak: impl FnOnce(&mut Config)) -> Gate {
         ..Config::default()
     };
     tweak(&mut config);
+    let (addr, shutdown, task) = start(config.clone()).await;
+    Gate {
+        addr,
+        config,
+        shutdown,
+        task: Some(task),
+        _state: state,
+    }
+}
+
+async fn start(config: Config) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
     let server = Server::bind(config).await.expect("stepgate binds");
     let addr = server.local_addr();
     let shutdown = CancellationToken::new();
-    tokio::spawn(server.run(shutdown.clone()));
-    Gate {
-        addr,
-        shutdown,
-        _state: state,
-    }
+    let task = tokio::spawn(server.run(shutdown.clone()));
+    (addr, shutdown, task)
 }
 
 /// For tests of the pipe rather than the gate: nothing is guarded, not even `unparsed`.
@@ -162,6 +173,7 @@ pub fn pipe_only(c: &mut Config) {
         database: "*".into(),
         user: "*".into(),
         guard: Vec::new(),
+        ..Default::default()
     }];
     c.allow_unparsed = true;
 }
@@ -202,6 +214,29 @@ impl Gate {
 
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Stops the server and starts a new one on the same config and state directory (on a new port).
+    pub async fn restart(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            // Open sessions of the old server may keep it draining; the new one gets its own port.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
+        }
+        let (addr, shutdown, task) = start(self.config.clone()).await;
+        self.addr = addr;
+        self.shutdown = shutdown;
+        self.task = Some(task);
+    }
+
+    /// The state directory (audit log).
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.config.state_dir
+    }
+
+    /// Every audit record so far.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        stepgate::audit::AuditLog::read_all(&self.config.state_dir.join("audit.jsonl")).unwrap()
     }
 }
 

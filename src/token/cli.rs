@@ -1,0 +1,515 @@
+//! What the `stepgate token …` and `stepgate keys` commands do, as library functions the binary calls and the
+//! tests exercise: make a payload, sign it, merge signatures, inspect a token, pack it into one line, and list
+//! the signers' keys.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine;
+use sequoia_openpgp::cert::CertParser;
+use sequoia_openpgp::parse::Parse;
+use sequoia_openpgp::policy::StandardPolicy;
+use sequoia_openpgp::types::RevocationStatus;
+use sequoia_openpgp::Cert;
+
+use super::payload::{fingerprint_of, Payload, StatementGrant};
+use super::signed::{self, Keyring};
+use super::{Ledger, Policy};
+use crate::audit::AuditLog;
+use crate::config::Config;
+use crate::gate::Registry;
+
+/// Where the statements of a new token come from.
+pub enum Source {
+    File(String),
+    Sql(String),
+    /// A held entry's id, looked up in the state directory.
+    Held(String),
+}
+
+/// `stepgate token new`.
+pub struct NewToken<'a> {
+    pub config: &'a Config,
+    pub database: Option<String>,
+    pub user: Option<String>,
+    pub ttl: Duration,
+    pub reason: Option<String>,
+    pub source: Source,
+}
+
+/// A fresh random (version 4) UUID.
+pub fn new_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// Makes the payload to sign: only the statements the rule for the database and user guards.
+pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
+    let classifier = o.config.classifier();
+    let (database, user, statements) = match &o.source {
+        Source::Held(id) => {
+            let path = o.config.state_dir.join("audit.jsonl");
+            let registry = Registry::new(None);
+            registry.restore(&AuditLog::read_all(&path)?);
+            let entry = registry.get(id).ok_or_else(|| {
+                anyhow!(
+                    "no held statement {id:?} in {} (use --state-dir or --config to name stepgate's state directory)",
+                    path.display()
+                )
+            })?;
+            if let Some(db) = &o.database {
+                if *db != entry.session.database {
+                    bail!(
+                        "held statement {id} was sent to database {:?}, not {db:?}",
+                        entry.session.database
+                    );
+                }
+            }
+            let mut out = Vec::new();
+            for (i, (fp, sql)) in entry.fingerprints.iter().zip(&entry.statements).enumerate() {
+                if fingerprint_of(sql).as_deref() != Some(fp.as_str()) {
+                    bail!(
+                        "statement {} of held {id} cannot be listed from the held entry (its text was redacted or it could not be read: {sql:?}); make the token with --sql or --file",
+                        i + 1
+                    );
+                }
+                out.push(StatementGrant {
+                    fingerprint: fp.clone(),
+                    class: super::verify::class_of(&classifier, sql)
+                        .map_err(|e| anyhow!("statement {} of held {id}: {e}", i + 1))?,
+                    sql: sql.clone(),
+                });
+            }
+            let user = o.user.clone().or(Some(entry.session.user.clone()));
+            (entry.session.database.clone(), user, out)
+        }
+        Source::File(_) | Source::Sql(_) => {
+            let (name, text) = match &o.source {
+                Source::File(f) if f == "-" => {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+                    (
+                        "-".to_string(),
+                        crate::check::read_source(&buf).map_err(|e| anyhow!("stdin: {e}"))?,
+                    )
+                }
+                Source::File(f) => {
+                    let bytes = std::fs::read(f).with_context(|| format!("cannot read {f}"))?;
+                    (
+                        f.clone(),
+                        crate::check::read_source(&bytes).map_err(|e| anyhow!("{f}: {e}"))?,
+                    )
+                }
+                Source::Sql(s) => ("--sql".to_string(), s.clone()),
+                Source::Held(_) => unreachable!("handled above"),
+            };
+            let database = o.database.clone().ok_or_else(|| {
+                anyhow!("--database is required with --file or --sql (a token names its database)")
+            })?;
+            let rule = o
+                .config
+                .rule_for(&database, o.user.as_deref().unwrap_or("*"));
+            let findings = crate::check::check_text(&name, &text, o.config, &rule, &classifier);
+            let out: Vec<StatementGrant> = findings
+                .into_iter()
+                .filter(|f| f.guarded)
+                .map(|f| StatementGrant {
+                    fingerprint: f.fingerprint,
+                    class: f.class,
+                    sql: f.sql,
+                })
+                .collect();
+            if out.is_empty() {
+                bail!(
+                    "nothing to sign: no statement in {name} is guarded for database {database:?}"
+                );
+            }
+            (database, o.user.clone(), out)
+        }
+    };
+    let payload = Payload {
+        id: new_uuid(),
+        instance: o.config.instance.clone(),
+        database,
+        user,
+        not_before: None,
+        not_after: now + o.ttl,
+        statements,
+        reason: o.reason.clone(),
+    };
+    Ok(payload.render())
+}
+
+/// Reads secret keys (armored or binary; several per file allowed).
+pub fn read_secret_keys(paths: &[String]) -> Result<Vec<Cert>> {
+    let mut certs = Vec::new();
+    for p in paths {
+        let bytes = std::fs::read(p).with_context(|| format!("cannot read key {p}"))?;
+        for c in CertParser::from_bytes(&bytes).map_err(|e| anyhow!("{p}: {e}"))? {
+            let c = c.map_err(|e| anyhow!("{p}: {e}"))?;
+            if !c.is_tsk() {
+                bail!("{p}: {} holds no secret key", c.fingerprint());
+            }
+            certs.push(c);
+        }
+    }
+    if certs.is_empty() {
+        bail!("no secret key given (--key FILE)");
+    }
+    Ok(certs)
+}
+
+/// `stepgate token sign`: checks the payload parses, then cleartext-signs it with every key.
+pub fn sign(payload: &[u8], keys: &[Cert], passphrase: Option<&str>) -> Result<Vec<u8>> {
+    Payload::parse(payload)
+        .map_err(|e| anyhow!("refusing to sign: not a stepgate payload: {e}"))?;
+    signed::sign_cleartext_with(payload, keys, SystemTime::now(), passphrase)
+        .map_err(|e| anyhow!(e))
+}
+
+/// One cleartext-signed message split into its parts.
+struct Cleartext<'a> {
+    hashes: Vec<&'a str>,
+    /// The dash-escaped text as it appears between the headers and the signature.
+    text: &'a str,
+    signature: &'a str,
+}
+
+fn split_cleartext(s: &str) -> Option<Cleartext<'_>> {
+    let s = s.trim();
+    let rest = s.strip_prefix("-----BEGIN PGP SIGNED MESSAGE-----")?;
+    let rest = rest
+        .strip_prefix("\r\n")
+        .or_else(|| rest.strip_prefix('\n'))?;
+    let (headers, body) = rest
+        .split_once("\n\n")
+        .or_else(|| rest.split_once("\r\n\r\n"))?;
+    let mut hashes = Vec::new();
+    for line in headers.lines() {
+        let v = line.trim().strip_prefix("Hash:")?;
+        hashes.extend(v.split(',').map(str::trim));
+    }
+    let at = body.find("-----BEGIN PGP SIGNATURE-----")?;
+    let signature = &body[at..];
+    if signature.matches("-----BEGIN PGP").count() != 1 {
+        return None;
+    }
+    Some(Cleartext {
+        hashes,
+        text: &body[..at],
+        signature,
+    })
+}
+
+/// `stepgate token merge`: signatures by several people over one payload, as one token. Cleartext-signed
+/// inputs become one cleartext message carrying every signature (GnuPG verifies it); otherwise the signed
+/// messages are concatenated (stepgate accepts that form too).
+pub fn merge(inputs: &[Vec<u8>]) -> Result<Vec<u8>> {
+    use sequoia_openpgp::armor;
+    use std::io::{Read, Write};
+    if inputs.len() < 2 {
+        bail!("give at least two signed tokens to merge");
+    }
+    let texts: Vec<&str> = inputs
+        .iter()
+        .map(|b| std::str::from_utf8(b).unwrap_or(""))
+        .collect();
+    let parts: Option<Vec<Cleartext<'_>>> = texts.iter().map(|t| split_cleartext(t)).collect();
+    let merged = match parts {
+        Some(parts) => {
+            let norm = |t: &str| t.replace("\r\n", "\n");
+            if parts.iter().any(|p| norm(p.text) != norm(parts[0].text)) {
+                bail!("the tokens sign different payloads");
+            }
+            let mut hashes: Vec<&str> = Vec::new();
+            let mut sigs = Vec::new();
+            for p in &parts {
+                for h in &p.hashes {
+                    if !hashes.contains(h) {
+                        hashes.push(h);
+                    }
+                }
+                let mut r = armor::Reader::from_bytes(
+                    p.signature.as_bytes(),
+                    armor::ReaderMode::Tolerant(Some(armor::Kind::Signature)),
+                );
+                r.read_to_end(&mut sigs)
+                    .map_err(|e| anyhow!("unreadable signature block: {e}"))?;
+            }
+            let mut out = String::from("-----BEGIN PGP SIGNED MESSAGE-----\n");
+            if !hashes.is_empty() {
+                let _ = writeln!(out, "Hash: {}", hashes.join(","));
+            }
+            out.push('\n');
+            out.push_str(&norm(parts[0].text));
+            let mut w = armor::Writer::new(Vec::new(), armor::Kind::Signature)?;
+            w.write_all(&sigs)?;
+            let mut bytes = out.into_bytes();
+            bytes.extend(w.finalize()?);
+            bytes
+        }
+        None => {
+            let mut out = Vec::new();
+            for (b, t) in inputs.iter().zip(&texts) {
+                if t.trim_start().starts_with("-----BEGIN PGP") {
+                    out.extend_from_slice(t.trim().as_bytes());
+                    out.push(b'\n');
+                } else {
+                    let raw = base64::engine::general_purpose::STANDARD
+                        .decode(b.trim_ascii())
+                        .unwrap_or_else(|_| b.clone());
+                    let mut w = armor::Writer::new(Vec::new(), armor::Kind::Message)?;
+                    w.write_all(&raw)?;
+                    out.extend(w.finalize()?);
+                }
+            }
+            out
+        }
+    };
+    // Every signature is checked later against the keyring; here only that the parts belong together.
+    match signed::verify(&merged, &Keyring::default(), SystemTime::now()) {
+        Ok(_) | Err(signed::SignatureError::UnknownKey) => Ok(merged),
+        Err(e) => Err(anyhow!("cannot merge: {e}")),
+    }
+}
+
+/// `stepgate token pack`: the one-line base64 form (for PGOPTIONS).
+pub fn pack(token: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(token.trim_ascii())
+}
+
+/// `stepgate token inspect`: a report, and whether the token would be accepted now.
+pub fn inspect(token: &[u8], config: &Config) -> Result<(String, bool)> {
+    let policy = Policy::load(config).map_err(|e| anyhow!(e))?;
+    let now = SystemTime::now();
+    let mut out = String::new();
+    let signed = match signed::verify(token, &policy.keyring, now) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(out, "INVALID: {} ({e})", e.code());
+            return Ok((out, false));
+        }
+    };
+    let payload = match Payload::parse(&signed.payload) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(out, "INVALID: malformed ({e})");
+            return Ok((out, false));
+        }
+    };
+    let _ = writeln!(out, "token     {}", payload.id);
+    if let Some(i) = &payload.instance {
+        let _ = writeln!(out, "instance  {i}");
+    }
+    let _ = writeln!(out, "database  {}", payload.database);
+    let _ = writeln!(
+        out,
+        "user      {}",
+        payload.user.as_deref().unwrap_or("(any)")
+    );
+    if let Some(nb) = payload.not_before {
+        let _ = writeln!(out, "not-before {}", humantime::format_rfc3339_seconds(nb));
+    }
+    let _ = writeln!(
+        out,
+        "not-after {}",
+        humantime::format_rfc3339_seconds(payload.not_after)
+    );
+    if let Some(r) = &payload.reason {
+        let _ = writeln!(out, "reason    {r}");
+    }
+    let _ = writeln!(out, "signed by:");
+    for s in &signed.signers {
+        let name = policy
+            .signers
+            .iter()
+            .find(|p| p.fingerprint.eq_ignore_ascii_case(&s.fingerprint))
+            .map(|p| format!("signer {:?}", p.name))
+            .unwrap_or_else(|| "not a [[signer]]".into());
+        let _ = writeln!(
+            out,
+            "  {}  {}  ({name}) at {}",
+            s.fingerprint,
+            s.user_id,
+            humantime::format_rfc3339_seconds(s.signed_at)
+        );
+    }
+    let ledger = Ledger::default();
+    ledger.restore(&AuditLog::read_all(&config.state_dir.join("audit.jsonl")).unwrap_or_default());
+    let _ = writeln!(out, "statements:");
+    let mut used_up = None;
+    for g in &payload.statements {
+        let listed = payload
+            .statements
+            .iter()
+            .filter(|x| x.fingerprint == g.fingerprint)
+            .count() as u32;
+        let spent = ledger.spent(&payload.id, &g.fingerprint);
+        if spent >= listed {
+            used_up.get_or_insert(g.fingerprint.clone());
+        }
+        let _ = writeln!(
+            out,
+            "  {} {:11} used {spent} of {listed}  {}",
+            g.fingerprint,
+            g.class.as_str(),
+            g.sql
+        );
+    }
+    let user = payload.user.clone().unwrap_or_else(|| "*".into());
+    let rule = config.rule_for(&payload.database, &user);
+    let verdict = policy.verify(
+        token,
+        &rule,
+        &config.classifier(),
+        &payload.database,
+        &user,
+        now,
+    );
+    let ok = match (verdict, used_up) {
+        (Err(e), _) => {
+            let _ = writeln!(out, "REFUSED: {} ({e})", e.code());
+            false
+        }
+        (Ok(_), Some(fp)) => {
+            let _ = writeln!(out, "REFUSED: already_used ({fp})");
+            false
+        }
+        (Ok(a), None) => {
+            let _ = writeln!(
+                out,
+                "VALID: {} of {} required signers, for database {:?}",
+                a.signers.len(),
+                rule.signatures,
+                payload.database
+            );
+            true
+        }
+    };
+    Ok((out, ok))
+}
+
+fn key_state(cert: &Cert, now: SystemTime) -> (String, String) {
+    let policy = StandardPolicy::new();
+    match cert.with_policy(&policy, now) {
+        Ok(vc) => {
+            let expires = vc
+                .primary_key()
+                .key_expiration_time()
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                .unwrap_or_else(|| "never".into());
+            let state = if let RevocationStatus::Revoked(_) = vc.revocation_status() {
+                "REVOKED"
+            } else if vc.alive().is_err() {
+                "EXPIRED"
+            } else {
+                "valid"
+            };
+            (expires, state.into())
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let state = if text.contains("revoked") {
+                "REVOKED"
+            } else {
+                "EXPIRED"
+            };
+            ("-".into(), format!("{state} ({text})"))
+        }
+    }
+}
+
+fn user_id(cert: &Cert) -> String {
+    cert.userids()
+        .next()
+        .map(|u| String::from_utf8_lossy(u.userid().value()).into_owned())
+        .unwrap_or_default()
+}
+
+/// `stepgate keys`: every signer with its key's state, then keys in the keyring no signer names.
+pub fn keys(config: &Config) -> Result<String> {
+    let keyring = match &config.keyring {
+        Some(p) => Keyring::load(p).map_err(|e| anyhow!("keyring: {e}"))?,
+        None => Keyring::default(),
+    };
+    let now = SystemTime::now();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:12} {:40}  {:8} {:20}  {:24} CLASSES / USER ID",
+        "SIGNER", "FINGERPRINT", "STATE", "EXPIRES", "DATABASES"
+    );
+    for s in &config.signers {
+        let cert = keyring.certs.iter().find(|c| {
+            c.fingerprint()
+                .to_hex()
+                .eq_ignore_ascii_case(&s.fingerprint)
+        });
+        let (expires, state, uid) = match cert {
+            Some(c) => {
+                let (e, st) = key_state(c, now);
+                (e, st, user_id(c))
+            }
+            None => ("-".into(), "MISSING".into(), "(not in the keyring)".into()),
+        };
+        let classes: Vec<&str> = s.classes.iter().map(|c| c.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "{:12} {:40}  {:8} {:20}  {:24} {}  {uid}",
+            s.name,
+            s.fingerprint,
+            state,
+            expires,
+            s.databases.join(","),
+            classes.join(",")
+        );
+    }
+    for c in &keyring.certs {
+        let fp = c.fingerprint().to_hex();
+        if !config
+            .signers
+            .iter()
+            .any(|s| s.fingerprint.eq_ignore_ascii_case(&fp))
+        {
+            let (expires, state) = key_state(c, now);
+            let _ = writeln!(
+                out,
+                "{:12} {fp:40}  {state:8} {expires:20}  {:24} {}",
+                "(none)",
+                "-",
+                user_id(c)
+            );
+        }
+    }
+    if config.keyring.is_none() {
+        let _ = writeln!(out, "(no keyring configured)");
+    }
+    Ok(out)
+}
+
+/// Reads a whole file or standard input (`-`).
+pub fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    match path {
+        Some(p) if p != Path::new("-") => {
+            buf = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+        }
+        _ => {
+            std::io::stdin().take(16 << 20).read_to_end(&mut buf)?;
+        }
+    }
+    Ok(buf)
+}

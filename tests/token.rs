@@ -1,0 +1,816 @@
+//! Step-up tokens end to end, against the real server and with real GnuPG: a held statement runs when — and
+//! only when — the session presents a token signed by keys the policy trusts for exactly that statement.
+//! Test keys: fixtures/keys (regenerate with fixtures/keys/generate.sh).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use common::gnupg::GnuPg;
+use common::serve::{Serve, BIN};
+use common::*;
+use sequoia_openpgp::parse::Parse;
+use sequoia_openpgp::Cert;
+use stepgate::classify::Classifier;
+use stepgate::config::Config;
+use stepgate::token::cli::new_uuid;
+use stepgate::token::payload::{fingerprint_of, Payload, StatementGrant};
+use stepgate::token::signed::sign_cleartext;
+use stepgate::token::verify::class_of;
+
+const INSTANCE: &str = "ci-1";
+
+fn keys_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/keys")
+}
+
+fn key_fingerprint(name: &str) -> String {
+    std::fs::read_to_string(keys_dir().join("fingerprints.txt"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+        .unwrap_or_else(|| panic!("no test key {name}"))
+}
+
+/// The policy of these tests, as a user writes it (state_dir is added per gate).
+fn policy_toml() -> String {
+    let signer = |name: &str, dbs: &str| {
+        format!(
+            "[[signer]]\nname = \"{name}\"\nfingerprint = \"{}\"\ndatabases = [{dbs}]\n",
+            key_fingerprint(name)
+        )
+    };
+    format!(
+        "instance = \"{INSTANCE}\"\nkeyring = \"{}\"\n{}{}{}{}\
+         [[rule]]\ndatabase = \"two_*\"\nsignatures = 2\n\
+         [[rule]]\ndatabase = \"*\"\nmax_token_lifetime = \"1h\"\n",
+        keys_dir().join("keyring").display(),
+        signer("alice", "\"*\""),
+        signer("bob", "\"two_*\", \"tok_bob*\""),
+        signer("carol", "\"*\""),
+        signer("dave", "\"*\""),
+    )
+}
+
+fn policy(c: &mut Config) {
+    let parsed = Config::from_toml(&policy_toml(), Path::new("/"), "test policy").unwrap();
+    c.instance = parsed.instance;
+    c.keyring = parsed.keyring;
+    c.signers = parsed.signers;
+    c.rules = parsed.rules;
+}
+
+/// The policy as a config file for the command line, pointing at the gate's state directory.
+fn config_file(g: &Gate, dir: &Path) -> PathBuf {
+    let path = dir.join("stepgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir = \"{}\"\n{}",
+            g.state_dir().display(),
+            policy_toml()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn secret(name: &str) -> Cert {
+    Cert::from_file(keys_dir().join(format!("{name}.sec.asc"))).unwrap()
+}
+
+fn payload(database: &str, sqls: &[&str]) -> Payload {
+    Payload {
+        id: new_uuid(),
+        instance: Some(INSTANCE.into()),
+        database: database.into(),
+        user: None,
+        not_before: None,
+        not_after: SystemTime::now() + Duration::from_secs(600),
+        statements: sqls
+            .iter()
+            .map(|s| StatementGrant {
+                fingerprint: fingerprint_of(s).unwrap(),
+                class: class_of(&Classifier::default(), s).unwrap(),
+                sql: s.to_string(),
+            })
+            .collect(),
+        reason: Some("stepgate tests".into()),
+    }
+}
+
+fn sign_text_at(text: &str, who: &[&str], at: SystemTime) -> String {
+    let certs: Vec<Cert> = who.iter().map(|n| secret(n)).collect();
+    String::from_utf8(sign_cleartext(text.as_bytes(), &certs, at).unwrap()).unwrap()
+}
+
+fn sign(p: &Payload, who: &[&str]) -> String {
+    sign_text_at(&p.render(), who, SystemTime::now())
+}
+
+fn set_token(token: &str) -> String {
+    format!("SET stepgate.token = '{}'", token.replace('\'', "''"))
+}
+
+/// Runs the stepgate binary; returns (success, stdout, stderr).
+fn stepgate(args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("STEPGATE_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A fresh database with table `t` (and `t2`, `t3`), made directly on PostgreSQL.
+async fn setup(db: &str) -> tokio_postgres::Client {
+    pg().create_db(db).await;
+    let c = pg().direct_to(db).await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2), (3);
+         CREATE TABLE t2 (a int); CREATE TABLE t3 (a int)",
+    )
+    .await
+    .unwrap();
+    c
+}
+
+async fn exists(direct: &tokio_postgres::Client, table: &str) -> bool {
+    direct
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Asserts a held refusal and returns (held id, DETAIL).
+fn held(e: &tokio_postgres::Error) -> (String, String) {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {e:?}"));
+    assert_eq!(db.code().code(), "42501", "{db:?}");
+    assert!(
+        db.message().starts_with("stepgate: statement held ("),
+        "{db:?}"
+    );
+    let detail = db.detail().unwrap().to_string();
+    (detail[8..16].to_string(), detail)
+}
+
+/// Asserts the SET of a token failed with 28000 and `code`; returns the DETAIL.
+fn rejected(e: &tokio_postgres::Error, code: &str) -> String {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {e:?}"));
+    assert_eq!(db.code().code(), "28000", "{db:?}");
+    assert_eq!(
+        db.message(),
+        format!("stepgate: token rejected ({code})"),
+        "{db:?}"
+    );
+    db.detail().unwrap_or_default().to_string()
+}
+
+fn events<'a>(audit: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
+    audit.iter().filter(|r| r["event"] == event).collect()
+}
+
+fn gpg_with(keys: &[&str]) -> GnuPg {
+    let gpg = GnuPg::new();
+    for k in keys {
+        gpg.import(&keys_dir().join(format!("{k}.sec.asc")));
+    }
+    gpg
+}
+
+#[tokio::test]
+async fn walkthrough_held_drop_then_gpg_clearsign_runs_once_and_never_again() {
+    let direct = setup("tok_walk").await;
+    let mut g = gate_with(policy).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(&g, dir.path());
+    let c = g.client("tok_walk").await;
+
+    // 1. The DROP is held.
+    let (id, _) = held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(exists(&direct, "t").await);
+
+    // 2. stepgate token new --held <id>: the payload shows the SQL.
+    let (ok, payload, err) = stepgate(
+        &[
+            "token",
+            "new",
+            "--config",
+            config.to_str().unwrap(),
+            "--held",
+            &id,
+        ],
+        b"",
+    );
+    assert!(ok, "{err}");
+    let text = String::from_utf8(payload.clone()).unwrap();
+    assert!(text.contains("destructive \"DROP TABLE t\""), "{text}");
+    assert!(text.contains("database: tok_walk\n"), "{text}");
+    assert!(text.contains(&format!("instance: {INSTANCE}\n")), "{text}");
+
+    // 3. gpg --clearsign.
+    let gpg = gpg_with(&["alice"]);
+    let (ok, token, err) = gpg.run_input(&["--clearsign", "-u", "alice@example.test"], &payload);
+    assert!(ok, "{err}");
+    let token = String::from_utf8(token).unwrap();
+
+    // 4. SET stepgate.token, and the DROP runs.
+    c.batch_execute(&set_token(&token)).await.unwrap();
+    let shown = c.simple_query("SHOW stepgate.token").await.unwrap();
+    let token_id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap()
+        .to_string();
+    let value = shown.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some(token_id.as_str()));
+    c.batch_execute("DROP TABLE t").await.unwrap();
+    assert!(!exists(&direct, "t").await);
+
+    // The audit log ties the DROP to the token and to alice.
+    let audit = g.audit();
+    let set = events(&audit, "token_set");
+    assert_eq!(set.len(), 1);
+    assert_eq!(set[0]["token_id"], token_id.as_str());
+    assert_eq!(set[0]["token"], token.as_str());
+    let auth = events(&audit, "authorized");
+    assert_eq!(auth.len(), 1, "{audit:?}");
+    assert_eq!(auth[0]["sql"], "DROP TABLE t");
+    assert_eq!(
+        auth[0]["fingerprint"],
+        fingerprint_of("DROP TABLE t").unwrap()
+    );
+    assert_eq!(auth[0]["signers"][0]["name"], "alice");
+    assert_eq!(
+        auth[0]["signers"][0]["fingerprint"],
+        key_fingerprint("alice")
+    );
+    let exec = events(&audit, "executed");
+    assert_eq!(exec.len(), 1);
+    assert_eq!(exec[0]["outcome"], "DROP TABLE");
+
+    // 5. Replay: same session, another session, after a restart — refused, the table stays.
+    direct
+        .batch_execute("CREATE TABLE t (id int)")
+        .await
+        .unwrap();
+    let (_, detail) = held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(detail.contains("already_used"), "{detail}");
+    let c2 = g.client("tok_walk").await;
+    c2.batch_execute(&set_token(&token)).await.unwrap();
+    let (_, detail) = held(&c2.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(detail.contains("already_used"), "{detail}");
+    g.restart().await;
+    let c3 = g.client("tok_walk").await;
+    c3.batch_execute(&set_token(&token)).await.unwrap();
+    let (_, detail) = held(&c3.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(
+        detail.contains(&format!("token {token_id}: already_used")),
+        "{detail}"
+    );
+    assert!(exists(&direct, "t").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_user_loads_a_gpg_sign_armor_token_with_backquoted_cat() {
+    let direct = setup("tok_psql").await;
+    let g = gate_with(policy).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gpg = gpg_with(&["bob", "alice"]);
+    let p = payload("tok_psql", &["DROP TABLE t2"]);
+    let (ok, token, err) = gpg.run_input(
+        &["--sign", "--armor", "-u", "alice@example.test"],
+        p.render().as_bytes(),
+    );
+    assert!(ok, "{err}");
+    let file = dir.path().join("token.asc");
+    std::fs::write(&file, token).unwrap();
+    let script = dir.path().join("drop.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set tok `cat {}`\nSET stepgate.token = :'tok';\nDROP TABLE t2;\n",
+            file.display()
+        ),
+    )
+    .unwrap();
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={} dbname=tok_psql",
+        g.addr.port(),
+        pg().user
+    );
+    let mut env = vec![];
+    if let Some(p) = &pg().password {
+        env.push(("PGPASSWORD", p.as_str()));
+    }
+    let (ok, _, err) = psql(&conninfo, &["-f", script.to_str().unwrap()], &env);
+    assert!(ok, "{err}");
+    assert!(!exists(&direct, "t2").await);
+    // Without the token, psql sees the documented refusal and the table stays.
+    let (ok, _, err) = psql(&conninfo, &["-c", "DROP TABLE t3"], &env);
+    assert!(!ok);
+    assert!(
+        err.contains("stepgate: statement held (destructive)"),
+        "{err}"
+    );
+    assert!(exists(&direct, "t3").await);
+}
+
+#[tokio::test]
+async fn ci_flow_token_new_sign_pack_pgoptions_and_nothing_leaks() {
+    let direct = setup("tok_ci").await;
+    let devdb = pg().devdb();
+    if devdb.is_some() {
+        direct
+            .batch_execute("ALTER SYSTEM SET log_statement = 'all'")
+            .await
+            .unwrap();
+        direct
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = stepgate::devdb::free_port();
+    let config = dir.path().join("stepgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nupstream = \"{}\"\nstate_dir = \"state\"\n{}",
+            pg().addr(),
+            policy_toml()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let serve = Serve::spawn(
+        vec!["serve".into(), "--config".into(), cfg.into()],
+        port,
+        tempfile::tempdir().unwrap(),
+        &[("RUST_LOG", "debug")],
+    );
+    let migration = dir.path().join("0042.sql");
+    std::fs::write(
+        &migration,
+        "CREATE INDEX t_id ON t (id);\nSELECT count(*) FROM t;\nDROP TABLE t;\n",
+    )
+    .unwrap();
+    let (ok, payload, err) = stepgate(
+        &[
+            "token",
+            "new",
+            "--config",
+            cfg,
+            "--database",
+            "tok_ci",
+            "--file",
+            migration.to_str().unwrap(),
+            "--reason",
+            "PROJ-142",
+        ],
+        b"",
+    );
+    assert!(ok, "{err}");
+    let text = String::from_utf8(payload.clone()).unwrap();
+    assert_eq!(text.matches("statement: ").count(), 2, "{text}");
+    assert!(
+        !text.contains("SELECT count"),
+        "reads are not listed: {text}"
+    );
+    assert!(text.contains("reason: PROJ-142"), "{text}");
+    let key = keys_dir().join("alice.sec.asc");
+    let (ok, token, err) = stepgate(&["token", "sign", "--key", key.to_str().unwrap()], &payload);
+    assert!(ok, "{err}");
+
+    // GnuPG verifies what stepgate signed.
+    let gpg = GnuPg::new();
+    gpg.import(&keys_dir().join("keyring/alice.asc"));
+    let (ok, _, err) = gpg.run_input(&["--verify"], &token);
+    assert!(ok, "{err}");
+    assert!(err.contains("Good signature from \"Alice Test"), "{err}");
+
+    let (ok, report, err) = stepgate(&["token", "inspect", "--config", cfg], &token);
+    let report = String::from_utf8_lossy(&report).into_owned();
+    assert!(ok, "{report}{err}");
+    assert!(report.contains("VALID"), "{report}");
+    assert!(report.contains("signer \"alice\""), "{report}");
+
+    let (ok, packed, err) = stepgate(&["token", "pack"], &token);
+    assert!(ok, "{err}");
+    let packed = String::from_utf8(packed).unwrap().trim().to_string();
+    assert!(!packed.contains(' ') && !packed.contains('\n'));
+
+    let options = format!("-c stepgate.token={packed}");
+    let (ok, _, err) = psql(
+        &serve.conninfo("tok_ci"),
+        &["-f", migration.to_str().unwrap()],
+        &[("PGOPTIONS", &options)],
+    );
+    assert!(ok, "{err}");
+    assert!(!exists(&direct, "t").await);
+    assert!(!exists(&direct, "t_id").await);
+
+    let (ok, report, _) = stepgate(&["token", "inspect", "--config", cfg], &token);
+    assert!(!ok);
+    assert!(
+        String::from_utf8_lossy(&report).contains("already_used"),
+        "{}",
+        String::from_utf8_lossy(&report)
+    );
+
+    // A bad startup token is FATAL, after the upstream accepted the login.
+    let (ok, _, err) = psql(
+        &serve.conninfo("tok_ci"),
+        &["-c", "select 1"],
+        &[("PGOPTIONS", "-c stepgate.token=QUJDRA==")],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("FATAL:  stepgate: token rejected (malformed)"),
+        "{err}"
+    );
+
+    // Through SET too, so the server's statement log has something to show.
+    let armored = String::from_utf8(token.clone()).unwrap();
+    let (ok, _, err) = psql(
+        &serve.conninfo("tok_ci"),
+        &["-c", &set_token(&armored), "-c", "select 1"],
+        &[],
+    );
+    assert!(ok, "{err}");
+
+    // Hygiene: no token text in stepgate's log or the server's.
+    let signature_line = armored
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN PGP SIGNATURE"))
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let log = serve.log();
+    for secret in [&packed[..40], signature_line.as_str()] {
+        let lines: Vec<&str> = log.lines().collect();
+        let leak = lines
+            .iter()
+            .position(|l| l.contains(secret))
+            .map(|i| lines[i.saturating_sub(16)..=i].join("\n"));
+        assert!(leak.is_none(), "stepgate logged token text: {leak:?}");
+    }
+    assert!(log.contains("token set"), "{log}");
+    if let Some(db) = devdb {
+        std::thread::sleep(Duration::from_millis(300));
+        let server_log = std::fs::read_to_string(db.log_path()).unwrap();
+        assert!(
+            server_log.contains("SET stepgate.token = '"),
+            "log_statement = all is on"
+        );
+        for secret in [&packed[..40], signature_line.as_str(), "BEGIN PGP"] {
+            assert!(
+                !server_log.contains(secret),
+                "the server saw token text: {secret}"
+            );
+        }
+        direct
+            .batch_execute("ALTER SYSTEM RESET log_statement")
+            .await
+            .unwrap();
+        direct
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn two_person_rule_needs_two_distinct_signers() {
+    let direct = setup("two_db").await;
+    let g = gate_with(policy).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = payload("two_db", &["DROP TABLE t"]);
+    let a = dir.path().join("alice.asc");
+    let b = dir.path().join("bob.asc");
+    let a2 = dir.path().join("alice2.asc");
+    std::fs::write(&a, sign(&p, &["alice"])).unwrap();
+    std::fs::write(&b, sign(&p, &["bob"])).unwrap();
+    std::fs::write(&a2, sign(&p, &["alice"])).unwrap();
+
+    let c = g.client("two_db").await;
+    // alice alone, and alice twice: not enough.
+    let e = c
+        .batch_execute(&set_token(&std::fs::read_to_string(&a).unwrap()))
+        .await
+        .unwrap_err();
+    let detail = rejected(&e, "not_enough_signers");
+    assert_eq!(detail, "not_enough_signers (have 1 of 2)");
+    let (ok, twice, err) = stepgate(
+        &["token", "merge", a.to_str().unwrap(), a2.to_str().unwrap()],
+        b"",
+    );
+    assert!(ok, "{err}");
+    let e = c
+        .batch_execute(&set_token(&String::from_utf8(twice).unwrap()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        rejected(&e, "not_enough_signers"),
+        "not_enough_signers (have 1 of 2)"
+    );
+    held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(exists(&direct, "t").await);
+
+    // alice + bob, signed separately and merged: one cleartext token GnuPG verifies, and the DROP runs.
+    let (ok, merged, err) = stepgate(
+        &["token", "merge", a.to_str().unwrap(), b.to_str().unwrap()],
+        b"",
+    );
+    assert!(ok, "{err}");
+    let gpg = GnuPg::new();
+    gpg.import(&keys_dir().join("keyring/alice.asc"));
+    gpg.import(&keys_dir().join("keyring/bob.asc"));
+    let (ok, _, err) = gpg.run_input(&["--verify"], &merged);
+    assert!(ok, "{err}");
+    assert_eq!(err.matches("Good signature").count(), 2, "{err}");
+    c.batch_execute(&set_token(&String::from_utf8(merged).unwrap()))
+        .await
+        .unwrap();
+    c.batch_execute("DROP TABLE t").await.unwrap();
+    assert!(!exists(&direct, "t").await);
+    let audit = g.audit();
+    let auth = events(&audit, "authorized");
+    let names: Vec<&str> = auth[0]["signers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+}
+
+#[tokio::test]
+async fn every_refusal_reason_and_the_statement_does_not_run() {
+    let direct = setup("tok_reasons").await;
+    let g = gate_with(policy).await;
+    let now = SystemTime::now();
+    let drop = |f: &dyn Fn(&mut Payload)| {
+        let mut p = payload("tok_reasons", &["DROP TABLE t"]);
+        f(&mut p);
+        p
+    };
+    let good = sign(&drop(&|_| {}), &["alice"]);
+    let tampered_payload = good.replace("DROP TABLE t\"", "DROP TABLE t2\"");
+    assert_ne!(tampered_payload, good);
+    let unknown_field = drop(&|_| {})
+        .render()
+        .replace("reason: ", "comment: x\nreason: ");
+    let cases: Vec<(&str, String)> = vec![
+        ("bad_signature", tampered_payload),
+        ("unknown_key", sign(&drop(&|_| {}), &["mallory"])),
+        (
+            "key_expired",
+            // carol's key was valid on 2020-01-05 and expired on 2020-01-10.
+            sign_text_at(
+                &drop(&|_| {}).render(),
+                &["carol"],
+                humantime::parse_rfc3339("2020-01-05T00:00:00Z").unwrap(),
+            ),
+        ),
+        ("key_revoked", sign(&drop(&|_| {}), &["dave"])),
+        (
+            "signature_too_old",
+            sign(
+                &drop(&|p| p.not_after = now + Duration::from_secs(2 * 3600)),
+                &["alice"],
+            ),
+        ),
+        ("signer_not_allowed", sign(&drop(&|_| {}), &["bob"])),
+        (
+            "token_expired",
+            sign_text_at(
+                &drop(&|p| p.not_after = now - Duration::from_secs(60)).render(),
+                &["alice"],
+                now - Duration::from_secs(120),
+            ),
+        ),
+        (
+            "token_not_yet_valid",
+            sign(
+                &drop(&|p| p.not_before = Some(now + Duration::from_secs(600))),
+                &["alice"],
+            ),
+        ),
+        (
+            "wrong_instance",
+            sign(&drop(&|p| p.instance = Some("prod-eu1".into())), &["alice"]),
+        ),
+        (
+            "wrong_database",
+            sign(&drop(&|p| p.database = "tok_other".into()), &["alice"]),
+        ),
+        (
+            "wrong_user",
+            sign(&drop(&|p| p.user = Some("someone_else".into())), &["alice"]),
+        ),
+        (
+            "malformed",
+            sign_text_at(&unknown_field, &["alice"], SystemTime::now()),
+        ),
+        ("malformed", "!!! not a token !!!".into()),
+        ("malformed", "QUJDREVGRw==".into()),
+    ];
+    for (code, token) in &cases {
+        let c = g.client("tok_reasons").await;
+        let e = c.batch_execute(&set_token(token)).await.unwrap_err();
+        let detail = rejected(&e, code);
+        if *code == "malformed" && token.contains("comment") {
+            assert!(
+                detail.contains("malformed: line 7: unknown field \"comment\""),
+                "{detail}"
+            );
+        }
+        let (_, held_detail) = held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+        assert!(
+            !held_detail.contains("token "),
+            "no token is active: {held_detail}"
+        );
+        assert!(exists(&direct, "t").await, "{code}: the DROP ran");
+    }
+    let audit = g.audit();
+    let rejected_codes: Vec<&str> = events(&audit, "token_rejected")
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rejected_codes,
+        cases.iter().map(|(c, _)| *c).collect::<Vec<_>>()
+    );
+    assert!(!audit.iter().any(|r| r["event"] == "authorized"));
+
+    // A valid token that does not list the statement.
+    let c = g.client("tok_reasons").await;
+    let other = sign(&payload("tok_reasons", &["DROP TABLE t2"]), &["alice"]);
+    c.batch_execute(&set_token(&other)).await.unwrap();
+    let (_, detail) = held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(
+        detail.contains(&format!(
+            "statement_not_listed ({})",
+            fingerprint_of("DROP TABLE t").unwrap()
+        )),
+        "{detail}"
+    );
+    assert!(exists(&direct, "t").await);
+
+    // A token that expires while the session holds it.
+    let short = sign(
+        &drop(&|p| p.not_after = SystemTime::now() + Duration::from_secs(2)),
+        &["alice"],
+    );
+    c.batch_execute(&set_token(&short)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (_, detail) = held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(detail.contains("token_expired"), "{detail}");
+    assert!(exists(&direct, "t").await);
+}
+
+#[tokio::test]
+async fn tampered_huge_and_garbage_tokens_are_refused_and_the_session_goes_on() {
+    let direct = setup("tok_garbage").await;
+    let g = gate_with(policy).await;
+    let good = sign(&payload("tok_garbage", &["DROP TABLE t"]), &["alice"]);
+    // One changed character inside the signature block.
+    let sig_at = good.find("-----BEGIN PGP SIGNATURE-----").unwrap();
+    let body_at = sig_at + good[sig_at..].find("\n\n").unwrap() + 2 + 40;
+    let mut bytes = good.clone().into_bytes();
+    bytes[body_at] = if bytes[body_at] == b'A' { b'B' } else { b'A' };
+    let tampered_sig = String::from_utf8(bytes).unwrap();
+    let huge = "A".repeat(10 << 20);
+    let c = g.client("tok_garbage").await;
+    for token in [&tampered_sig, &huge] {
+        let e = c.batch_execute(&set_token(token)).await.unwrap_err();
+        let db = e.as_db_error().unwrap();
+        assert_eq!(db.code().code(), "28000", "{db:?}");
+        assert!(
+            db.message() == "stepgate: token rejected (bad_signature)"
+                || db.message() == "stepgate: token rejected (malformed)",
+            "{db:?}"
+        );
+    }
+    held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(exists(&direct, "t").await);
+    // Inside a transaction block the refusal aborts it like a server error would.
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c.batch_execute(&set_token("garbage")).await.unwrap_err();
+    rejected(&e, "malformed");
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("25P02"));
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+}
+
+#[tokio::test]
+async fn extended_protocol_multi_statement_portals_in_steps_reset_and_discard() {
+    let direct = setup("tok_ext").await;
+    let g = gate_with(policy).await;
+    let c = g.client("tok_ext").await;
+
+    // SET and the statement through the extended protocol.
+    let tok = sign(&payload("tok_ext", &["DROP TABLE t3"]), &["alice"]);
+    c.execute(&set_token(&tok), &[]).await.unwrap();
+    c.execute("DROP TABLE t3", &[]).await.unwrap();
+    assert!(!exists(&direct, "t3").await);
+
+    // A portal fetched one row at a time is one use.
+    let sql = "DELETE FROM t RETURNING id";
+    let tok = sign(&payload("tok_ext", &[sql]), &["alice"]);
+    let mut c = g.client("tok_ext").await;
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    let stmt = tx.prepare(sql).await.unwrap();
+    let portal = tx.bind(&stmt, &[]).await.unwrap();
+    let mut got = 0;
+    for _ in 0..4 {
+        got += tx.query_portal(&portal, 1).await.unwrap().len();
+    }
+    assert_eq!(got, 3);
+    tx.commit().await.unwrap();
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    let audit = g.audit();
+    let fp = fingerprint_of(sql).unwrap();
+    let uses = |event: &str| {
+        events(&audit, event)
+            .iter()
+            .filter(|r| r["fingerprint"] == fp.as_str())
+            .count()
+    };
+    assert_eq!(uses("authorized"), 1);
+    assert_eq!(uses("executed"), 1);
+
+    // The token and the statement in one query string; the same text listed twice runs twice.
+    let c = g.client("tok_ext").await;
+    let tok = sign(
+        &payload("tok_ext", &["TRUNCATE t2", "TRUNCATE t2"]),
+        &["alice"],
+    );
+    c.batch_execute(&format!("{}; TRUNCATE t2", set_token(&tok)))
+        .await
+        .unwrap();
+    c.batch_execute("TRUNCATE t2").await.unwrap();
+    let (_, detail) = held(&c.batch_execute("TRUNCATE t2").await.unwrap_err());
+    assert!(detail.contains("already_used"), "{detail}");
+
+    // A statement the server refuses gives its use back.
+    let tok = sign(
+        &payload("tok_ext", &["DROP TABLE missing_table"]),
+        &["alice"],
+    );
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    let e = c
+        .batch_execute("DROP TABLE missing_table")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42P01"));
+    let audit = g.audit();
+    assert_eq!(events(&audit, "released").len(), 1);
+    direct
+        .batch_execute("CREATE TABLE missing_table (a int)")
+        .await
+        .unwrap();
+    c.batch_execute("DROP TABLE missing_table").await.unwrap();
+
+    // RESET stepgate.token and DISCARD ALL clear it.
+    let tok = sign(&payload("tok_ext", &["DROP TABLE t2"]), &["alice"]);
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    c.batch_execute("RESET stepgate.token").await.unwrap();
+    held(&c.batch_execute("DROP TABLE t2").await.unwrap_err());
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    c.batch_execute("DISCARD ALL").await.unwrap();
+    held(&c.batch_execute("DROP TABLE t2").await.unwrap_err());
+    assert!(exists(&direct, "t2").await);
+}
