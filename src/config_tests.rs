@@ -100,3 +100,86 @@ fn sizes() {
     assert_eq!(parse_size("1.5GB"), None);
     assert_eq!(split_host_port("[::1]:5432"), Some(("::1", 5432)));
 }
+
+const ALICE: &str = "80719D6BD335408F91BFB4C64179D3387B2550A8";
+
+#[test]
+fn signers_and_token_rules() {
+    let c = parse(&format!(
+        "keyring = \"keys\"\ninstance = \"prod-eu1\"\n\
+         [[signer]]\nname = \"alice\"\nfingerprint = \"{}\"\n\
+         [[signer]]\nname = \"bob\"\nfingerprint = \"{}\"\ndatabases = [\"app\"]\nclasses = [\"ddl\"]\n\
+         [[rule]]\ndatabase = \"app\"\nsignatures = 2\nmax_token_lifetime = \"15m\"\n",
+        // Spaces and lowercase, as people paste them.
+        "8071 9d6b d335 408f 91bf  b4c6 4179 d338 7b25 50a8",
+        "C784889B26214579DF995BA0C5AFC13BB5CDBE8B"
+    ))
+    .unwrap();
+    assert_eq!(c.keyring, Some(PathBuf::from("/etc/sg/keys")));
+    assert_eq!(c.instance.as_deref(), Some("prod-eu1"));
+    assert_eq!(c.signers[0].fingerprint, ALICE);
+    assert_eq!(c.signers[0].databases, ["*"]);
+    assert_eq!(c.signers[0].classes, Class::DEFAULT_GUARDED);
+    assert_eq!(c.signers[1].classes, [Class::Ddl]);
+    let r = c.rule_for("app", "x");
+    assert_eq!(r.signatures, 2);
+    assert_eq!(r.max_token_lifetime, Duration::from_secs(900));
+    let d = c.rule_for("other", "x");
+    assert_eq!(d.signatures, 1);
+    assert_eq!(d.max_token_lifetime, Duration::from_secs(3600));
+}
+
+#[test]
+fn unsatisfiable_or_broken_signer_policy_is_refused() {
+    let signer = |name: &str, extra: &str| {
+        format!("[[signer]]\nname = \"{name}\"\nfingerprint = \"{ALICE}\"\n{extra}")
+    };
+    for (text, needle) in [
+        (
+            format!(
+                "keyring = \"k\"\n{}[[rule]]\nsignatures = 2\n",
+                signer("a", "")
+            ),
+            "needs 2 signers but only 1",
+        ),
+        (
+            // bob may sign only for `other`: he cannot count for `app`.
+            format!(
+                "keyring = \"k\"\n{}{}[[rule]]\ndatabase = \"app\"\nsignatures = 2\n",
+                signer("a", ""),
+                signer("b", "databases = [\"other\"]\n")
+            ),
+            "needs 2 signers but only 1",
+        ),
+        (
+            "[[rule]]\nsignatures = 2\n".to_string(),
+            "needs 2 signers but only 0",
+        ),
+        (signer("a", ""), "no keyring"),
+        (
+            format!("keyring = \"k\"\n{}{}", signer("a", ""), signer("a", "")),
+            "named twice",
+        ),
+        (
+            "keyring = \"k\"\n[[signer]]\nname = \"x\"\nfingerprint = \"abc\"\n".to_string(),
+            "is not a key fingerprint",
+        ),
+        (
+            format!(
+                "keyring = \"k\"\n{}[[rule]]\nsignatures = 0\n",
+                signer("a", "")
+            ),
+            "at least 1",
+        ),
+        (
+            format!(
+                "keyring = \"k\"\n{}",
+                signer("a", "classes = [\"ddl\", \"bogus\"]\n")
+            ),
+            "bogus",
+        ),
+    ] {
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{text}\n=> {err}");
+    }
+}

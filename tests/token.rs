@@ -814,3 +814,60 @@ async fn extended_protocol_multi_statement_portals_in_steps_reset_and_discard() 
     held(&c.batch_execute("DROP TABLE t2").await.unwrap_err());
     assert!(exists(&direct, "t2").await);
 }
+
+/// Sequoia's `sq` (0.27) signs tokens stepgate accepts: a cleartext signature by one person and an inline
+/// signature by another, merged into one token for a two-signature rule.
+#[tokio::test]
+async fn sq_signatures_merge_with_an_inline_one_for_two_person_approval() {
+    assert!(
+        std::process::Command::new("sq")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "sq (Sequoia's command line, `apt-get install sq`) is needed; .ci/run installs it"
+    );
+    let direct = setup("two_sq").await;
+    let g = gate_with(policy).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("payload.txt");
+    std::fs::write(&p, payload("two_sq", &["DROP TABLE t"]).render()).unwrap();
+    let sq = |mode: &[&str], key: &str, out: &str| {
+        let o = std::process::Command::new("sq")
+            .arg("sign")
+            .args(mode)
+            .arg("--signer-key")
+            .arg(keys_dir().join(format!("{key}.sec.asc")))
+            .arg("--output")
+            .arg(dir.path().join(out))
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        dir.path().join(out)
+    };
+    let bob = sq(&["--cleartext-signature"], "bob", "bob.asc");
+    let alice = sq(&[], "alice", "alice.pgp");
+    let (ok, merged, err) = stepgate(
+        &[
+            "token",
+            "merge",
+            bob.to_str().unwrap(),
+            alice.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(ok, "{err}");
+    let c = g.client("two_sq").await;
+    let e = c
+        .batch_execute(&set_token(&std::fs::read_to_string(&bob).unwrap()))
+        .await
+        .unwrap_err();
+    rejected(&e, "not_enough_signers");
+    held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(exists(&direct, "t").await);
+    c.batch_execute(&set_token(&String::from_utf8(merged).unwrap()))
+        .await
+        .unwrap();
+    c.batch_execute("DROP TABLE t").await.unwrap();
+    assert!(!exists(&direct, "t").await);
+}

@@ -86,10 +86,16 @@ pub fn token_ref(raw: &[u8]) -> String {
 }
 
 impl GateContext {
-    fn audit(&self, event: &str, fields: Map<String, Value>, sync: bool) -> bool {
+    /// Appends a record whose fields are built only when there is a log to write to.
+    fn audit_with(
+        &self,
+        event: &str,
+        fields: impl FnOnce() -> Map<String, Value>,
+        sync: bool,
+    ) -> bool {
         match &self.audit {
             None => true,
-            Some(log) => match log.append(event, fields, sync) {
+            Some(log) => match log.append(event, fields(), sync) {
                 Ok(_) => true,
                 Err(e) => {
                     tracing::error!(error = %e, event, "audit log write failed");
@@ -127,7 +133,7 @@ impl GateContext {
                 f.insert("reason".into(), reason.code().into());
                 f.insert("detail".into(), reason.to_string().into());
                 f.insert("token_sha256".into(), crate::audit::hash_line(raw).into());
-                self.audit("token_rejected", f, false);
+                self.audit_with("token_rejected", || f, false);
                 Err(reason)
             }
         }
@@ -148,7 +154,7 @@ impl GateContext {
             "token".into(),
             String::from_utf8_lossy(&token.raw).into_owned().into(),
         );
-        self.audit("token_set", f, false);
+        self.audit_with("token_set", || f, false);
         tracing::info!(user = %session.user, database = %session.database, token_id = token.id(), signers = token.auth.signers.len(), "token set");
     }
 
@@ -209,13 +215,13 @@ impl GateContext {
                 index: g.index,
                 token: tok.clone(),
                 fingerprint: g.fingerprint.clone(),
-                sql: redact(&g.sql),
+                sql: g.sql.clone(),
                 class,
             });
         }
         let last = taken.len() - 1;
         for (i, r) in taken.iter().enumerate() {
-            if !self.audit("authorized", self.use_fields(session, r), i == last) {
+            if !self.audit_with("authorized", || self.use_fields(session, r), i == last) {
                 undo(&taken);
                 return Err(Denied::AuditUnavailable);
             }
@@ -228,7 +234,7 @@ impl GateContext {
 
     fn use_fields(&self, session: &SessionFields, r: &Reservation) -> Map<String, Value> {
         let mut f = session_map(session);
-        f.insert("sql".into(), r.sql.clone().into());
+        f.insert("sql".into(), redact(&r.sql).into());
         f.insert("fingerprint".into(), r.fingerprint.clone().into());
         f.insert("class".into(), r.class.as_str().into());
         f.insert("token_id".into(), r.token.id().into());
@@ -238,17 +244,29 @@ impl GateContext {
 
     /// The server ran an authorized statement.
     pub fn executed(&self, session: &SessionFields, r: &Reservation, command_tag: &str) {
-        let mut f = self.use_fields(session, r);
-        f.insert("outcome".into(), command_tag.into());
-        self.audit("executed", f, false);
+        self.audit_with(
+            "executed",
+            || {
+                let mut f = self.use_fields(session, r);
+                f.insert("outcome".into(), command_tag.into());
+                f
+            },
+            false,
+        );
     }
 
     /// The server refused an authorized statement: the use is given back.
     pub fn released(&self, session: &SessionFields, r: &Reservation, why: &str) {
         self.ledger.release(r.token.id(), &r.fingerprint);
-        let mut f = self.use_fields(session, r);
-        f.insert("reason".into(), why.into());
-        self.audit("released", f, false);
+        self.audit_with(
+            "released",
+            || {
+                let mut f = self.use_fields(session, r);
+                f.insert("reason".into(), why.into());
+                f
+            },
+            false,
+        );
     }
 }
 

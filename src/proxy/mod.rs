@@ -5,7 +5,7 @@
 //! closing them with an error. Each connection holds one permit of a semaphore sized `max_connections`;
 //! a connection beyond it completes the startup handshake and is refused with SQLSTATE 53300.
 
-mod authz;
+pub mod authz;
 mod session;
 pub mod state;
 mod stream;

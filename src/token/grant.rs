@@ -138,40 +138,55 @@ impl ActiveToken {
     }
 }
 
-/// Spent uses per (token id, statement fingerprint), shared by every session of a server.
+/// Spent uses per (token id, statement fingerprint), shared by every session of a server. Lookups borrow
+/// the caller's strings; only the first use of a fingerprint allocates.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    spent: DashMap<(String, String), u32>,
+    spent: DashMap<String, HashMap<String, u32>>,
 }
 
 impl Ledger {
     /// Spends one use if fewer than `limit` are spent; false when none is left.
     pub fn reserve(&self, token_id: &str, fingerprint: &str, limit: u32) -> bool {
-        let mut e = self
-            .spent
-            .entry((token_id.to_string(), fingerprint.to_string()))
-            .or_insert(0);
-        if *e >= limit {
+        if let Some(mut uses) = self.spent.get_mut(token_id) {
+            return match uses.get_mut(fingerprint) {
+                Some(n) if *n >= limit => false,
+                Some(n) => {
+                    *n += 1;
+                    true
+                }
+                None if limit == 0 => false,
+                None => {
+                    uses.insert(fingerprint.to_string(), 1);
+                    true
+                }
+            };
+        }
+        if limit == 0 {
             return false;
         }
-        *e += 1;
+        let mut uses = self.spent.entry(token_id.to_string()).or_default();
+        let n = uses.entry(fingerprint.to_string()).or_insert(0);
+        if *n >= limit {
+            return false;
+        }
+        *n += 1;
         true
     }
 
     /// Gives one use back.
     pub fn release(&self, token_id: &str, fingerprint: &str) {
-        if let Some(mut e) = self
-            .spent
-            .get_mut(&(token_id.to_string(), fingerprint.to_string()))
-        {
-            *e = e.saturating_sub(1);
+        if let Some(mut uses) = self.spent.get_mut(token_id) {
+            if let Some(n) = uses.get_mut(fingerprint) {
+                *n = n.saturating_sub(1);
+            }
         }
     }
 
     pub fn spent(&self, token_id: &str, fingerprint: &str) -> u32 {
         self.spent
-            .get(&(token_id.to_string(), fingerprint.to_string()))
-            .map(|e| *e)
+            .get(token_id)
+            .and_then(|uses| uses.get(fingerprint).copied())
             .unwrap_or(0)
     }
 
@@ -183,7 +198,12 @@ impl Ledger {
             };
             match r["event"].as_str() {
                 Some("authorized") => {
-                    *self.spent.entry((id.into(), fp.into())).or_insert(0) += 1;
+                    *self
+                        .spent
+                        .entry(id.to_string())
+                        .or_default()
+                        .entry(fp.to_string())
+                        .or_insert(0) += 1;
                 }
                 Some("released") => self.release(id, fp),
                 _ => {}

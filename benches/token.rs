@@ -1,0 +1,176 @@
+//! Token costs: verifying a token when a session sets it (cleartext-signed and inline-signed, ed25519 and
+//! rsa3072 keys from fixtures/keys), and the per-statement authorization check once it is verified.
+//! Run: `cargo bench --bench token`.
+
+use std::hint::black_box;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use sequoia_openpgp::parse::Parse;
+use sequoia_openpgp::policy::StandardPolicy;
+use sequoia_openpgp::serialize::stream::{Armorer, LiteralWriter, Message, Signer};
+use sequoia_openpgp::Cert;
+use stepgate::classify::{Class, Classifier};
+use stepgate::config::{Config, Rule};
+use stepgate::gate::{Registry, SessionFields};
+use stepgate::proxy::authz::Grant;
+use stepgate::proxy::state::GateContext;
+use stepgate::token::payload::{fingerprint_of, Payload, StatementGrant};
+use stepgate::token::signed::{sign_cleartext, Keyring};
+use stepgate::token::{ActiveToken, Policy, SignerPolicy};
+
+const SQL: &str = "DROP TABLE staging_orders";
+
+fn keys() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/keys")
+}
+
+fn secret(name: &str) -> Cert {
+    Cert::from_file(keys().join(format!("{name}.sec.asc"))).unwrap()
+}
+
+fn payload() -> String {
+    Payload {
+        id: "7d4c0a6e-5b1f-4f0e-9a53-2f1e9c0b8d11".into(),
+        instance: None,
+        database: "app".into(),
+        user: None,
+        not_before: None,
+        not_after: SystemTime::now() + Duration::from_secs(1800),
+        statements: vec![StatementGrant {
+            fingerprint: fingerprint_of(SQL).unwrap(),
+            class: Class::Destructive,
+            sql: SQL.into(),
+        }],
+        reason: Some("PROJ-142 retire the staging table".into()),
+    }
+    .render()
+}
+
+/// An armored inline-signed message (what `gpg --sign --armor` makes).
+fn sign_inline(text: &str, cert: &Cert) -> Vec<u8> {
+    let policy = StandardPolicy::new();
+    let key = cert
+        .keys()
+        .with_policy(&policy, None)
+        .for_signing()
+        .secret()
+        .next()
+        .unwrap()
+        .key()
+        .clone()
+        .into_keypair()
+        .unwrap();
+    let mut out = Vec::new();
+    let m = Message::new(&mut out);
+    let m = Armorer::new(m).build().unwrap();
+    let m = Signer::new(m, key).unwrap().build().unwrap();
+    let mut w = LiteralWriter::new(m).build().unwrap();
+    w.write_all(text.as_bytes()).unwrap();
+    w.finalize().unwrap();
+    out
+}
+
+fn policy() -> Policy {
+    let keyring = Keyring::load(&keys().join("keyring")).unwrap();
+    let fpr = |n: &str| {
+        std::fs::read_to_string(keys().join("fingerprints.txt"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{n} ")).map(str::to_string))
+            .unwrap()
+    };
+    let signers = ["alice", "bob"]
+        .iter()
+        .map(|n| SignerPolicy {
+            name: n.to_string(),
+            fingerprint: fpr(n),
+            databases: vec!["*".into()],
+            classes: Class::DEFAULT_GUARDED.to_vec(),
+        })
+        .collect();
+    Policy {
+        keyring,
+        signers,
+        instance: None,
+    }
+}
+
+fn verify(c: &mut Criterion) {
+    let policy = policy();
+    let rule = Rule::default();
+    let classifier = Classifier::default();
+    let text = payload();
+    let mut g = c.benchmark_group("token verify");
+    for (key, name) in [("alice", "ed25519"), ("bob", "rsa3072")] {
+        let cert = secret(key);
+        let clear = sign_cleartext(text.as_bytes(), &[cert.clone()], SystemTime::now()).unwrap();
+        let inline = sign_inline(&text, &cert);
+        for (form, token) in [("clearsigned", &clear), ("inline", &inline)] {
+            assert!(policy
+                .verify(token, &rule, &classifier, "app", "u", SystemTime::now())
+                .is_ok());
+            g.bench_function(format!("{form} {name}"), |b| {
+                b.iter(|| {
+                    policy
+                        .verify(
+                            black_box(token),
+                            &rule,
+                            &classifier,
+                            "app",
+                            "u",
+                            SystemTime::now(),
+                        )
+                        .unwrap()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn authorize(c: &mut Criterion) {
+    let mut ctx = GateContext::new(Config::default(), Registry::new(None), false);
+    ctx.policy = policy();
+    let rule = Rule::default();
+    let text = payload();
+    let token = sign_cleartext(text.as_bytes(), &[secret("alice")], SystemTime::now()).unwrap();
+    let auth = ctx
+        .policy
+        .verify(
+            &token,
+            &rule,
+            &Classifier::default(),
+            "app",
+            "u",
+            SystemTime::now(),
+        )
+        .unwrap();
+    let mut active = ActiveToken::new(auth, token, ctx.generation);
+    // Enough uses for every iteration: what is measured is the check, not running out.
+    for v in active.listed.values_mut() {
+        *v = u32::MAX;
+    }
+    let grants = vec![Grant {
+        index: 0,
+        fingerprint: fingerprint_of(SQL).unwrap(),
+        sql: SQL.into(),
+        token: Some(Arc::new(active)),
+    }];
+    let session = SessionFields::default();
+    c.bench_function(
+        "authorize one statement (verified token, no audit write)",
+        |b| {
+            b.iter(|| {
+                ctx.authorize(&session, &rule, black_box(&grants), Class::Destructive)
+                    .unwrap()
+            })
+        },
+    );
+}
+
+criterion_group!(benches, verify, authorize);
+criterion_main!(benches);
