@@ -107,7 +107,12 @@ fn verify(c: &mut Criterion) {
     let mut g = c.benchmark_group("token verify");
     for (key, name) in [("alice", "ed25519"), ("bob", "rsa3072")] {
         let cert = secret(key);
-        let clear = sign_cleartext(text.as_bytes(), &[cert.clone()], SystemTime::now()).unwrap();
+        let clear = sign_cleartext(
+            text.as_bytes(),
+            std::slice::from_ref(&cert),
+            SystemTime::now(),
+        )
+        .unwrap();
         let inline = sign_inline(&text, &cert);
         for (form, token) in [("clearsigned", &clear), ("inline", &inline)] {
             assert!(policy
