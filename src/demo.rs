@@ -1,5 +1,9 @@
 //! `stepgate demo`: a throwaway PostgreSQL with stepgate in front of it, for a first look and for CI.
 //!
+//! A demo signing key is generated at start (in the throwaway state directory) and named as the one signer,
+//! so the whole step-up flow can be tried: a DROP is held, `stepgate token new --held` makes the payload,
+//! `stepgate token sign` signs it, and `SET stepgate.token` lets the DROP run once.
+//!
 //! Interactive mode prints how to connect and runs until Ctrl-C; `--check` runs the walkthrough unattended
 //! with real `psql` processes and returns whether every step behaved as documented.
 
@@ -30,10 +34,13 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     // The demo table is created directly on PostgreSQL: through stepgate, CREATE TABLE is held.
     demo_table(&db)?;
     let state = tempfile::tempdir().context("creating a state directory")?;
+    let (key_file, signer) = demo_key(state.path())?;
     let config = Config {
         listen: opts.listen.clone(),
         upstream: db.addr(),
         state_dir: state.path().join("state"),
+        keyring: Some(state.path().join("keys")),
+        signers: vec![signer],
         ..Config::default()
     };
     let server = Server::bind(config).await?;
@@ -50,7 +57,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let result = if opts.check {
         let port = addr.port();
         let db = db.clone();
-        tokio::task::spawn_blocking(move || walkthrough(port, &db, &state_dir))
+        let key_file = key_file.clone();
+        tokio::task::spawn_blocking(move || walkthrough(port, &db, &state_dir, &key_file))
             .await
             .context("walkthrough")?
     } else {
@@ -74,8 +82,27 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         println!("  UPDATE notes SET body = 'oops';               -- held: no WHERE");
         println!("  SHOW stepgate.status;");
         println!();
+        let me = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "stepgate".into());
+        let tok = state.path().join("drop.asc");
+        println!("Then authorize the held DROP with the demo signing key (use the held id from the error):");
         println!(
-            "Held statements are recorded in {}",
+            "  {me} token new --state-dir {} --held <held id> \\",
+            state_dir.display()
+        );
+        println!(
+            "    | {me} token sign --key {} > {}",
+            key_file.display(),
+            tok.display()
+        );
+        println!("  and in psql:");
+        println!("  \\set tok `cat {}`", tok.display());
+        println!("  SET stepgate.token = :'tok';");
+        println!("  DROP TABLE notes;                             -- runs, once");
+        println!();
+        println!(
+            "Everything is recorded in {}",
             state_dir.join("audit.jsonl").display()
         );
         println!("Press Ctrl-C to stop; the database and its files are removed.");
@@ -89,6 +116,40 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(35), task).await;
     drop(db);
     result
+}
+
+/// Generates the demo signer: secret key file, public key in `<dir>/keys/`, and its `[[signer]]` entry.
+fn demo_key(dir: &std::path::Path) -> Result<(std::path::PathBuf, crate::token::SignerPolicy)> {
+    use sequoia_openpgp::cert::prelude::*;
+    use sequoia_openpgp::serialize::Serialize;
+    let (cert, _) =
+        CertBuilder::general_purpose(Some("stepgate demo signer <demo@stepgate.invalid>"))
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_creation_time(std::time::SystemTime::now() - Duration::from_secs(60))
+            .generate()
+            .context("generating the demo signing key")?;
+    std::fs::create_dir_all(dir.join("keys"))?;
+    let mut public = Vec::new();
+    cert.armored()
+        .serialize(&mut public)
+        .context("exporting the demo key")?;
+    std::fs::write(dir.join("keys").join("demo.asc"), public)?;
+    let mut secret = Vec::new();
+    cert.as_tsk()
+        .armored()
+        .serialize(&mut secret)
+        .context("exporting the demo key")?;
+    let key_file = dir.join("demo-signer.sec.asc");
+    std::fs::write(&key_file, secret)?;
+    Ok((
+        key_file,
+        crate::token::SignerPolicy {
+            name: "demo".into(),
+            fingerprint: cert.fingerprint().to_hex(),
+            databases: vec!["*".into()],
+            classes: crate::classify::Class::DEFAULT_GUARDED.to_vec(),
+        },
+    ))
 }
 
 fn demo_table(db: &DevDb) -> Result<()> {
@@ -144,7 +205,12 @@ fn step(name: &str, r: Result<()>) -> Result<()> {
     r
 }
 
-fn walkthrough(port: u16, db: &DevDb, state_dir: &std::path::Path) -> Result<()> {
+fn walkthrough(
+    port: u16,
+    db: &DevDb,
+    state_dir: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<()> {
     step(
         "psql connects through stepgate and runs SELECT 1",
         (|| {
@@ -232,6 +298,59 @@ fn walkthrough(port: u16, db: &DevDb, state_dir: &std::path::Path) -> Result<()>
                 .any(|l| l.contains("\"event\":\"held\"") && l.contains(&held_id))
             {
                 bail!("no held record for {held_id}");
+            }
+            Ok(())
+        })(),
+    )?;
+    let dir = state_dir.parent().unwrap_or(state_dir).to_path_buf();
+    let script = dir.join("drop.sql");
+    step(
+        "token new --held, token sign, SET stepgate.token: the DROP runs",
+        (|| {
+            let config = Config {
+                state_dir: state_dir.to_path_buf(),
+                ..Config::default()
+            };
+            let payload = crate::token::cli::new_payload(
+                &crate::token::cli::NewToken {
+                    config: &config,
+                    database: None,
+                    user: None,
+                    ttl: Duration::from_secs(600),
+                    reason: Some("stepgate demo".into()),
+                    source: crate::token::cli::Source::Held(held_id.clone()),
+                },
+                std::time::SystemTime::now(),
+            )?;
+            let keys = crate::token::cli::read_secret_keys(&[key_file.display().to_string()])?;
+            let token = crate::token::cli::sign(payload.as_bytes(), &keys, None)?;
+            let tok = dir.join("drop.asc");
+            std::fs::write(&tok, token)?;
+            std::fs::write(
+                &script,
+                format!(
+                    "\\set tok `cat {}`\nSET stepgate.token = :'tok';\nDROP TABLE notes;\n",
+                    tok.display()
+                ),
+            )?;
+            psql(port, &["-f", &script.display().to_string()])?;
+            let gone = db
+                .psql_in("demo", "SELECT to_regclass('notes') IS NULL")?
+                .trim()
+                .to_string();
+            if gone != "t" {
+                bail!("the table is still there");
+            }
+            Ok(())
+        })(),
+    )?;
+    step(
+        "the same token cannot drop the table again (already_used)",
+        (|| {
+            demo_table(db)?;
+            let (ok, _, err) = psql_raw(port, &["-f", &script.display().to_string()])?;
+            if ok || !err.contains("already_used") {
+                bail!("expected already_used, got ok={ok} {err}");
             }
             Ok(())
         })(),
