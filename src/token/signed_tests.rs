@@ -226,3 +226,28 @@ fn a_key_must_be_valid_now_not_only_when_it_signed() {
         "key_revoked"
     );
 }
+
+#[test]
+fn a_protected_key_signs_only_with_its_passphrase() {
+    use openpgp::cert::prelude::*;
+    let now = SystemTime::now();
+    let (cert, _) = CertBuilder::general_purpose(Some("Pat <pat@example.com>"))
+        .set_cipher_suite(CipherSuite::Cv25519)
+        .set_creation_time(now - Duration::from_secs(600))
+        .set_password(Some("correct horse".into()))
+        .generate()
+        .unwrap();
+    let keys = std::slice::from_ref(&cert);
+    assert!(needs_passphrase(keys, now));
+    let e = sign_cleartext(b"payload", keys, now).unwrap_err();
+    assert!(e.contains("STEPGATE_PASSPHRASE"), "{e}");
+    let e = sign_cleartext_with(b"payload", keys, now, Some("wrong")).unwrap_err();
+    assert!(e.contains("wrong passphrase"), "{e}");
+    let signed = sign_cleartext_with(b"payload", keys, now, Some("correct horse")).unwrap();
+    let public = cert.clone().strip_secret_key_material();
+    assert_eq!(
+        verify(&signed, &ring(&[&public]), now).unwrap().payload,
+        b"payload"
+    );
+    assert!(!needs_passphrase(&[key("open")], now));
+}
