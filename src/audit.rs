@@ -1,11 +1,17 @@
 //! The audit log: `<state_dir>/audit.jsonl`, one JSON object per line, hash-chained (DESIGN.md "Audit log").
 //!
 //! Each record has `seq` (from 1), `time` (RFC 3339 UTC with microseconds), `event`, the event's fields, and
-//! `prev` = `sha256:` + hex of SHA-256 over the previous line's bytes (64 zeros for the first). This module
-//! appends records; the gate writes `held` and `observed` events today.
+//! `prev` = `sha256:` + hex of SHA-256 over the previous line's bytes (64 zeros for the first). When the
+//! current file grows past the rotation size it is renamed to `audit.000001.jsonl`, `audit.000002.jsonl`, …
+//! (numbered upward, never renumbered) and a new `audit.jsonl` continues the chain.
+//!
+//! Opening the log locks the state directory (`stepgate.lock`): a second instance on it refuses to start.
+//! A last line cut short by a crash is truncated away at open and a `recovered` record says so. A log that
+//! is not a regular file (a symlink to `/dev/full`, say) is not read; writes to it fail, and the gate then
+//! refuses guarded statements.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -16,6 +22,9 @@ use thiserror::Error;
 
 pub const GENESIS: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
+/// Default size at which `audit.jsonl` is rotated.
+pub const DEFAULT_ROTATE_SIZE: u64 = 64 << 20;
+
 #[derive(Debug, Error)]
 pub enum AuditError {
     #[error("audit log {path}: {source}")]
@@ -23,27 +32,37 @@ pub enum AuditError {
         path: String,
         source: std::io::Error,
     },
+    #[error("the state directory {0} is in use by another stepgate (its stepgate.lock is held)")]
+    Locked(String),
 }
 
 struct Tail {
     file: File,
     seq: u64,
     prev: String,
+    size: u64,
+    /// Number of the next rotated file.
+    next_rotation: u64,
 }
 
 /// An append-only, hash-chained JSON Lines log. Appends are serialized; each is one `write` of a whole line.
 pub struct AuditLog {
+    dir: PathBuf,
     path: PathBuf,
+    rotate_size: u64,
     tail: Mutex<Tail>,
+    _lock: File,
 }
 
 /// `sha256:` + lowercase hex of SHA-256 of `bytes`.
 pub fn hash_line(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(bytes);
     let mut s = String::with_capacity(71);
     s.push_str("sha256:");
     for b in digest {
-        s.push_str(&format!("{b:02x}"));
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
     }
     s
 }
@@ -57,40 +76,157 @@ pub fn now_rfc3339() -> String {
     ts.to_string()
 }
 
+/// The log files of a state directory in chain order: rotated files by number, then `audit.jsonl`.
+pub fn log_files(state_dir: &Path) -> Vec<PathBuf> {
+    let mut rotated: Vec<(u64, PathBuf)> = std::fs::read_dir(state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n = name
+                .strip_prefix("audit.")?
+                .strip_suffix(".jsonl")?
+                .parse::<u64>()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    rotated.sort();
+    let mut out: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    let current = state_dir.join("audit.jsonl");
+    if current.exists() {
+        out.push(current);
+    }
+    out
+}
+
+/// The last complete line of a file (for continuing the chain), if any.
+fn last_line(path: &Path) -> Option<Vec<u8>> {
+    let bytes = std::fs::read(path).ok()?;
+    let body = bytes.strip_suffix(b"\n")?;
+    let start = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    Some(body[start..].to_vec())
+}
+
 impl AuditLog {
-    /// Opens (creating, mode 0600) the log in `state_dir` and reads its last record to continue the chain.
+    /// Opens the log in `state_dir` with the default rotation size.
     pub fn open(state_dir: &Path) -> Result<AuditLog, AuditError> {
+        Self::open_with(state_dir, DEFAULT_ROTATE_SIZE)
+    }
+
+    /// Locks the state directory, opens (creating, mode 0600) `audit.jsonl`, cuts a torn last record and
+    /// continues the chain from the last record of the newest file.
+    pub fn open_with(state_dir: &Path, rotate_size: u64) -> Result<AuditLog, AuditError> {
         let path = state_dir.join("audit.jsonl");
-        let err = |source| AuditError::Io {
-            path: path.display().to_string(),
-            source,
+        let err = |p: &Path| {
+            let p = p.display().to_string();
+            move |source| AuditError::Io { path: p, source }
         };
+        let lock_path = state_dir.join("stepgate.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(AuditError::Locked(state_dir.display().to_string()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(err(&lock_path)(e)),
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .read(true)
             .mode(0o600)
             .open(&path)
-            .map_err(err)?;
-        let (mut seq, mut prev) = (0, GENESIS.to_string());
-        for line in BufReader::new(File::open(&path).map_err(err)?).split(b'\n') {
-            let line = line.map_err(err)?;
-            if line.is_empty() {
-                continue;
+            .map_err(err(&path))?;
+        let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        let mut torn = 0u64;
+        let mut size = 0u64;
+        if regular {
+            let mut bytes = Vec::new();
+            (&file).read_to_end(&mut bytes).map_err(err(&path))?;
+            let keep = match bytes.iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None => 0,
+            };
+            if keep < bytes.len() {
+                torn = (bytes.len() - keep) as u64;
+                file.set_len(keep as u64).map_err(err(&path))?;
+                file.sync_all().map_err(err(&path))?;
             }
+            size = keep as u64;
+        }
+        let files = log_files(state_dir);
+        let next_rotation = files
+            .iter()
+            .filter_map(|p| {
+                p.file_name()?
+                    .to_str()?
+                    .strip_prefix("audit.")?
+                    .strip_suffix(".jsonl")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let (mut seq, mut prev) = (0, GENESIS.to_string());
+        let newest = if regular && size > 0 {
+            Some(path.clone())
+        } else {
+            files.iter().rev().find(|p| **p != path).cloned()
+        };
+        if let Some(line) = newest.as_deref().and_then(last_line) {
             if let Ok(v) = serde_json::from_slice::<Value>(&line) {
-                seq = v["seq"].as_u64().unwrap_or(seq + 1);
+                seq = v["seq"].as_u64().unwrap_or(0);
             }
             prev = hash_line(&line);
         }
-        Ok(AuditLog {
+        let log = AuditLog {
+            dir: state_dir.to_path_buf(),
             path,
-            tail: Mutex::new(Tail { file, seq, prev }),
-        })
+            rotate_size,
+            tail: Mutex::new(Tail {
+                file,
+                seq,
+                prev,
+                size,
+                next_rotation,
+            }),
+            _lock: lock,
+        };
+        if torn > 0 {
+            let mut f = Map::new();
+            f.insert("bytes".into(), torn.into());
+            f.insert(
+                "reason".into(),
+                format!("the last record was cut short ({torn} bytes, no newline) and was removed at start-up").into(),
+            );
+            log.append("recovered", f, true)?;
+            tracing::warn!(bytes = torn, "audit log: a torn last record was cut");
+        }
+        Ok(log)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The state directory the log lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `(seq, hash)` of the last record: the head operators record elsewhere.
+    pub fn head(&self) -> (u64, String) {
+        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        (tail.seq, tail.prev.clone())
     }
 
     /// Appends one record with `event` and `fields`; returns its `seq`. `sync` also fsyncs it.
@@ -123,10 +259,41 @@ impl AuditLog {
         }
         tail.seq = seq;
         tail.prev = hash;
+        tail.size += line.len() as u64;
+        if tail.size >= self.rotate_size {
+            self.rotate(&mut tail)?;
+        }
         Ok(seq)
     }
 
-    /// Every record, oldest first (for rebuilding state at start-up and for tools).
+    /// Renames the full `audit.jsonl` to the next `audit.NNNNNN.jsonl` and starts a new one.
+    fn rotate(&self, tail: &mut Tail) -> Result<(), AuditError> {
+        let err = |source| AuditError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        tail.file.sync_all().map_err(err)?;
+        let target = self
+            .dir
+            .join(format!("audit.{:06}.jsonl", tail.next_rotation));
+        std::fs::rename(&self.path, &target).map_err(err)?;
+        tail.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(err)?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        tail.next_rotation += 1;
+        tail.size = 0;
+        tracing::info!(file = %target.display(), "audit log rotated");
+        Ok(())
+    }
+
+    /// Every record of one file, oldest first. A file that is not a regular file reads as empty.
     pub fn read_all(path: &Path) -> Result<Vec<Value>, AuditError> {
         let err = |source| AuditError::Io {
             path: path.display().to_string(),
@@ -137,12 +304,24 @@ impl AuditLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(err(e)),
         };
+        if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
         for line in BufReader::new(file).lines() {
             let line = line.map_err(err)?;
             if let Ok(v) = serde_json::from_str(&line) {
                 out.push(v);
             }
+        }
+        Ok(out)
+    }
+
+    /// Every record of a state directory, across rotated files, oldest first.
+    pub fn read_dir(state_dir: &Path) -> Result<Vec<Value>, AuditError> {
+        let mut out = Vec::new();
+        for f in log_files(state_dir) {
+            out.extend(Self::read_all(&f)?);
         }
         Ok(out)
     }

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod audit_tool;
 pub mod check;
 pub mod classify;
 pub mod config;

@@ -140,7 +140,7 @@ impl CachedClassifier {
             let mut n = 0u32;
             map.retain(|_, _| {
                 n = n.wrapping_add(1);
-                n % 2 == 0
+                n.is_multiple_of(2)
             });
         }
         let entry = Arc::new(entry);

@@ -255,6 +255,16 @@ impl GateContext {
         );
     }
 
+    /// How the transaction an authorized statement ran in ended (`committed` / `rolled_back`).
+    pub fn outcome(&self, session: &SessionFields, r: &Reservation, committed: bool) {
+        let event = if committed {
+            "committed"
+        } else {
+            "rolled_back"
+        };
+        self.audit_with(event, || self.use_fields(session, r), false);
+    }
+
     /// The server refused an authorized statement: the use is given back.
     pub fn released(&self, session: &SessionFields, r: &Reservation, why: &str) {
         self.ledger.release(r.token.id(), &r.fingerprint);

@@ -90,7 +90,7 @@ impl Server {
         let policy = crate::token::Policy::load(&config).map_err(ServeError::Policy)?;
         let audit = std::sync::Arc::new(crate::audit::AuditLog::open(&config.state_dir)?);
         let registry = crate::gate::Registry::new(Some(audit.clone()));
-        let records = crate::audit::AuditLog::read_all(audit.path())?;
+        let records = crate::audit::AuditLog::read_dir(&config.state_dir)?;
         registry.restore(&records);
         let ledger = crate::token::Ledger::default();
         ledger.restore(&records);

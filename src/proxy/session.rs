@@ -369,6 +369,10 @@ async fn session(
     for k in &keys {
         shared.cancel_keys.remove(k);
     }
+    state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .on_session_end(&shared.gate);
     let at_boundary = flags.client_at_boundary.load(Ordering::Relaxed);
     let reply = match ending {
         Ending::Frontend(Ok(FrontendEnd::Terminate)) => {

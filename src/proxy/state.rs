@@ -199,6 +199,10 @@ pub struct SessionState {
     startup_token: Option<String>,
     /// Reservations of portals suspended by a row limit: their later Executes are the same use.
     suspended: HashMap<Vec<u8>, Vec<Reservation>>,
+    /// Authorized statements that ran in the current transaction: committed or rolled back at its end.
+    outcome_pending: Vec<Reservation>,
+    /// The current transaction failed or was rolled back (its authorized statements are undone).
+    txn_failed: bool,
 }
 
 /// Why a message is refused outright, before any decision.
@@ -380,6 +384,8 @@ impl SessionState {
             token: None,
             startup_token,
             suspended: HashMap::new(),
+            outcome_pending: Vec::new(),
+            txn_failed: false,
             prepared: HashMap::new(),
             portals: HashMap::new(),
             queue: VecDeque::new(),
@@ -1222,14 +1228,31 @@ impl SessionState {
         }
     }
 
-    /// Confirms the reservations of a statement the server completed.
-    fn confirm(&self, ctx: &GateContext, reservations: Vec<Reservation>, body: &[u8]) {
+    /// Confirms the reservations of a statement the server completed; their transaction's outcome follows.
+    fn confirm(&mut self, ctx: &GateContext, reservations: Vec<Reservation>, body: &[u8]) {
+        if reservations.is_empty() {
+            return;
+        }
         let tag = cstr(body)
             .map(|(t, _)| String::from_utf8_lossy(t).into_owned())
             .unwrap_or_default();
         for r in reservations {
             ctx.executed(&self.session, &r, &tag);
+            self.outcome_pending.push(r);
         }
+    }
+
+    /// Records how the transaction of the authorized statements that ran in it ended.
+    fn settle(&mut self, ctx: &GateContext, committed: bool) {
+        for r in std::mem::take(&mut self.outcome_pending) {
+            ctx.outcome(&self.session, &r, committed);
+        }
+    }
+
+    /// The session is over: a transaction still open is rolled back by the server.
+    pub fn on_session_end(&mut self, ctx: &GateContext) {
+        let committed = self.txn_status == b'I' && !self.txn_failed;
+        self.settle(ctx, committed);
     }
 
     /// Gives back the reservations of statements the server did not run.
@@ -1247,6 +1270,43 @@ impl SessionState {
             }
             _ => {}
         }
+    }
+
+    /// CommandComplete or EmptyQueryResponse: the statement at the front of the queue finished.
+    fn on_backend_complete(&mut self, ctx: &GateContext, tag: u8, body: &[u8]) -> Action {
+        let (mine, effect) = match self.queue.front_mut() {
+            Some(Expect::Execute { .. }) => match self.queue.pop_front() {
+                Some(Expect::Execute {
+                    effect,
+                    reservations,
+                    ..
+                }) => (reservations, effect),
+                _ => return Action::Forward,
+            },
+            Some(Expect::Query {
+                effects,
+                done,
+                reservations,
+                ..
+            }) => {
+                let index = *done;
+                let effect = effects.get(index).cloned().unwrap_or(Effect::None);
+                *done += 1;
+                let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(reservations)
+                    .into_iter()
+                    .partition(|r| r.index == index);
+                *reservations = rest;
+                (mine, effect)
+            }
+            _ => return Action::Forward,
+        };
+        if tag == b'C' {
+            self.confirm(ctx, mine, body);
+            self.apply(ctx, effect);
+        } else {
+            self.release(ctx, mine, "empty query");
+        }
+        Action::Forward
     }
 
     pub fn on_backend(&mut self, ctx: &GateContext, tag: u8, msg: &[u8]) -> Action {
@@ -1279,44 +1339,11 @@ impl SessionState {
                     }
                 }
             }
-            b'C' | b'I' => match self.queue.front_mut() {
-                Some(Expect::Execute { .. }) => {
-                    if let Some(Expect::Execute {
-                        effect,
-                        reservations,
-                        ..
-                    }) = self.queue.pop_front()
-                    {
-                        if tag == b'C' {
-                            self.confirm(ctx, reservations, body);
-                            self.apply(ctx, effect);
-                        } else {
-                            self.release(ctx, reservations, "empty query");
-                        }
-                    }
-                }
-                Some(Expect::Query {
-                    effects,
-                    done,
-                    reservations,
-                    ..
-                }) => {
-                    let index = *done;
-                    let effect = effects.get(index).cloned().unwrap_or(Effect::None);
-                    *done += 1;
-                    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(reservations)
-                        .into_iter()
-                        .partition(|r| r.index == index);
-                    *reservations = rest;
-                    if tag == b'C' {
-                        self.confirm(ctx, mine, body);
-                        self.apply(ctx, effect);
-                    } else {
-                        self.release(ctx, mine, "empty query");
-                    }
-                }
-                _ => {}
-            },
+            b'C' if body.starts_with(b"ROLLBACK\0") => {
+                self.txn_failed = true;
+                return self.on_backend_complete(ctx, tag, body);
+            }
+            b'C' | b'I' => return self.on_backend_complete(ctx, tag, body),
             b's' => {
                 if let Some(Expect::Execute {
                     portal,
@@ -1329,7 +1356,10 @@ impl SessionState {
                     }
                 }
             }
-            b'E' => return self.on_error(ctx, msg, body),
+            b'E' => {
+                self.txn_failed = true;
+                return self.on_error(ctx, msg, body);
+            }
             b'Z' => {
                 self.txn_status = body.first().copied().unwrap_or(b'I');
                 while let Some(e) = self.queue.pop_front() {
@@ -1345,6 +1375,9 @@ impl SessionState {
                 if self.txn_status == b'I' {
                     // Portals do not outlive their transaction.
                     self.suspended.clear();
+                    let committed = !self.txn_failed;
+                    self.settle(ctx, committed);
+                    self.txn_failed = false;
                 }
             }
             b'S' => {

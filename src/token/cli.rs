@@ -62,7 +62,7 @@ pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
         Source::Held(id) => {
             let path = o.config.state_dir.join("audit.jsonl");
             let registry = Registry::new(None);
-            registry.restore(&AuditLog::read_all(&path)?);
+            registry.restore(&AuditLog::read_dir(&o.config.state_dir)?);
             let entry = registry.get(id).ok_or_else(|| {
                 anyhow!(
                     "no held statement {id:?} in {} (use --state-dir or --config to name stepgate's state directory)",
@@ -347,7 +347,7 @@ pub fn inspect(token: &[u8], config: &Config) -> Result<(String, bool)> {
         );
     }
     let ledger = Ledger::default();
-    ledger.restore(&AuditLog::read_all(&config.state_dir.join("audit.jsonl")).unwrap_or_default());
+    ledger.restore(&AuditLog::read_dir(&config.state_dir).unwrap_or_default());
     let _ = writeln!(out, "statements:");
     let mut used_up = None;
     for g in &payload.statements {

@@ -5,6 +5,7 @@
 pub mod gnupg;
 pub mod raw;
 pub mod serve;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -216,12 +217,13 @@ impl Gate {
         self.shutdown.cancel();
     }
 
-    /// Stops the server and starts a new one on the same config and state directory (on a new port).
+    /// Stops the server and starts a new one on the same config and state directory (on a new port). Close
+    /// the clients of the old one first: it keeps the state directory until its sessions end.
     pub async fn restart(&mut self) {
         self.shutdown.cancel();
         if let Some(t) = self.task.take() {
-            // Open sessions of the old server may keep it draining; the new one gets its own port.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
+            // The old server drains its sessions and releases the state directory's lock.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
         }
         let (addr, shutdown, task) = start(self.config.clone()).await;
         self.addr = addr;
@@ -236,7 +238,7 @@ impl Gate {
 
     /// Every audit record so far.
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        stepgate::audit::AuditLog::read_all(&self.config.state_dir.join("audit.jsonl")).unwrap()
+        stepgate::audit::AuditLog::read_dir(&self.config.state_dir).unwrap()
     }
 }
 

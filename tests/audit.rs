@@ -1,0 +1,259 @@
+//! The audit log as evidence: `stepgate audit verify` after a real walkthrough and after one changed byte,
+//! a crash right after an authorization, an unwritable log, transaction outcomes, and the state lock.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::serve::{Serve, BIN};
+use common::tokens::*;
+use common::*;
+
+fn verify_cli(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["audit", "verify"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test]
+async fn audit_verify_passes_after_the_walkthrough_and_names_any_changed_byte() {
+    let direct = setup("aud_verify").await;
+    let g = gate_with(policy).await;
+    let c = g.client("aud_verify").await;
+    held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    let tok = sign(&payload("aud_verify", &["DROP TABLE t"]), &["alice"]);
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    c.batch_execute("DROP TABLE t").await.unwrap();
+    assert!(!exists(&direct, "t").await);
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let keyring = keys_dir().join("keyring");
+    let state = g.state_dir().to_path_buf();
+    let (code, out) = verify_cli(&[
+        "--keyring",
+        keyring.to_str().unwrap(),
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ok: "), "{out}");
+    assert!(
+        out.contains("1 authorizations, signers: alice; head "),
+        "{out}"
+    );
+    let head = out.trim().rsplit("head ").next().unwrap().to_string();
+    let (code, json) = verify_cli(&[
+        "--format",
+        "json",
+        "--expect-head",
+        &head,
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{json}");
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["head"], head.as_str());
+
+    // One changed byte in any record is found at that record (the last one through the recorded head).
+    let log = state.join("audit.jsonl");
+    let original = std::fs::read(&log).unwrap();
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(
+            original
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .map(|(i, _)| i + 1),
+        )
+        .filter(|&i| i < original.len())
+        .collect();
+    assert!(starts.len() >= 5, "{}", String::from_utf8_lossy(&original));
+    for (k, &start) in starts.iter().enumerate() {
+        let mut bytes = original.clone();
+        // A byte inside the `time` value: the record still parses, only its content changed.
+        let at = start
+            + String::from_utf8_lossy(&original[start..])
+                .find("\"time\":\"")
+                .unwrap()
+            + 10;
+        bytes[at] = if bytes[at] == b'9' { b'8' } else { b'9' };
+        std::fs::write(&log, &bytes).unwrap();
+        let (code, out) = verify_cli(&["--expect-head", &head, log.to_str().unwrap()]);
+        assert_eq!(code, 1, "record {}: {out}", k + 1);
+        assert!(
+            out.starts_with(&format!("BROKEN at record {} (", k + 1)),
+            "record {}: {out}",
+            k + 1
+        );
+    }
+    std::fs::write(&log, &original).unwrap();
+}
+
+#[tokio::test]
+async fn sigkill_right_after_an_authorization_keeps_the_use_spent() {
+    let direct = setup("aud_kill").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stepgate.toml");
+    let start = |port: u16| {
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nupstream = \"{}\"\nstate_dir = \"state\"\n{}",
+                pg().addr(),
+                policy_toml()
+            ),
+        )
+        .unwrap();
+        Serve::spawn(
+            vec![
+                "serve".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+            port,
+            tempfile::tempdir().unwrap(),
+            &[],
+        )
+    };
+    let mut serve = start(stepgate::devdb::free_port());
+    let conn = |port: u16| {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(port)
+            .user(&pg().user)
+            .dbname("aud_kill");
+        if let Some(p) = &pg().password {
+            cfg.password(p);
+        }
+        cfg
+    };
+    let c = connect(conn(serve.port)).await.unwrap();
+    let tok = sign(&payload("aud_kill", &["DROP TABLE t"]), &["alice"]);
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("DROP TABLE t").await.unwrap();
+    // Killed before the transaction commits: the server rolls it back when the connection drops.
+    serve.child.kill().unwrap();
+    serve.child.wait().unwrap();
+    let records = stepgate::audit::AuditLog::read_dir(&dir.path().join("state")).unwrap();
+    let auth: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "authorized")
+        .collect();
+    assert_eq!(auth.len(), 1, "the authorization is on disk");
+    assert_eq!(auth[0]["sql"], "DROP TABLE t");
+    drop(c);
+    for _ in 0..50 {
+        if exists(&direct, "t").await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        exists(&direct, "t").await,
+        "the uncommitted DROP was rolled back"
+    );
+
+    let port = stepgate::devdb::free_port();
+    serve = start(port);
+    let c = connect(conn(port)).await.unwrap();
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    let (_, detail) = held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(detail.contains("already_used"), "{detail}");
+    assert!(exists(&direct, "t").await);
+    // A second instance on the same state directory refuses to start.
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another stepgate"), "{err}");
+    drop(serve);
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_log_refuses_guarded_statements_only() {
+    let direct = setup("aud_full").await;
+    let g = gate_with(|c| {
+        policy(c);
+        std::fs::create_dir_all(&c.state_dir).unwrap();
+        std::os::unix::fs::symlink("/dev/full", c.state_dir.join("audit.jsonl")).unwrap();
+    })
+    .await;
+    let c = g.client("aud_full").await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+    c.batch_execute("INSERT INTO t VALUES (4)").await.unwrap();
+    for sql in ["DROP TABLE t", "TRUNCATE t"] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        let db = e.as_db_error().unwrap();
+        assert_eq!(db.code().code(), "58030", "{db:?}");
+        assert_eq!(
+            db.message(),
+            "stepgate: audit log unavailable; guarded statement refused"
+        );
+    }
+    // Even with a valid token: the authorization cannot be recorded, so it is not given.
+    let tok = sign(&payload("aud_full", &["DROP TABLE t"]), &["alice"]);
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    let e = c.batch_execute("DROP TABLE t").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("58030"));
+    assert!(exists(&direct, "t").await);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 4);
+}
+
+#[tokio::test]
+async fn the_outcome_of_the_transaction_is_recorded() {
+    let direct = setup("aud_outcome").await;
+    let g = gate_with(policy).await;
+    let c = g.client("aud_outcome").await;
+    let tok = sign(
+        &payload("aud_outcome", &["DROP TABLE t2", "DROP TABLE t3"]),
+        &["alice"],
+    );
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    c.batch_execute("BEGIN; DROP TABLE t2").await.unwrap();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    c.batch_execute("DROP TABLE t3").await.unwrap();
+    assert!(exists(&direct, "t2").await);
+    assert!(!exists(&direct, "t3").await);
+    let audit = g.audit();
+    let outcome = |sql: &str| {
+        audit
+            .iter()
+            .filter(|r| r["sql"] == sql)
+            .filter_map(|r| r["event"].as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        outcome("DROP TABLE t2"),
+        ["authorized", "executed", "rolled_back"]
+    );
+    assert_eq!(
+        outcome("DROP TABLE t3"),
+        ["authorized", "executed", "committed"]
+    );
+}
