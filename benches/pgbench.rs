@@ -166,6 +166,7 @@ fn main() {
                 off_config,
                 ServeOptions {
                     unsafe_no_gate: true,
+                    ..Default::default()
                 },
             )
             .await

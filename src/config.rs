@@ -444,7 +444,8 @@ impl Config {
                 ));
             }
             // With signers configured, every rule's demand must be one the signers can meet.
-            if !self.signers.is_empty() || r.signatures > 1 {
+            // (A rule that guards nothing never asks for a token.)
+            if (!self.signers.is_empty() || r.signatures > 1) && !r.guard.is_empty() {
                 let able = self
                     .signers
                     .iter()

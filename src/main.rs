@@ -31,6 +31,7 @@ enum Cmd {
                             stepgate serve --config stepgate.toml --upstream db.internal:5432\n\n\
                             Flags override the config file; without --config, defaults and flags are used.\n\
                             SIGTERM or SIGINT stops accepting and lets sessions finish (shutdown_timeout).\n\
+                            SIGHUP re-reads the config file and the keyring; a broken file is rejected and the old policy stays.\n\
                             Logs go to stderr; RUST_LOG=debug shows more."
     )]
     Serve {
@@ -268,13 +269,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mode,
                 keyring,
             };
-            let config = Config::load(config.as_deref(), &overrides)?;
+            let config_path = config;
+            let config = Config::load(config_path.as_deref(), &overrides)?;
             stepgate::logging::init(config.log_format);
             runtime()?.block_on(async move {
-                let options = stepgate::proxy::ServeOptions { unsafe_no_gate };
+                let options = stepgate::proxy::ServeOptions {
+                    unsafe_no_gate,
+                    config_path,
+                    overrides,
+                };
                 let server = stepgate::proxy::Server::bind_with(config, options).await?;
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
+                tokio::spawn(reload_on_sighup(server.handle()));
                 server.run(shutdown).await;
                 Ok(ExitCode::SUCCESS)
             })
@@ -544,6 +551,19 @@ fn print_findings(
         }
     }
     out.flush()
+}
+
+/// Reloads the policy on every SIGHUP.
+async fn reload_on_sighup(handle: stepgate::proxy::ServerHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config and the keyring");
+        let _ = handle.reload();
+    }
 }
 
 /// Cancels `token` on the first SIGTERM or SIGINT.

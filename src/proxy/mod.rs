@@ -50,10 +50,14 @@ pub enum ServeError {
 }
 
 /// Options of `serve` that are deliberately not in the config file.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
     /// Classify and hold nothing (`--unsafe-no-gate`, for measuring the gate's own cost).
     pub unsafe_no_gate: bool,
+    /// The config file a reload re-reads (None: defaults and flags only; the keyring is still re-read).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Command-line flags, applied again on every reload.
+    pub overrides: crate::config::Overrides,
 }
 
 /// State shared by every session of one server.
@@ -66,7 +70,88 @@ pub(crate) struct Shared {
     /// Cancelled when open sessions must end (after `shutdown_timeout`).
     pub force_close: CancellationToken,
     pub next_session: AtomicU64,
-    pub gate: state::GateContext,
+    /// The policy in force; a reload swaps it while sessions run.
+    pub gate: arc_swap::ArcSwap<state::GateContext>,
+    pub options: ServeOptions,
+}
+
+/// Controls a running server: reload its policy.
+#[derive(Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// Re-reads the config file and the keyring and swaps the policy in; open sessions continue under the new
+    /// one (their rule is chosen again, a token is re-verified before its next use). A broken file or
+    /// keyring is rejected with its error and the old policy stays. Either way the attempt is audited.
+    pub fn reload(&self) -> Result<u64, String> {
+        let shared = &self.shared;
+        let old = shared.gate.load_full();
+        let attempt = (|| {
+            let config = Config::load(
+                shared.options.config_path.as_deref(),
+                &shared.options.overrides,
+            )
+            .map_err(|e| e.to_string())?;
+            let policy = crate::token::Policy::load(&config)?;
+            let restart: Vec<&str> = [
+                ("listen", config.listen != shared.config.listen),
+                ("upstream", config.upstream != shared.config.upstream),
+                ("state_dir", config.state_dir != shared.config.state_dir),
+                ("tls", config.tls != shared.config.tls),
+                (
+                    "max_connections",
+                    config.max_connections != shared.config.max_connections,
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(k, changed)| changed.then_some(k))
+            .collect();
+            if !restart.is_empty() {
+                warn!(keys = ?restart, "reload: these settings take effect only after a restart");
+            }
+            let mut ctx =
+                state::GateContext::with_registry(config, old.registry.clone(), old.disabled);
+            ctx.generation = old.generation + 1;
+            ctx.policy = policy;
+            ctx.ledger = old.ledger.clone();
+            ctx.audit = old.audit.clone();
+            ctx.refusal_name = old.refusal_name.clone();
+            Ok::<_, String>(ctx)
+        })();
+        let source = shared
+            .options
+            .config_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(flags only)".into());
+        let mut f = serde_json::Map::new();
+        f.insert("config".into(), source.clone().into());
+        let result = match attempt {
+            Ok(ctx) => {
+                let generation = ctx.generation;
+                f.insert("outcome".into(), "applied".into());
+                f.insert("generation".into(), generation.into());
+                f.insert("signers".into(), ctx.policy.signers.len().into());
+                shared.gate.store(Arc::new(ctx));
+                info!(config = %source, generation, "policy reloaded");
+                Ok(generation)
+            }
+            Err(e) => {
+                f.insert("outcome".into(), "rejected".into());
+                f.insert("error".into(), e.clone().into());
+                warn!(config = %source, error = %e, "reload rejected; the old policy stays");
+                Err(e)
+            }
+        };
+        if let Some(audit) = &old.audit {
+            if let Err(e) = audit.append("policy_reloaded", f, true) {
+                warn!(error = %e, "audit log write failed");
+            }
+        }
+        result
+    }
 }
 
 /// A bound, not yet running, stepgate proxy.
@@ -92,7 +177,7 @@ impl Server {
         let registry = crate::gate::Registry::new(Some(audit.clone()));
         let records = crate::audit::AuditLog::read_dir(&config.state_dir)?;
         registry.restore(&records);
-        let ledger = crate::token::Ledger::default();
+        let ledger = Arc::new(crate::token::Ledger::default());
         ledger.restore(&records);
         drop(records);
         if options.unsafe_no_gate {
@@ -126,14 +211,22 @@ impl Server {
                 cancel_keys: DashMap::new(),
                 force_close: CancellationToken::new(),
                 next_session: AtomicU64::new(1),
-                gate,
+                gate: arc_swap::ArcSwap::from_pointee(gate),
+                options,
             }),
         })
     }
 
     /// The held registry (for tests and the console).
-    pub fn registry(&self) -> &crate::gate::Registry {
-        &self.shared.gate.registry
+    pub fn registry(&self) -> Arc<crate::gate::Registry> {
+        self.shared.gate.load().registry.clone()
+    }
+
+    /// A handle to reload the policy while the server runs.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -150,7 +243,7 @@ impl Server {
         info!(
             listen = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             upstream = %shared.config.upstream,
-            mode = shared.gate.mode.as_str(),
+            mode = shared.gate.load().mode.as_str(),
             "stepgate is accepting connections"
         );
         loop {

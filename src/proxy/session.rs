@@ -327,7 +327,7 @@ async fn session(
         application_name: application_name.clone(),
         session_id,
     };
-    let rule = shared.config.rule_for(&database, &user);
+    let rule = shared.gate.load().config.rule_for(&database, &user);
     let state = std::sync::Mutex::new(SessionState::new(fields, rule, settings));
 
     let flags = Flags::default();
@@ -372,7 +372,7 @@ async fn session(
     state
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .on_session_end(&shared.gate);
+        .on_session_end(&shared.gate.load());
     let at_boundary = flags.client_at_boundary.load(Ordering::Relaxed);
     let reply = match ending {
         Ending::Frontend(Ok(FrontendEnd::Terminate)) => {
@@ -502,7 +502,7 @@ where
                             let action = state
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .on_frontend(&shared.gate, tag, msg);
+                                .on_frontend(&shared.gate.load(), tag, msg);
                             if let Action::Replace(replacement) = action {
                                 wr.write_all(&buf[..ready])
                                     .await
@@ -591,7 +591,7 @@ where
                             let verdict = state
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .on_login(&shared.gate);
+                                .on_login(&shared.gate.load());
                             if let Err(fatal) = verdict {
                                 wr.write_all(&buf[..ready]).await?;
                                 wr.write_all(&fatal.to_bytes()).await?;
@@ -633,7 +633,7 @@ where
                     if logged_in || tag == b'S' {
                         let msg = &buf[ready..ready + len];
                         let action = state.lock().unwrap_or_else(|p| p.into_inner()).on_backend(
-                            &shared.gate,
+                            &shared.gate.load(),
                             tag,
                             msg,
                         );

@@ -33,7 +33,7 @@ use std::sync::Arc;
 pub struct GateContext {
     pub config: Config,
     pub cache: CachedClassifier,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub mode: Mode,
     /// `serve --unsafe-no-gate`: nothing is classified or held (for measuring the gate's cost).
     pub disabled: bool,
@@ -43,14 +43,19 @@ pub struct GateContext {
     pub refusal_name: String,
     /// Keyring and signers tokens are verified against.
     pub policy: Policy,
-    /// Spent token uses, shared by every session.
-    pub ledger: Ledger,
+    /// Spent token uses, shared by every session (and kept across reloads).
+    pub ledger: Arc<Ledger>,
     /// Where token events are recorded (None only in unit tests).
     pub audit: Option<Arc<AuditLog>>,
 }
 
 impl GateContext {
     pub fn new(config: Config, registry: Registry, disabled: bool) -> GateContext {
+        Self::with_registry(config, Arc::new(registry), disabled)
+    }
+
+    /// A context sharing an existing registry (a reload keeps what was held).
+    pub fn with_registry(config: Config, registry: Arc<Registry>, disabled: bool) -> GateContext {
         let classifier = config.classifier();
         let suffix: String = (0..16)
             .map(|_| (b'a' + rand::random_range(0..26u8)) as char)
@@ -64,13 +69,18 @@ impl GateContext {
             generation: 1,
             refusal_name: format!("stepgate_refused_{suffix}"),
             policy: Policy::default(),
-            ledger: Ledger::default(),
+            ledger: Arc::new(Ledger::default()),
             audit: None,
         }
     }
 
     /// Adds the token policy, the ledger of spent uses and the audit log.
-    pub fn with_tokens(mut self, policy: Policy, ledger: Ledger, audit: Arc<AuditLog>) -> Self {
+    pub fn with_tokens(
+        mut self,
+        policy: Policy,
+        ledger: Arc<Ledger>,
+        audit: Arc<AuditLog>,
+    ) -> Self {
         self.policy = policy;
         self.ledger = ledger;
         self.audit = Some(audit);
@@ -193,6 +203,8 @@ pub struct SessionState {
     skip_until_sync: bool,
     /// Transaction status from the last ReadyForQuery (`I`, `T` or `E`).
     pub txn_status: u8,
+    /// Policy generation `rule` was chosen under; a reload makes the session choose again.
+    generation: u64,
     /// The session's verified token.
     token: Option<TokenRef>,
     /// A token from the startup packet, verified once the upstream accepted the login.
@@ -386,6 +398,7 @@ impl SessionState {
             suspended: HashMap::new(),
             outcome_pending: Vec::new(),
             txn_failed: false,
+            generation: 0,
             prepared: HashMap::new(),
             portals: HashMap::new(),
             queue: VecDeque::new(),
@@ -441,6 +454,14 @@ impl SessionState {
     // ---- frontend -------------------------------------------------------------------------------
 
     pub fn on_frontend(&mut self, ctx: &GateContext, tag: u8, msg: &[u8]) -> Action {
+        if ctx.generation != self.generation {
+            if self.generation != 0 {
+                self.rule = ctx
+                    .config
+                    .rule_for(&self.session.database, &self.session.user);
+            }
+            self.generation = ctx.generation;
+        }
         let body = msg.get(5..).unwrap_or(&[]);
         match tag {
             b'Q' => self.on_query(ctx, body),

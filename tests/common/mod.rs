@@ -135,6 +135,8 @@ pub async fn connect_err(cfg: tokio_postgres::Config) -> tokio_postgres::Error {
 pub struct Gate {
     pub addr: SocketAddr,
     pub config: Config,
+    handle: Option<stepgate::proxy::ServerHandle>,
+    options: stepgate::proxy::ServeOptions,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     _state: tempfile::TempDir,
@@ -150,22 +152,60 @@ pub async fn gate_with(tweak: impl FnOnce(&mut Config)) -> Gate {
         ..Config::default()
     };
     tweak(&mut config);
-    let (addr, shutdown, task) = start(config.clone()).await;
+    launch(config, Default::default(), state).await
+}
+
+/// Starts stepgate from a config file (its `listen` and `upstream` replaced by a free port and [`pg`]),
+/// so that a reload through [`Gate::handle`] re-reads that file.
+pub async fn gate_from_file(path: &std::path::Path) -> Gate {
+    let overrides = stepgate::config::Overrides {
+        listen: Some("127.0.0.1:0".into()),
+        upstream: Some(pg().addr()),
+        ..Default::default()
+    };
+    let config = Config::load(Some(path), &overrides).expect("the config loads");
+    let options = stepgate::proxy::ServeOptions {
+        config_path: Some(path.to_path_buf()),
+        overrides,
+        ..Default::default()
+    };
+    launch(config, options, tempfile::tempdir().unwrap()).await
+}
+
+async fn launch(
+    config: Config,
+    options: stepgate::proxy::ServeOptions,
+    state: tempfile::TempDir,
+) -> Gate {
+    let (addr, shutdown, task, handle) = start(config.clone(), options.clone()).await;
     Gate {
         addr,
         config,
+        handle: Some(handle),
+        options,
         shutdown,
         task: Some(task),
         _state: state,
     }
 }
 
-async fn start(config: Config) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
-    let server = Server::bind(config).await.expect("stepgate binds");
+async fn start(
+    config: Config,
+    options: stepgate::proxy::ServeOptions,
+) -> (
+    SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+    stepgate::proxy::ServerHandle,
+) {
+    let server = Server::bind_with(config, options)
+        .await
+        .expect("stepgate binds");
     let addr = server.local_addr();
+    let handle = server.handle();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(shutdown.clone()));
-    (addr, shutdown, task)
+    (addr, shutdown, task, handle)
 }
 
 /// For tests of the pipe rather than the gate: nothing is guarded, not even `unparsed`.
@@ -221,14 +261,22 @@ impl Gate {
     /// the clients of the old one first: it keeps the state directory until its sessions end.
     pub async fn restart(&mut self) {
         self.shutdown.cancel();
+        // The handle keeps the old server's state alive: let go of it first.
+        self.handle = None;
         if let Some(t) = self.task.take() {
             // The old server drains its sessions and releases the state directory's lock.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
         }
-        let (addr, shutdown, task) = start(self.config.clone()).await;
+        let (addr, shutdown, task, handle) = start(self.config.clone(), self.options.clone()).await;
+        self.handle = Some(handle);
         self.addr = addr;
         self.shutdown = shutdown;
         self.task = Some(task);
+    }
+
+    /// Reloads the running server's policy (see `ServerHandle::reload`).
+    pub fn handle(&self) -> &stepgate::proxy::ServerHandle {
+        self.handle.as_ref().expect("a running server")
     }
 
     /// The state directory (audit log).
