@@ -95,6 +95,8 @@ struct RawConfig {
     rule: Vec<RawRule>,
     /// When set, tokens must name this instance.
     instance: Option<String>,
+    /// Where to serve Prometheus metrics (`GET /metrics`).
+    metrics_listen: Option<String>,
     /// Armored public keys of the signers: one file, or a directory of files.
     keyring: Option<PathBuf>,
     /// Who may sign tokens, and for what.
@@ -211,6 +213,8 @@ pub struct Config {
     /// Public keys of the signers (file or directory), resolved against the config's folder.
     pub keyring: Option<PathBuf>,
     pub signers: Vec<SignerPolicy>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
+    pub metrics_listen: Option<String>,
 }
 
 /// Command-line flags that override the file.
@@ -245,6 +249,7 @@ impl Default for Config {
             instance: None,
             keyring: None,
             signers: Vec::new(),
+            metrics_listen: None,
         }
     }
 }
@@ -306,6 +311,7 @@ impl Config {
                 })
                 .collect(),
             instance: raw.instance,
+            metrics_listen: raw.metrics_listen,
             keyring: raw.keyring.map(resolve),
             signers: raw
                 .signer
@@ -382,7 +388,10 @@ impl Config {
             key,
             message,
         };
-        for (key, addr) in [("listen", &self.listen), ("upstream", &self.upstream)] {
+        for (key, addr) in [("listen", &self.listen), ("upstream", &self.upstream)]
+            .into_iter()
+            .chain(self.metrics_listen.iter().map(|m| ("metrics_listen", m)))
+        {
             if split_host_port(addr).is_none() {
                 return Err(invalid(key, format!("{addr:?} is not host:port")));
             }

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod devdb;
 pub mod gate;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod token;
 pub mod wire;

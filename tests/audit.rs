@@ -257,3 +257,73 @@ async fn the_outcome_of_the_transaction_is_recorded() {
         ["authorized", "executed", "committed"]
     );
 }
+
+/// `GET /metrics` as curl would send it.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+fn value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_what_happens() {
+    let _direct = setup("aud_metrics").await;
+    let g = gate_with(|c| {
+        policy(c);
+        c.metrics_listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let addr = g.metrics_addr.unwrap();
+    let before = scrape(addr).await;
+    assert_eq!(value(&before, "stepgate_sessions_open"), 0);
+    let c = g.client("aud_metrics").await;
+    c.batch_execute("SELECT 1").await.unwrap();
+    held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    let _ = c.batch_execute(&set_token("garbage")).await.unwrap_err();
+    let tok = sign(&payload("aud_metrics", &["DROP TABLE t"]), &["alice"]);
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    c.batch_execute("DROP TABLE t").await.unwrap();
+    let after = scrape(addr).await;
+    assert_eq!(value(&after, "stepgate_sessions_open"), 1);
+    assert_eq!(value(&after, "stepgate_sessions_total"), 1);
+    assert_eq!(
+        value(
+            &after,
+            "stepgate_statements_total{class=\"read\",decision=\"pass\"}"
+        ),
+        1
+    );
+    assert_eq!(value(&after, "stepgate_held_total"), 2);
+    assert_eq!(value(&after, "stepgate_authorized_total"), 1);
+    assert_eq!(
+        value(
+            &after,
+            "stepgate_token_rejections_total{reason=\"malformed\"}"
+        ),
+        1
+    );
+    assert!(value(&after, "stepgate_classify_seconds_count") >= 3);
+    let head = stepgate::audit::AuditLog::read_dir(g.state_dir())
+        .unwrap()
+        .len() as u64;
+    assert!(
+        after.contains(&format!("\"}} {head}")),
+        "the audit head is shown: {after}"
+    );
+    assert!(
+        after.contains("stepgate_audit_head{hash=\"sha256:"),
+        "{after}"
+    );
+}

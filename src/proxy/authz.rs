@@ -57,6 +57,16 @@ pub enum Denied {
 }
 
 impl Denied {
+    /// The reason code, when a token was involved.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Denied::NoToken | Denied::AuditUnavailable => None,
+            Denied::Token { reason, .. } => Some(reason.code()),
+            Denied::NotListed { .. } => Some("statement_not_listed"),
+            Denied::AlreadyUsed { .. } => Some("already_used"),
+        }
+    }
+
     /// The reason code and what it concerns, for the DETAIL and the audit record.
     pub fn describe(&self) -> Option<String> {
         match self {
@@ -98,6 +108,9 @@ impl GateContext {
             Some(log) => match log.append(event, fields(), sync) {
                 Ok(_) => true,
                 Err(e) => {
+                    self.metrics
+                        .audit_write_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(error = %e, event, "audit log write failed");
                     false
                 }
@@ -128,6 +141,7 @@ impl GateContext {
                 self.generation,
             ))),
             Err(reason) => {
+                self.metrics.token_rejected(reason.code());
                 tracing::warn!(user = %session.user, database = %session.database, code = reason.code(), reason = %reason, token = %token_ref(raw), "token rejected");
                 let mut f = session_map(session);
                 f.insert("reason".into(), reason.code().into());

@@ -47,6 +47,11 @@ pub enum ServeError {
     Audit(#[from] crate::audit::AuditError),
     #[error("token policy: {0}")]
     Policy(String),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// Options of `serve` that are deliberately not in the config file.
@@ -116,6 +121,7 @@ impl ServerHandle {
             ctx.generation = old.generation + 1;
             ctx.policy = policy;
             ctx.ledger = old.ledger.clone();
+            ctx.metrics = old.metrics.clone();
             ctx.audit = old.audit.clone();
             ctx.refusal_name = old.refusal_name.clone();
             Ok::<_, String>(ctx)
@@ -128,6 +134,9 @@ impl ServerHandle {
             .unwrap_or_else(|| "(flags only)".into());
         let mut f = serde_json::Map::new();
         f.insert("config".into(), source.clone().into());
+        old.metrics
+            .reloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = match attempt {
             Ok(ctx) => {
                 let generation = ctx.generation;
@@ -157,6 +166,7 @@ impl ServerHandle {
 /// A bound, not yet running, stepgate proxy.
 pub struct Server {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -196,6 +206,15 @@ impl Server {
             UpstreamTls::Disable => None,
             UpstreamTls::Prefer | UpstreamTls::Require => Some(tls::upstream_connector()?),
         };
+        let metrics_listener = match &config.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr.as_str()).await.map_err(|source| {
+                ServeError::Metrics {
+                    addr: addr.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen.as_str())
             .await
             .map_err(|source| ServeError::Bind {
@@ -204,6 +223,7 @@ impl Server {
             })?;
         Ok(Server {
             listener,
+            metrics_listener,
             shared: Arc::new(Shared {
                 config,
                 tls_acceptor,
@@ -229,6 +249,13 @@ impl Server {
         }
     }
 
+    /// Where `/metrics` is served, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
@@ -238,6 +265,14 @@ impl Server {
     /// Accepts connections until `shutdown` is cancelled, then drains sessions (see module docs).
     pub async fn run(self, shutdown: CancellationToken) {
         let shared = self.shared;
+        let metrics_task = self.metrics_listener.map(|l| {
+            let gate = shared.gate.load();
+            let audit = gate.audit.clone();
+            info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics");
+            tokio::spawn(crate::metrics::serve(l, gate.metrics.clone(), move || {
+                audit.as_ref().map(|a| a.head())
+            }))
+        });
         let permits = Arc::new(Semaphore::new(shared.config.max_connections));
         let tracker = TaskTracker::new();
         info!(
@@ -283,6 +318,9 @@ impl Server {
             );
             shared.force_close.cancel();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
+        }
+        if let Some(t) = metrics_task {
+            t.abort();
         }
         info!("stepgate stopped");
     }

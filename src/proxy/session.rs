@@ -305,6 +305,12 @@ async fn session(
     let mut up = match upstream::connect(shared, remaining.max(Duration::from_millis(1))).await {
         Ok(up) => up,
         Err(e) => {
+            shared
+                .gate
+                .load()
+                .metrics
+                .upstream_connect_failures
+                .fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "upstream connection failed");
             send_and_close(
                 &mut client,
@@ -328,6 +334,17 @@ async fn session(
         session_id,
     };
     let rule = shared.gate.load().config.rule_for(&database, &user);
+    let metrics = shared.gate.load().metrics.clone();
+    metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
+    metrics.sessions_open.fetch_add(1, Ordering::Relaxed);
+    // Counts the session as closed however this function returns.
+    struct Open(std::sync::Arc<crate::metrics::Metrics>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.sessions_open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let _open = Open(metrics);
     let state = std::sync::Mutex::new(SessionState::new(fields, rule, settings));
 
     let flags = Flags::default();

@@ -22,6 +22,7 @@ use crate::classify::lex::{Kind, Token};
 use crate::classify::{decode, split, Class, LexSettings};
 use crate::config::{Config, Rule};
 use crate::gate::{decide, Decision, HeldStatus, Mode, Registry, SessionFields};
+use crate::metrics::Outcome;
 use crate::token::grant::TokenRef;
 use crate::token::{Ledger, Policy};
 use crate::wire::build::{self, message};
@@ -47,6 +48,8 @@ pub struct GateContext {
     pub ledger: Arc<Ledger>,
     /// Where token events are recorded (None only in unit tests).
     pub audit: Option<Arc<AuditLog>>,
+    /// Counters for `/metrics`, kept across reloads.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl GateContext {
@@ -71,6 +74,7 @@ impl GateContext {
             policy: Policy::default(),
             ledger: Arc::new(Ledger::default()),
             audit: None,
+            metrics: Arc::default(),
         }
     }
 
@@ -215,6 +219,16 @@ pub struct SessionState {
     outcome_pending: Vec<Reservation>,
     /// The current transaction failed or was rolled back (its authorized statements are undone).
     txn_failed: bool,
+}
+
+/// The metrics outcome of a decision.
+fn outcome(decision: Decision, reservations: &[Reservation]) -> Outcome {
+    match decision {
+        Decision::Refuse => Outcome::Held,
+        Decision::Observe => Outcome::Observed,
+        Decision::Pass if reservations.is_empty() => Outcome::Pass,
+        Decision::Pass => Outcome::Authorized,
+    }
 }
 
 /// Why a message is refused outright, before any decision.
@@ -556,6 +570,9 @@ impl SessionState {
                     ))
             }
             Err(e) => {
+                ctx.metrics
+                    .audit_write_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(error = %e, "audit log unavailable: guarded statement refused");
                 Self::audit_unavailable()
             }
@@ -936,27 +953,44 @@ impl SessionState {
         }
         match ctx.authorize(&self.session, &self.rule, grants, class) {
             Ok(r) => (r, None),
-            Err(d) => (Vec::new(), Some(d)),
+            Err(d) => {
+                if let Some(code) = d.code() {
+                    ctx.metrics.token_rejected(code);
+                }
+                (Vec::new(), Some(d))
+            }
         }
     }
 
     fn on_query(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
         let bytes = body.strip_suffix(&[0]).unwrap_or(body);
-        let fast_pass = ctx.disabled || {
-            let entry = ctx.cache.lookup(bytes, &self.lex, ctx.generation);
-            !entry.attention && !self.guarded(ctx, entry.max)
-        };
-        if fast_pass {
+        if ctx.disabled {
+            self.expect_query(Vec::new(), None, Vec::new());
+            return Action::Forward;
+        }
+        let entry = ctx.cache.lookup(bytes, &self.lex, ctx.generation);
+        if !entry.attention && !self.guarded(ctx, entry.max) {
+            ctx.metrics.statement(entry.max, Outcome::Pass);
             self.expect_query(Vec::new(), None, Vec::new());
             return Action::Forward;
         }
         let mut local = HashMap::new();
         // The message's SQL, redacted, is only needed for a held entry.
         let sql = || crate::gate::redact(&String::from_utf8_lossy(bytes));
-        match self.analyze(ctx, bytes, &mut local) {
-            Err(Refused::Mention) => self.refuse_query(ctx, Self::mention_refusal()),
-            Err(Refused::Token(err)) => self.refuse_query(ctx, err),
+        let started = std::time::Instant::now();
+        let analysis = self.analyze(ctx, bytes, &mut local);
+        ctx.metrics.classified(started.elapsed());
+        match analysis {
+            Err(Refused::Mention) => {
+                ctx.metrics.statement(Class::Privileged, Outcome::Held);
+                self.refuse_query(ctx, Self::mention_refusal())
+            }
+            Err(Refused::Token(err)) => {
+                ctx.metrics.statement(Class::Session, Outcome::Held);
+                self.refuse_query(ctx, err)
+            }
             Err(Refused::Hold(info)) => {
+                ctx.metrics.statement(info.class, Outcome::Held);
                 let err = self.hold(ctx, &sql(), &info, HeldStatus::Held, None);
                 self.refuse_query(ctx, err)
             }
@@ -968,7 +1002,10 @@ impl SessionState {
             }) => {
                 let guarded = !info.statements.is_empty() || self.guarded(ctx, info.class);
                 let (reservations, denied) = self.authorize(ctx, guarded, &grants, info.class);
-                match decide(guarded, ctx.mode, denied.is_none()) {
+                let decision = decide(guarded, ctx.mode, denied.is_none());
+                ctx.metrics
+                    .statement(info.class, outcome(decision, &reservations));
+                match decision {
                     Decision::Refuse => {
                         let err = self.hold(ctx, &sql(), &info, HeldStatus::Held, denied.as_ref());
                         return self.refuse_query(ctx, err);
@@ -1139,7 +1176,10 @@ impl SessionState {
                 self.authorize(ctx, guarded, &grants, info.class)
             }
         };
-        match decide(guarded, ctx.mode, denied.is_none()) {
+        let decision = decide(guarded, ctx.mode, denied.is_none());
+        ctx.metrics
+            .statement(info.class, outcome(decision, &reservations));
+        match decision {
             Decision::Refuse => {
                 let err = self.hold(ctx, &sql(&info), &info, HeldStatus::Held, denied.as_ref());
                 self.queue.push_back(Expect::Execute {
@@ -1192,7 +1232,10 @@ impl SessionState {
             statements: vec![(fp, text.clone())],
             effect: Effect::None,
         };
-        match decide(self.guarded(ctx, Class::Privileged), ctx.mode, false) {
+        let decision = decide(self.guarded(ctx, Class::Privileged), ctx.mode, false);
+        ctx.metrics
+            .statement(Class::Privileged, outcome(decision, &[]));
+        match decision {
             Decision::Refuse => {
                 let err = self.hold(ctx, &text, &info, HeldStatus::Held, None);
                 self.queue

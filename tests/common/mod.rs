@@ -136,6 +136,8 @@ pub struct Gate {
     pub addr: SocketAddr,
     pub config: Config,
     handle: Option<stepgate::proxy::ServerHandle>,
+    /// Where `/metrics` is served, when the config sets `metrics_listen`.
+    pub metrics_addr: Option<SocketAddr>,
     options: stepgate::proxy::ServeOptions,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -178,8 +180,11 @@ async fn launch(
     state: tempfile::TempDir,
 ) -> Gate {
     let (addr, shutdown, task, handle) = start(config.clone(), options.clone()).await;
+    let metrics_addr = handle.1;
+    let handle = handle.0;
     Gate {
         addr,
+        metrics_addr,
         config,
         handle: Some(handle),
         options,
@@ -196,13 +201,13 @@ async fn start(
     SocketAddr,
     CancellationToken,
     tokio::task::JoinHandle<()>,
-    stepgate::proxy::ServerHandle,
+    (stepgate::proxy::ServerHandle, Option<SocketAddr>),
 ) {
     let server = Server::bind_with(config, options)
         .await
         .expect("stepgate binds");
     let addr = server.local_addr();
-    let handle = server.handle();
+    let handle = (server.handle(), server.metrics_addr());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(shutdown.clone()));
     (addr, shutdown, task, handle)
@@ -268,7 +273,8 @@ impl Gate {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
         }
         let (addr, shutdown, task, handle) = start(self.config.clone(), self.options.clone()).await;
-        self.handle = Some(handle);
+        self.handle = Some(handle.0);
+        self.metrics_addr = handle.1;
         self.addr = addr;
         self.shutdown = shutdown;
         self.task = Some(task);
