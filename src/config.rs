@@ -102,6 +102,28 @@ struct RawConfig {
     /// Who may sign tokens, and for what.
     #[serde(default)]
     signer: Vec<RawSigner>,
+    /// The DBA console (virtual database `stepgate`).
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// Who may open the console.
+    #[serde(default)]
+    users: Vec<String>,
+    /// Serve the console on its own address (else on `listen`).
+    listen: Option<String>,
+    /// Database the login is checked against upstream. [postgres]
+    auth_database: Option<String>,
+}
+
+/// Who may open the DBA console, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub users: Vec<String>,
+    pub listen: Option<String>,
+    pub auth_database: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +237,8 @@ pub struct Config {
     pub signers: Vec<SignerPolicy>,
     /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
     pub metrics_listen: Option<String>,
+    /// The DBA console; None: no console.
+    pub admin: Option<AdminConfig>,
 }
 
 /// Command-line flags that override the file.
@@ -250,6 +274,7 @@ impl Default for Config {
             keyring: None,
             signers: Vec::new(),
             metrics_listen: None,
+            admin: None,
         }
     }
 }
@@ -312,6 +337,11 @@ impl Config {
                 .collect(),
             instance: raw.instance,
             metrics_listen: raw.metrics_listen,
+            admin: raw.admin.map(|a| AdminConfig {
+                users: a.users,
+                listen: a.listen,
+                auth_database: a.auth_database.unwrap_or_else(|| "postgres".into()),
+            }),
             keyring: raw.keyring.map(resolve),
             signers: raw
                 .signer
@@ -391,6 +421,12 @@ impl Config {
         for (key, addr) in [("listen", &self.listen), ("upstream", &self.upstream)]
             .into_iter()
             .chain(self.metrics_listen.iter().map(|m| ("metrics_listen", m)))
+            .chain(
+                self.admin
+                    .iter()
+                    .filter_map(|a| a.listen.as_ref())
+                    .map(|l| ("admin.listen", l)),
+            )
         {
             if split_host_port(addr).is_none() {
                 return Err(invalid(key, format!("{addr:?} is not host:port")));

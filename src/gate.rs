@@ -237,6 +237,17 @@ impl Registry {
             let status = match r["event"].as_str() {
                 Some("held") => HeldStatus::Held,
                 Some("observed") => HeldStatus::Observed,
+                Some("admin_action") => {
+                    // A console DISMISS stays dismissed across restarts.
+                    let dismissed = r["outcome"] == "ok"
+                        && r["command"]
+                            .as_str()
+                            .is_some_and(|c| c.to_ascii_uppercase().starts_with("DISMISS"));
+                    if let (true, Some(id)) = (dismissed, r["held_id"].as_str()) {
+                        self.dismiss(id);
+                    }
+                    continue;
+                }
                 _ => continue,
             };
             let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
@@ -270,6 +281,17 @@ impl Registry {
             if !entry.id.is_empty() {
                 self.entries.insert(entry.id.clone(), entry);
             }
+        }
+    }
+
+    /// Marks a held entry as dismissed (the console's DISMISS); false when there is no such entry.
+    pub fn dismiss(&self, id: &str) -> bool {
+        match self.entries.get_mut(id) {
+            Some(mut e) => {
+                e.status = HeldStatus::Dismissed;
+                true
+            }
+            None => false,
         }
     }
 

@@ -6,6 +6,7 @@
 //! a connection beyond it completes the startup handshake and is refused with SQLSTATE 53300.
 
 pub mod authz;
+mod console;
 mod session;
 pub mod state;
 mod stream;
@@ -78,6 +79,19 @@ pub(crate) struct Shared {
     /// The policy in force; a reload swaps it while sessions run.
     pub gate: arc_swap::ArcSwap<state::GateContext>,
     pub options: ServeOptions,
+    /// Open client sessions, for the console's SHOW SESSIONS.
+    pub sessions: DashMap<u64, SessionSummary>,
+}
+
+/// What the console shows of an open session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionSummary {
+    pub user: String,
+    pub database: String,
+    pub client_addr: String,
+    pub application_name: String,
+    pub tls: bool,
+    pub connected: String,
 }
 
 /// Controls a running server: reload its policy.
@@ -167,6 +181,7 @@ impl ServerHandle {
 pub struct Server {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
+    admin_listener: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -215,6 +230,16 @@ impl Server {
             })?),
             None => None,
         };
+        let admin_listener =
+            match config.admin.as_ref().and_then(|a| a.listen.as_ref()) {
+                Some(addr) => Some(TcpListener::bind(addr.as_str()).await.map_err(|source| {
+                    ServeError::Bind {
+                        addr: addr.clone(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         let listener = TcpListener::bind(config.listen.as_str())
             .await
             .map_err(|source| ServeError::Bind {
@@ -224,6 +249,7 @@ impl Server {
         Ok(Server {
             listener,
             metrics_listener,
+            admin_listener,
             shared: Arc::new(Shared {
                 config,
                 tls_acceptor,
@@ -233,6 +259,7 @@ impl Server {
                 next_session: AtomicU64::new(1),
                 gate: arc_swap::ArcSwap::from_pointee(gate),
                 options,
+                sessions: DashMap::new(),
             }),
         })
     }
@@ -281,12 +308,19 @@ impl Server {
             mode = shared.gate.load().mode.as_str(),
             "stepgate is accepting connections"
         );
+        let admin_listener = self.admin_listener;
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = self.listener.accept() => accepted,
+                accepted = self.listener.accept() => accepted.map(|a| (a, false)),
+                accepted = async {
+                    match &admin_listener {
+                        Some(l) => l.accept().await,
+                        None => std::future::pending().await,
+                    }
+                } => accepted.map(|a| (a, true)),
             };
-            let (tcp, peer) = match accepted {
+            let ((tcp, peer), admin) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -296,7 +330,7 @@ impl Server {
                 }
             };
             let permit = permits.clone().try_acquire_owned().ok();
-            tracker.spawn(session::run(shared.clone(), tcp, peer, permit));
+            tracker.spawn(session::run(shared.clone(), tcp, peer, permit, admin));
         }
         drop(self.listener);
         tracker.close();

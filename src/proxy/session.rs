@@ -22,7 +22,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::state::{Action, SessionState};
 use super::stream::{ClientStream, MaybeTls};
-use super::{upstream, Shared};
+use super::{console, upstream, SessionSummary, Shared};
 use crate::gate::SessionFields;
 use crate::wire::frame::{self, FrameError, FrameScanner, Step};
 use crate::wire::reply::ErrorReply;
@@ -71,6 +71,7 @@ pub(crate) async fn run(
     tcp: TcpStream,
     peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
+    admin_address: bool,
 ) {
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("session", id, peer = %peer);
@@ -101,7 +102,24 @@ pub(crate) async fn run(
                     warn!("refused a client: max_connections reached");
                     return;
                 }
-                session(&shared, client, startup, leftover, deadline, peer, id).await;
+                let console = startup.get_lossy("database") == console::CONSOLE_DB;
+                if admin_address && !console {
+                    let err = ErrorReply::fatal(
+                        "3D000",
+                        "stepgate: only the console (database \"stepgate\") is served on this address",
+                    );
+                    send_and_close(&mut client, &err).await;
+                } else if console
+                    && shared
+                        .config
+                        .admin
+                        .as_ref()
+                        .is_some_and(|a| a.listen.is_none() || admin_address)
+                {
+                    console::run(&shared, client, startup, leftover, peer).await;
+                } else {
+                    session(&shared, client, startup, leftover, deadline, peer, id).await;
+                }
             }
             Err(NegotiateError::Closed) => debug!("client closed before startup"),
             Err(e) => warn!(error = %e, "startup rejected"),
@@ -212,7 +230,7 @@ async fn relay_cancel(shared: &Shared, pid: i32, key: i32, raw: [u8; 16]) {
     }
 }
 
-async fn send_and_close<W: AsyncWrite + Unpin>(w: &mut W, err: &ErrorReply) {
+pub(super) async fn send_and_close<W: AsyncWrite + Unpin>(w: &mut W, err: &ErrorReply) {
     let _ = w.write_all(&err.to_bytes()).await;
     let _ = w.flush().await;
     let _ = w.shutdown().await;
@@ -337,14 +355,26 @@ async fn session(
     let metrics = shared.gate.load().metrics.clone();
     metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
     metrics.sessions_open.fetch_add(1, Ordering::Relaxed);
+    shared.sessions.insert(
+        session_id,
+        SessionSummary {
+            user: user.clone(),
+            database: database.clone(),
+            client_addr: peer.ip().to_string(),
+            application_name: application_name.clone(),
+            tls: client.is_tls(),
+            connected: crate::audit::now_rfc3339(),
+        },
+    );
     // Counts the session as closed however this function returns.
-    struct Open(std::sync::Arc<crate::metrics::Metrics>);
-    impl Drop for Open {
+    struct Open<'a>(std::sync::Arc<crate::metrics::Metrics>, &'a Shared, u64);
+    impl Drop for Open<'_> {
         fn drop(&mut self) {
             self.0.sessions_open.fetch_sub(1, Ordering::Relaxed);
+            self.1.sessions.remove(&self.2);
         }
     }
-    let _open = Open(metrics);
+    let _open = Open(metrics, shared, session_id);
     let state = std::sync::Mutex::new(SessionState::new(fields, rule, settings));
 
     let flags = Flags::default();

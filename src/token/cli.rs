@@ -438,19 +438,24 @@ fn user_id(cert: &Cert) -> String {
         .unwrap_or_default()
 }
 
-/// `stepgate keys`: every signer with its key's state, then keys in the keyring no signer names.
-pub fn keys(config: &Config) -> Result<String> {
-    let keyring = match &config.keyring {
-        Some(p) => Keyring::load(p).map_err(|e| anyhow!("keyring: {e}"))?,
-        None => Keyring::default(),
-    };
+/// One signer (or an unnamed key of the keyring) and its key's state now.
+#[derive(Debug, Clone)]
+pub struct SignerRow {
+    /// `(none)` for a key no `[[signer]]` names.
+    pub name: String,
+    pub fingerprint: String,
+    /// `valid`, `EXPIRED`, `REVOKED` or `MISSING` (not in the keyring).
+    pub state: String,
+    pub expires: String,
+    pub databases: String,
+    pub classes: String,
+    pub user_id: String,
+}
+
+/// The signers of `config` with their keys in `keyring`, then keys no signer names.
+pub fn signer_rows(config: &Config, keyring: &Keyring) -> Vec<SignerRow> {
     let now = SystemTime::now();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:12} {:40}  {:8} {:20}  {:24} CLASSES / USER ID",
-        "SIGNER", "FINGERPRINT", "STATE", "EXPIRES", "DATABASES"
-    );
+    let mut rows = Vec::new();
     for s in &config.signers {
         let cert = keyring.certs.iter().find(|c| {
             c.fingerprint()
@@ -464,17 +469,20 @@ pub fn keys(config: &Config) -> Result<String> {
             }
             None => ("-".into(), "MISSING".into(), "(not in the keyring)".into()),
         };
-        let classes: Vec<&str> = s.classes.iter().map(|c| c.as_str()).collect();
-        let _ = writeln!(
-            out,
-            "{:12} {:40}  {:8} {:20}  {:24} {}  {uid}",
-            s.name,
-            s.fingerprint,
+        rows.push(SignerRow {
+            name: s.name.clone(),
+            fingerprint: s.fingerprint.clone(),
             state,
             expires,
-            s.databases.join(","),
-            classes.join(",")
-        );
+            databases: s.databases.join(","),
+            classes: s
+                .classes
+                .iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            user_id: uid,
+        });
     }
     for c in &keyring.certs {
         let fp = c.fingerprint().to_hex();
@@ -484,14 +492,38 @@ pub fn keys(config: &Config) -> Result<String> {
             .any(|s| s.fingerprint.eq_ignore_ascii_case(&fp))
         {
             let (expires, state) = key_state(c, now);
-            let _ = writeln!(
-                out,
-                "{:12} {fp:40}  {state:8} {expires:20}  {:24} {}",
-                "(none)",
-                "-",
-                user_id(c)
-            );
+            rows.push(SignerRow {
+                name: "(none)".into(),
+                fingerprint: fp,
+                state,
+                expires,
+                databases: "-".into(),
+                classes: "-".into(),
+                user_id: user_id(c),
+            });
         }
+    }
+    rows
+}
+
+/// `stepgate keys`: every signer with its key's state, then keys in the keyring no signer names.
+pub fn keys(config: &Config) -> Result<String> {
+    let keyring = match &config.keyring {
+        Some(p) => Keyring::load(p).map_err(|e| anyhow!("keyring: {e}"))?,
+        None => Keyring::default(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:12} {:40}  {:8} {:20}  {:24} CLASSES / USER ID",
+        "SIGNER", "FINGERPRINT", "STATE", "EXPIRES", "DATABASES"
+    );
+    for r in signer_rows(config, &keyring) {
+        let _ = writeln!(
+            out,
+            "{:12} {:40}  {:8} {:20}  {:24} {}  {}",
+            r.name, r.fingerprint, r.state, r.expires, r.databases, r.classes, r.user_id
+        );
     }
     if config.keyring.is_none() {
         let _ = writeln!(out, "(no keyring configured)");

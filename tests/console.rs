@@ -1,0 +1,196 @@
+//! The DBA console (virtual database `stepgate`): password admins get tables over psql and over the extended
+//! protocol; non-admins and admins let in by trust are refused; every command is audited; tokens never show.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::tokens::*;
+use common::*;
+
+/// A config file whose `[admin]` names the password roles and the trusted superuser.
+fn console_config(dir: &std::path::Path, extra_admin: &str) -> std::path::PathBuf {
+    let path = dir.join("stepgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir = \"state\"\n{}[admin]\nusers = [\"{SCRAM_USER}\", \"{MD5_USER}\", \"{}\"]\n{extra_admin}",
+            policy_toml(),
+            pg().user
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// psql as a person runs it (aligned output), with a password when given.
+fn psql_console(g: &Gate, user: &str, password: Option<&str>, sql: &str) -> (bool, String, String) {
+    let mut c = Command::new("psql");
+    c.arg(format!(
+        "host=127.0.0.1 port={} user={user} dbname=stepgate sslmode=disable",
+        g.addr.port()
+    ))
+    .args(["-X", "-v", "ON_ERROR_STOP=1", "-c", sql])
+    .env_remove("PGPASSWORD")
+    .env_remove("PGOPTIONS")
+    .stdin(Stdio::null());
+    if let Some(p) = password {
+        c.env("PGPASSWORD", p);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_admin_reviews_held_statements_and_others_are_refused() {
+    if pg().devdb().is_none() {
+        return; // DATABASE_URL: the password roles are the throwaway server's
+    }
+    let direct = setup("con_db").await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = gate_from_file(&console_config(dir.path(), "")).await;
+    let c = g.client("con_db").await;
+    let (id, _) = held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    let tok = sign(&payload("con_db", &["DROP TABLE t2"]), &["alice"]);
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+
+    let run = |user: &'static str, pw: Option<&'static str>, sql: &'static str| {
+        let g = &g;
+        tokio::task::block_in_place(move || psql_console(g, user, pw, sql))
+    };
+    // SHOW HELD as a table.
+    let (ok, out, err) = run(SCRAM_USER, Some(SCRAM_PASSWORD), "SHOW HELD");
+    assert!(ok, "{err}");
+    let header = out.lines().next().unwrap();
+    for col in ["id", "status", "database", "class", "sql"] {
+        assert!(header.contains(col), "{out}");
+    }
+    assert!(out.contains(&id) && out.contains("DROP TABLE t"), "{out}");
+    assert!(out.contains("(1 row)"), "{out}");
+
+    // One held statement, with the payload to sign; md5 works too.
+    let sql: &'static str = Box::leak(format!("SHOW HELD {id}").into_boxed_str());
+    let (ok, out, err) = run(MD5_USER, Some(MD5_PASSWORD), sql);
+    assert!(ok, "{err}");
+    assert!(out.contains("stepgate-token: 1"), "{out}");
+    assert!(out.contains("destructive \"DROP TABLE t\""), "{out}");
+
+    // The audit view never shows a token.
+    let (ok, out, err) = run(SCRAM_USER, Some(SCRAM_PASSWORD), "SHOW AUDIT 50");
+    assert!(ok, "{err}");
+    assert!(out.contains("token_set"), "{out}");
+    assert!(!out.contains("BEGIN PGP"), "{out}");
+    let sig_line = tok
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN PGP SIGNATURE"))
+        .nth(2)
+        .unwrap();
+    assert!(!out.contains(sig_line), "{out}");
+
+    for (sql, needle) in [
+        ("SHOW SESSIONS", "con_db"),
+        ("SHOW SIGNERS", "alice"),
+        ("SHOW STATS", "audit_head"),
+        ("SHOW CONFIG", "admin_users"),
+        ("HELP", "DISMISS <id>"),
+        ("RELOAD", "RELOAD 2"),
+    ] {
+        let (ok, out, err) = run(SCRAM_USER, Some(SCRAM_PASSWORD), sql);
+        assert!(ok, "{sql}: {err}");
+        assert!(out.contains(needle), "{sql}: {out}");
+    }
+    let (ok, _, err) = run(SCRAM_USER, Some(SCRAM_PASSWORD), "DROP TABLE t");
+    assert!(!ok && err.contains("unknown command"), "{err}");
+
+    // A non-admin, and an admin name the upstream lets in by trust, are refused.
+    let (ok, _, err) = run(CLEARTEXT_USER, Some(CLEARTEXT_PASSWORD), "SHOW HELD");
+    assert!(!ok);
+    assert!(err.contains("may not open the stepgate console"), "{err}");
+    let trusted: &'static str = Box::leak(pg().user.clone().into_boxed_str());
+    let (ok, _, err) = run(trusted, None, "SHOW HELD");
+    assert!(!ok);
+    assert!(err.contains("needs a password login"), "{err}");
+    // A wrong password is the upstream's own refusal.
+    let (ok, _, err) = run(SCRAM_USER, Some("wrong"), "SHOW HELD");
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
+
+    // The extended protocol (what drivers use): tokio-postgres query() and DISMISS.
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(g.addr.port())
+        .user(SCRAM_USER)
+        .password(SCRAM_PASSWORD)
+        .dbname("stepgate");
+    let admin = connect(cfg).await.unwrap();
+    let rows = admin.query("SHOW HELD", &[]).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, &str>("id"), id);
+    assert_eq!(rows[0].get::<_, &str>("status"), "held");
+    admin.batch_execute(&format!("DISMISS {id}")).await.unwrap();
+    let rows = admin.query("SHOW HELD", &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, &str>("status"), "dismissed");
+    let stats = admin.simple_query("SHOW STATS").await.unwrap();
+    assert!(format!("{stats:?}").contains("statements_held"));
+
+    // Every command is audited, refusals included.
+    let audit = g.audit();
+    let actions: Vec<String> = audit
+        .iter()
+        .filter(|r| r["event"] == "admin_action")
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["command"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(actions.iter().any(|a| a == "SHOW HELD ok"), "{actions:?}");
+    assert!(
+        actions.iter().any(|a| a.starts_with("login refused")),
+        "{actions:?}"
+    );
+    assert!(
+        actions.iter().any(|a| a == &format!("DISMISS {id} ok")),
+        "{actions:?}"
+    );
+    assert!(exists(&direct, "t").await);
+}
+
+#[tokio::test]
+async fn the_console_on_its_own_address() {
+    if pg().devdb().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = stepgate::devdb::free_port();
+    let g = gate_from_file(&console_config(
+        dir.path(),
+        &format!("listen = \"127.0.0.1:{port}\"\n"),
+    ))
+    .await;
+    // On the main address, `stepgate` is an ordinary database name (passed to the upstream).
+    let mut cfg = g.config(SCRAM_USER, "stepgate");
+    cfg.password(SCRAM_PASSWORD);
+    let e = connect_err(cfg).await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("3D000"), "{e:?}");
+    // On the admin address only the console is served.
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(SCRAM_USER)
+        .password(SCRAM_PASSWORD);
+    let admin = connect(cfg.clone().dbname("stepgate").to_owned())
+        .await
+        .unwrap();
+    assert!(!admin.query("HELP", &[]).await.unwrap().is_empty());
+    let e = connect_err(cfg.dbname("postgres").to_owned()).await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("3D000"), "{e:?}");
+}
