@@ -597,7 +597,7 @@ pub(crate) async fn run(
         super::session::send_and_close(&mut client, &e).await;
         return;
     };
-    if !admin.users.iter().any(|u| *u == user) {
+    if !admin.users.contains(&user) {
         console.audit("login", "refused: not an admin user", &[]);
         warn!(%user, "console login refused: not in [admin] users");
         let e = ErrorReply::fatal(
