@@ -237,6 +237,14 @@ impl Registry {
             let status = match r["event"].as_str() {
                 Some("held") => HeldStatus::Held,
                 Some("observed") => HeldStatus::Observed,
+                Some("executed") => {
+                    if let (Some(db), Some(fp)) =
+                        (r["database"].as_str(), r["fingerprint"].as_str())
+                    {
+                        self.authorized(db, fp);
+                    }
+                    continue;
+                }
                 Some("admin_action") => {
                     // A console DISMISS stays dismissed across restarts.
                     let dismissed = r["outcome"] == "ok"
@@ -280,6 +288,18 @@ impl Registry {
             };
             if !entry.id.is_empty() {
                 self.entries.insert(entry.id.clone(), entry);
+            }
+        }
+    }
+
+    /// Marks the held entries of `database` waiting for `fingerprint` as authorized: a token ran it.
+    pub fn authorized(&self, database: &str, fingerprint: &str) {
+        for mut e in self.entries.iter_mut() {
+            if e.status == HeldStatus::Held
+                && e.session.database == database
+                && e.fingerprints.iter().any(|f| f == fingerprint)
+            {
+                e.status = HeldStatus::Authorized;
             }
         }
     }

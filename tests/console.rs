@@ -55,6 +55,11 @@ async fn a_password_admin_reviews_held_statements_and_others_are_refused() {
     let g = gate_from_file(&console_config(dir.path(), "")).await;
     let c = g.client("con_db").await;
     let (id, _) = held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    // A held statement a token later ran reads as authorized.
+    let (ran, _) = held(&c.batch_execute("DROP TABLE t3").await.unwrap_err());
+    let t3 = sign(&payload("con_db", &["DROP TABLE t3"]), &["alice"]);
+    c.batch_execute(&set_token(&t3)).await.unwrap();
+    c.batch_execute("DROP TABLE t3").await.unwrap();
     let tok = sign(&payload("con_db", &["DROP TABLE t2"]), &["alice"]);
     c.batch_execute(&set_token(&tok)).await.unwrap();
 
@@ -70,7 +75,9 @@ async fn a_password_admin_reviews_held_statements_and_others_are_refused() {
         assert!(header.contains(col), "{out}");
     }
     assert!(out.contains(&id) && out.contains("DROP TABLE t"), "{out}");
-    assert!(out.contains("(1 row)"), "{out}");
+    assert!(out.contains("(2 rows)"), "{out}");
+    let line = out.lines().find(|l| l.contains(&ran)).unwrap();
+    assert!(line.contains("authorized"), "{out}");
 
     // One held statement, with the payload to sign; md5 works too.
     let sql: &'static str = Box::leak(format!("SHOW HELD {id}").into_boxed_str());
@@ -130,7 +137,7 @@ async fn a_password_admin_reviews_held_statements_and_others_are_refused() {
         .dbname("stepgate");
     let admin = connect(cfg).await.unwrap();
     let rows = admin.query("SHOW HELD", &[]).await.unwrap();
-    assert_eq!(rows.len(), 1);
+    assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].get::<_, &str>("id"), id);
     assert_eq!(rows[0].get::<_, &str>("status"), "held");
     admin.batch_execute(&format!("DISMISS {id}")).await.unwrap();

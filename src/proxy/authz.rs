@@ -258,6 +258,7 @@ impl GateContext {
 
     /// The server ran an authorized statement.
     pub fn executed(&self, session: &SessionFields, r: &Reservation, command_tag: &str) {
+        self.registry.authorized(&session.database, &r.fingerprint);
         self.audit_with(
             "executed",
             || {
