@@ -1,10 +1,16 @@
-//! End-to-end throughput: `pgbench -S` straight to PostgreSQL, through stepgate (enforce mode), through
-//! the same proxy with the gate switched off (`--unsafe-no-gate`), and through pgbouncer (session mode, when
-//! installed), alternating targets round by round in one run, reported as the median ratio to direct.
+//! End-to-end: pgbench straight to PostgreSQL, through stepgate (enforce mode, every session holding a
+//! verified token from PGOPTIONS), through the same proxy with the gate switched off (`--unsafe-no-gate`),
+//! and through pgbouncer (session mode, when installed), alternating targets round by round in one run,
+//! reported as the median ratio to direct with the spread.
 //!
-//! Run: `cargo bench --bench pgbench` (env: BENCH_ROUNDS [5], BENCH_SECONDS [5], BENCH_CLIENTS [8],
-//! BENCH_MODES [simple,prepared], BENCH_NO_PGBOUNCER to leave pgbouncer out).
-//! Everything is local (127.0.0.1); a throwaway PostgreSQL is started and removed.
+//! Scenarios: `select-only-simple` (`-S -c 8`, simple protocol: every transaction a different literal),
+//! `select-only-prepared` (`-S -c 8 -M prepared`), `latency-c1` (`-S -c 1`: added µs per round trip) and
+//! `tpcb` (the default TPC-B-like script, `-c 8`: writes).
+//!
+//! Run: `cargo bench --bench pgbench` (env: BENCH_ROUNDS [7], BENCH_SECONDS [5], BENCH_CLIENTS [8],
+//! BENCH_SCENARIOS [all, comma-separated], BENCH_NO_PGBOUNCER to leave pgbouncer out, BENCH_RUNTIME=current
+//! for a single-threaded runtime). Everything is local (127.0.0.1); a throwaway PostgreSQL is started and
+//! removed.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -21,21 +27,26 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn tps(port: u16, mode: &str, clients: u64, seconds: u64) -> f64 {
-    let out = Command::new("pgbench")
-        .args(["-n", "-S", "-M", mode, "-h", "127.0.0.1", "-U", SUPERUSER])
+/// One pgbench run: (tps, average latency in ms).
+fn run(port: u16, args: &[&str], clients: u64, seconds: u64, options: Option<&str>) -> (f64, f64) {
+    let mut cmd = Command::new("pgbench");
+    cmd.args(["-n", "-h", "127.0.0.1", "-U", SUPERUSER])
+        .args(args)
         .args([
             "-p",
             &port.to_string(),
             "-c",
             &clients.to_string(),
             "-j",
-            "2",
+            &clients.min(2).to_string(),
         ])
         .args(["-T", &seconds.to_string(), "bench"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("pgbench runs");
+        .env_remove("PGOPTIONS")
+        .stdin(Stdio::null());
+    if let Some(o) = options {
+        cmd.env("PGOPTIONS", o);
+    }
+    let out = cmd.output().expect("pgbench runs");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -43,11 +54,61 @@ fn tps(port: u16, mode: &str, clients: u64, seconds: u64) -> f64 {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("number of failed transactions: 0"), "{text}");
-    text.lines()
+    let tps = text
+        .lines()
         .find_map(|l| l.strip_prefix("tps = "))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .expect("tps line")
+        .expect("tps line");
+    let latency = text
+        .lines()
+        .find_map(|l| l.strip_prefix("latency average = "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("latency line");
+    (tps, latency)
+}
+
+/// A token for database `bench` signed by the test key alice (fixtures/keys), as `stepgate token pack` prints
+/// it, and the policy that trusts it: every stepgate session of the benchmark holds a verified token.
+fn token_policy(config: &mut Config) -> String {
+    use sequoia_openpgp::parse::Parse;
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/keys");
+    let fingerprint = std::fs::read_to_string(keys.join("fingerprints.txt"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("alice ").map(str::to_string))
+        .unwrap();
+    config.keyring = Some(keys.join("keyring"));
+    config.signers = vec![stepgate::token::SignerPolicy {
+        name: "alice".into(),
+        fingerprint,
+        databases: vec!["*".into()],
+        classes: stepgate::classify::Class::DEFAULT_GUARDED.to_vec(),
+    }];
+    let sql = "DROP TABLE pgbench_history";
+    let payload = stepgate::token::Payload {
+        id: stepgate::token::cli::new_uuid(),
+        instance: None,
+        database: "bench".into(),
+        user: None,
+        not_before: None,
+        not_after: std::time::SystemTime::now() + Duration::from_secs(3000),
+        statements: vec![stepgate::token::StatementGrant {
+            fingerprint: stepgate::token::payload::fingerprint_of(sql).unwrap(),
+            class: stepgate::classify::Class::Destructive,
+            sql: sql.into(),
+        }],
+        reason: Some("benchmark".into()),
+    };
+    let alice = sequoia_openpgp::Cert::from_file(keys.join("alice.sec.asc")).unwrap();
+    let signed = stepgate::token::signed::sign_cleartext(
+        payload.render().as_bytes(),
+        &[alice],
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    format!("-c stepgate.token={}", stepgate::token::cli::pack(&signed))
 }
 
 fn start_pgbouncer(db: &DevDb, dir: &std::path::Path) -> Option<(Child, u16)> {
@@ -107,7 +168,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let rounds = env_num("BENCH_ROUNDS", 5);
+    let rounds = env_num("BENCH_ROUNDS", 7);
     let seconds = env_num("BENCH_SECONDS", 5);
     let clients = env_num("BENCH_CLIENTS", 8);
     let db = DevDb::start(&DevDbOptions::default()).expect("PostgreSQL starts");
@@ -139,12 +200,13 @@ fn main() {
     let state = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let (tx, rx) = std::sync::mpsc::channel();
-    let server_config = Config {
+    let mut server_config = Config {
         listen: "127.0.0.1:0".into(),
         upstream: db.addr(),
         state_dir: state.path().join("state"),
         ..Config::default()
     };
+    let token_options = token_policy(&mut server_config);
     let stop = shutdown.clone();
     let proxy_thread = std::thread::spawn(move || {
         let rt = if std::env::var("BENCH_RUNTIME").as_deref() == Ok("current") {
@@ -194,23 +256,40 @@ fn main() {
         eprintln!("pgbouncer not installed or left out (BENCH_NO_PGBOUNCER): comparing direct and stepgate only");
     }
 
-    println!(
-        "pgbench -S -c {clients} -j 2, {seconds} s per run, {rounds} rounds, targets alternating"
-    );
-    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "simple,prepared".into());
-    for mode in modes.split(',').filter(|m| !m.is_empty()) {
+    println!("{seconds} s per run, {rounds} rounds, targets alternating; stepgate sessions hold a verified token");
+    let scenarios: Vec<(&str, Vec<&str>, u64)> = vec![
+        ("select-only-simple", vec!["-S", "-M", "simple"], clients),
+        (
+            "select-only-prepared",
+            vec!["-S", "-M", "prepared"],
+            clients,
+        ),
+        ("latency-c1", vec!["-S", "-M", "simple"], 1),
+        ("tpcb", vec!["-M", "simple"], clients),
+    ];
+    let wanted = std::env::var("BENCH_SCENARIOS").unwrap_or_default();
+    for (scenario, args, clients) in scenarios {
+        if !wanted.is_empty() && !wanted.split(',').any(|w| w == scenario) {
+            continue;
+        }
+        println!("{scenario}: pgbench {} -c {clients}", args.join(" "));
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         let mut tps_all: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+        let mut lat_all: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         for round in 0..rounds {
             let mut direct = 0.0;
-            let mut line = format!("  {mode:8} round {}:", round + 1);
+            let mut line = format!("  round {}:", round + 1);
             for (i, (name, port)) in targets.iter().enumerate() {
-                let t = tps(*port, mode, clients, seconds);
+                let options = name
+                    .starts_with("stepgate")
+                    .then_some(token_options.as_str());
+                let (t, lat) = run(*port, &args, clients, seconds, options);
                 if i == 0 {
                     direct = t;
                 }
                 ratios[i].push(t / direct);
                 tps_all[i].push(t);
+                lat_all[i].push(lat);
                 line.push_str(&format!("  {name} {t:.0} tps ({:.3})", t / direct));
             }
             println!("{line}");
@@ -226,16 +305,19 @@ fn main() {
             gate_cost.iter().cloned().fold(f64::MIN, f64::max),
         );
         let m = median(&mut gate_cost);
-        println!("{mode:8} gate on / gate off: median {m:.3} (spread {lo:.3}..{hi:.3})");
-        println!("BENCH {{\"scenario\":\"select-only-{mode}\",\"target\":\"gate-on/gate-off\",\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4}}}");
+        println!("  gate on / gate off: median {m:.3} (spread {lo:.3}..{hi:.3})");
+        println!("BENCH {{\"scenario\":\"{scenario}\",\"target\":\"gate-on/gate-off\",\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4}}}");
+        let direct_latency = median(&mut lat_all[0].clone());
         for (i, (name, _)) in targets.iter().enumerate() {
             let mut r = ratios[i].clone();
             let lo = r.iter().cloned().fold(f64::MAX, f64::min);
             let hi = r.iter().cloned().fold(f64::MIN, f64::max);
             let m = median(&mut r);
             let mt = median(&mut tps_all[i].clone());
-            println!("{mode:8} {name:10} median {mt:8.0} tps  ratio to direct {m:.3}  (spread {lo:.3}..{hi:.3})");
-            println!("BENCH {{\"scenario\":\"select-only-{mode}\",\"target\":\"{name}\",\"median_tps\":{mt:.0},\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4}}}");
+            let lat = median(&mut lat_all[i].clone());
+            let added_us = (lat - direct_latency) * 1000.0;
+            println!("  {name:16} median {mt:8.0} tps  ratio to direct {m:.3}  (spread {lo:.3}..{hi:.3})  latency {lat:.3} ms ({added_us:+.0} µs)");
+            println!("BENCH {{\"scenario\":\"{scenario}\",\"target\":\"{name}\",\"median_tps\":{mt:.0},\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4},\"latency_ms\":{lat:.4},\"added_us\":{added_us:.1}}}");
         }
     }
     shutdown.cancel();
