@@ -377,22 +377,56 @@ async fn session(
     let _open = Open(metrics, shared, session_id);
     let state = std::sync::Mutex::new(SessionState::new(fields, rule, settings));
 
+    let client_tls = client.is_tls();
+    let mut client = client;
+    let mut up = up;
+    // Plain TCP on both legs (the common case) splits without a lock; TLS goes through tokio's split.
+    match (&mut client, &mut up) {
+        (MaybeTls::Plain(c), MaybeTls::Plain(u)) => {
+            let (mut cr, mut cw) = c.split();
+            let (mut ur, mut uw) = u.split();
+            relay(
+                shared, &mut cr, &mut cw, &mut ur, &mut uw, leftover, deadline, client_tls, &state,
+            )
+            .await
+        }
+        (c, u) => {
+            let (mut cr, mut cw) = tokio::io::split(c);
+            let (mut ur, mut uw) = tokio::io::split(u);
+            relay(
+                shared, &mut cr, &mut cw, &mut ur, &mut uw, leftover, deadline, client_tls, &state,
+            )
+            .await
+        }
+    }
+    info!(%user, %database, tls = client_tls, "session ended");
+}
+
+/// Both directions of a logged-in (or logging-in) session until one ends, then the closing reply.
+#[allow(clippy::too_many_arguments)]
+async fn relay<CR, CW, UR, UW>(
+    shared: &Shared,
+    client_rd: &mut CR,
+    client_wr: &mut CW,
+    up_rd: &mut UR,
+    up_wr: &mut UW,
+    leftover: BytesMut,
+    deadline: Instant,
+    client_tls: bool,
+    state: &std::sync::Mutex<SessionState>,
+) where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
     let flags = Flags::default();
     flags.client_at_boundary.store(true, Ordering::Relaxed);
     let mut keys: Vec<(i32, i32)> = Vec::new();
-    let client_tls = client.is_tls();
-    let (mut client_rd, mut client_wr) = tokio::io::split(client);
-    let (mut up_rd, mut up_wr) = tokio::io::split(up);
     let ending = {
-        let fe = frontend(&mut client_rd, &mut up_wr, leftover, &flags, shared, &state);
+        let fe = frontend(client_rd, up_wr, leftover, &flags, shared, state);
         let be = backend(
-            &mut up_rd,
-            &mut client_wr,
-            &flags,
-            shared,
-            &mut keys,
-            client_tls,
-            &state,
+            up_rd, client_wr, &flags, shared, &mut keys, client_tls, state,
         );
         tokio::pin!(fe, be);
         let login_timer = tokio::time::sleep_until(deadline);
@@ -496,7 +530,6 @@ async fn session(
     }
     let _ = client_wr.shutdown().await;
     let _ = up_wr.shutdown().await;
-    info!(%user, %database, tls = client_tls, "session ended");
 }
 
 /// Client → upstream.
