@@ -9,7 +9,7 @@
 //!
 //! Run: `cargo bench --bench pgbench` (env: BENCH_ROUNDS [7], BENCH_SECONDS [5], BENCH_CLIENTS [8],
 //! BENCH_SCENARIOS [all, comma-separated], BENCH_NO_PGBOUNCER to leave pgbouncer out, BENCH_RUNTIME=current
-//! for a single-threaded runtime). Everything is local (127.0.0.1); a throwaway PostgreSQL is started and
+//! for a single-threaded runtime, BENCH_WORKERS=N for N single-threaded worker runtimes as `serve --workers`). Everything is local (127.0.0.1); a throwaway PostgreSQL is started and
 //! removed.
 
 use std::process::{Child, Command, Stdio};
@@ -223,11 +223,23 @@ fn main() {
             // The same proxy twice: with the gate (enforce mode) and with classification switched off.
             let mut off_config = server_config.clone();
             off_config.state_dir = off_config.state_dir.with_file_name("state-nogate");
-            let gated = Server::bind(server_config).await.unwrap();
+            let workers = std::env::var("BENCH_WORKERS")
+                .ok()
+                .and_then(|v| v.parse().ok());
+            let gated = Server::bind_with(
+                server_config,
+                ServeOptions {
+                    workers,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
             let ungated = Server::bind_with(
                 off_config,
                 ServeOptions {
                     unsafe_no_gate: true,
+                    workers,
                     ..Default::default()
                 },
             )

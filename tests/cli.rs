@@ -388,3 +388,23 @@ fn docker_compose_wires_postgres_and_stepgate() {
     let depends = format!("{:?}", sg["depends_on"]);
     assert!(depends.contains("postgres"), "stepgate depends on postgres");
 }
+
+#[test]
+fn serve_with_worker_runtimes_relays_holds_and_stops() {
+    let mut s = Serve::start(&["--workers", "2"]);
+    assert!(s.log().contains("worker runtimes"), "{}", s.log());
+    for _ in 0..4 {
+        let (ok, out, err) = psql(&s.conninfo("postgres"), &["-c", "select 1"], &[]);
+        assert!(ok, "{err}");
+        assert_eq!(out, "1");
+    }
+    let (ok, _, err) = psql(
+        &s.conninfo("postgres"),
+        &["-c", "DROP TABLE IF EXISTS no_such_table_here"],
+        &[],
+    );
+    assert!(!ok && err.contains("statement held (destructive)"), "{err}");
+    s.signal("-TERM");
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

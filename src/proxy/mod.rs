@@ -64,6 +64,55 @@ pub struct ServeOptions {
     pub config_path: Option<std::path::PathBuf>,
     /// Command-line flags, applied again on every reload.
     pub overrides: crate::config::Overrides,
+    /// Run sessions on this many single-threaded runtimes (one thread each), connections handed out in
+    /// turn; None runs them on the runtime that calls [`Server::run`].
+    pub workers: Option<usize>,
+}
+
+/// Single-threaded runtimes that sessions run on (see [`ServeOptions::workers`]).
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    stop: CancellationToken,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start(n: usize) -> std::io::Result<Workers> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let stop = stop.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("stepgate-worker-{i}"))
+                    .spawn(move || {
+                        match tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                        {
+                            Ok(rt) => {
+                                let _ = tx.send(Ok(rt.handle().clone()));
+                                rt.block_on(stop.cancelled());
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                            }
+                        }
+                    })?,
+            );
+            let handle = rx
+                .recv()
+                .map_err(|_| std::io::Error::other("a worker thread did not start"))??;
+            handles.push(handle);
+        }
+        Ok(Workers {
+            handles,
+            stop,
+            threads,
+        })
+    }
 }
 
 /// State shared by every session of one server.
@@ -300,6 +349,22 @@ impl Server {
                 audit.as_ref().map(|a| a.head())
             }))
         });
+        let workers = match shared.options.workers {
+            Some(n) => match Workers::start(n) {
+                Ok(w) => {
+                    info!(
+                        workers = w.handles.len(),
+                        "sessions run on single-threaded worker runtimes"
+                    );
+                    Some(w)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot start worker runtimes; sessions run on the main runtime");
+                    None
+                }
+            },
+            None => None,
+        };
         let permits = Arc::new(Semaphore::new(shared.config.max_connections));
         let tracker = TaskTracker::new();
         info!(
@@ -309,6 +374,7 @@ impl Server {
             "stepgate is accepting connections"
         );
         let admin_listener = self.admin_listener;
+        let mut next_worker = 0usize;
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -330,7 +396,29 @@ impl Server {
                 }
             };
             let permit = permits.clone().try_acquire_owned().ok();
-            tracker.spawn(session::run(shared.clone(), tcp, peer, permit, admin));
+            match &workers {
+                Some(w) => {
+                    // The socket moves to the worker's own reactor.
+                    let Ok(std_tcp) = tcp.into_std() else {
+                        continue;
+                    };
+                    let handle = &w.handles[next_worker % w.handles.len()];
+                    next_worker = next_worker.wrapping_add(1);
+                    let shared = shared.clone();
+                    tracker.spawn_on(
+                        async move {
+                            match tokio::net::TcpStream::from_std(std_tcp) {
+                                Ok(tcp) => session::run(shared, tcp, peer, permit, admin).await,
+                                Err(e) => warn!(error = %e, "cannot hand a connection to a worker"),
+                            }
+                        },
+                        handle,
+                    );
+                }
+                None => {
+                    tracker.spawn(session::run(shared.clone(), tcp, peer, permit, admin));
+                }
+            }
         }
         drop(self.listener);
         tracker.close();
@@ -355,6 +443,16 @@ impl Server {
         }
         if let Some(t) = metrics_task {
             t.abort();
+        }
+        if let Some(w) = workers {
+            w.stop.cancel();
+            let threads = w.threads;
+            let _ = tokio::task::spawn_blocking(move || {
+                for t in threads {
+                    let _ = t.join();
+                }
+            })
+            .await;
         }
         info!("stepgate stopped");
     }
