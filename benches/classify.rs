@@ -104,5 +104,38 @@ fn frames(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, classify, frames);
+/// The whole per-round-trip work of the gate for pgbench's SELECT with a new literal each time: the Query
+/// judged, then CommandComplete and ReadyForQuery seen — with the gate on and off.
+fn session_round_trip(c: &mut Criterion) {
+    use stepgate::config::{Config, Rule};
+    use stepgate::gate::{Registry, SessionFields};
+    use stepgate::proxy::state::{GateContext, SessionState};
+    use stepgate::wire::build;
+    let complete = build::message(b'C', b"SELECT 1\0");
+    let ready = build::message(b'Z', b"I");
+    let mut g = c.benchmark_group("session round trip (new literal)");
+    for (name, disabled) in [("gate on", false), ("gate off", true)] {
+        let ctx = GateContext::new(Config::default(), Registry::new(None), disabled);
+        let mut st = SessionState::new(SessionFields::default(), Rule::default(), Vec::new());
+        let mut i = 0u64;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i += 1;
+                let q = build::query(
+                    format!(
+                        "SELECT abalance FROM pgbench_accounts WHERE aid = {};",
+                        i % 1_000_000
+                    )
+                    .as_bytes(),
+                );
+                black_box(st.on_frontend(&ctx, b'Q', &q));
+                black_box(st.on_backend(&ctx, b'C', &complete));
+                black_box(st.on_backend(&ctx, b'Z', &ready));
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, classify, frames, session_round_trip);
 criterion_main!(benches);

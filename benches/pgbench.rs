@@ -1,7 +1,7 @@
 //! End-to-end: pgbench straight to PostgreSQL, through stepgate (enforce mode, every session holding a
 //! verified token from PGOPTIONS), through the same proxy with the gate switched off (`--unsafe-no-gate`),
-//! and through pgbouncer (session mode, when installed), alternating targets round by round in one run,
-//! reported as the median ratio to direct with the spread.
+//! and through pgbouncer (session mode, when installed), in one run with the order of the targets rotating
+//! every round, reported as the median ratio to direct with the spread.
 //!
 //! Scenarios: `select-only-simple` (`-S -c 8`, simple protocol: every transaction a different literal),
 //! `select-only-prepared` (`-S -c 8 -M prepared`), `latency-c1` (`-S -c 1`: added µs per round trip) and
@@ -268,7 +268,7 @@ fn main() {
         eprintln!("pgbouncer not installed or left out (BENCH_NO_PGBOUNCER): comparing direct and stepgate only");
     }
 
-    println!("{seconds} s per run, {rounds} rounds, targets alternating; stepgate sessions hold a verified token");
+    println!("{seconds} s per run, {rounds} rounds, target order rotating each round; stepgate sessions hold a verified token");
     let scenarios: Vec<(&str, Vec<&str>, u64)> = vec![
         ("select-only-simple", vec!["-S", "-M", "simple"], clients),
         (
@@ -289,16 +289,21 @@ fn main() {
         let mut tps_all: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         let mut lat_all: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         for round in 0..rounds {
-            let mut direct = 0.0;
-            let mut line = format!("  round {}:", round + 1);
-            for (i, (name, port)) in targets.iter().enumerate() {
+            // The order rotates every round, so no target always runs first or right after another.
+            let n = targets.len();
+            let mut got = vec![(0.0, 0.0); n];
+            for k in 0..n {
+                let i = (k + round as usize) % n;
+                let (name, port) = targets[i];
                 let options = name
                     .starts_with("stepgate")
                     .then_some(token_options.as_str());
-                let (t, lat) = run(*port, &args, clients, seconds, options);
-                if i == 0 {
-                    direct = t;
-                }
+                got[i] = run(port, &args, clients, seconds, options);
+            }
+            let direct = got[0].0;
+            let mut line = format!("  round {}:", round + 1);
+            for (i, (name, _)) in targets.iter().enumerate() {
+                let (t, lat) = got[i];
                 ratios[i].push(t / direct);
                 tps_all[i].push(t);
                 lat_all[i].push(lat);
