@@ -3,15 +3,12 @@
 //! Run: `cargo bench --bench token`.
 
 use std::hint::black_box;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use sequoia_openpgp::parse::Parse;
-use sequoia_openpgp::policy::StandardPolicy;
-use sequoia_openpgp::serialize::stream::{Armorer, LiteralWriter, Message, Signer};
 use sequoia_openpgp::Cert;
 use stepgate::classify::{Class, Classifier};
 use stepgate::config::{Config, Rule};
@@ -19,7 +16,7 @@ use stepgate::gate::{Registry, SessionFields};
 use stepgate::proxy::authz::Grant;
 use stepgate::proxy::state::GateContext;
 use stepgate::token::payload::{fingerprint_of, Payload, StatementGrant};
-use stepgate::token::signed::{sign_cleartext, Keyring};
+use stepgate::token::signed::{sign_cleartext, sign_inline, Keyring};
 use stepgate::token::{ActiveToken, Policy, SignerPolicy};
 
 const SQL: &str = "DROP TABLE staging_orders";
@@ -48,30 +45,6 @@ fn payload() -> String {
         reason: Some("PROJ-142 retire the staging table".into()),
     }
     .render()
-}
-
-/// An armored inline-signed message (what `gpg --sign --armor` makes).
-fn sign_inline(text: &str, cert: &Cert) -> Vec<u8> {
-    let policy = StandardPolicy::new();
-    let key = cert
-        .keys()
-        .with_policy(&policy, None)
-        .for_signing()
-        .secret()
-        .next()
-        .unwrap()
-        .key()
-        .clone()
-        .into_keypair()
-        .unwrap();
-    let mut out = Vec::new();
-    let m = Message::new(&mut out);
-    let m = Armorer::new(m).build().unwrap();
-    let m = Signer::new(m, key).unwrap().build().unwrap();
-    let mut w = LiteralWriter::new(m).build().unwrap();
-    w.write_all(text.as_bytes()).unwrap();
-    w.finalize().unwrap();
-    out
 }
 
 fn policy() -> Policy {
@@ -113,7 +86,13 @@ fn verify(c: &mut Criterion) {
             SystemTime::now(),
         )
         .unwrap();
-        let inline = sign_inline(&text, &cert);
+        let inline = sign_inline(
+            text.as_bytes(),
+            std::slice::from_ref(&cert),
+            SystemTime::now(),
+            true,
+        )
+        .unwrap();
         for (form, token) in [("clearsigned", &clear), ("inline", &inline)] {
             assert!(policy
                 .verify(token, &rule, &classifier, "app", "u", SystemTime::now())

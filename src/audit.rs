@@ -76,21 +76,23 @@ pub fn now_rfc3339() -> String {
     ts.to_string()
 }
 
+/// The number of a rotated file (`audit.000042.jsonl` → 42).
+fn rotation_number(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("audit.")?
+        .strip_suffix(".jsonl")?
+        .parse()
+        .ok()
+}
+
 /// The log files of a state directory in chain order: rotated files by number, then `audit.jsonl`.
 pub fn log_files(state_dir: &Path) -> Vec<PathBuf> {
     let mut rotated: Vec<(u64, PathBuf)> = std::fs::read_dir(state_dir)
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let n = name
-                .strip_prefix("audit.")?
-                .strip_suffix(".jsonl")?
-                .parse::<u64>()
-                .ok()?;
-            Some((n, e.path()))
-        })
+        .filter_map(|e| Some((rotation_number(&e.path())?, e.path())))
         .collect();
     rotated.sort();
     let mut out: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
@@ -165,14 +167,7 @@ impl AuditLog {
         let files = log_files(state_dir);
         let next_rotation = files
             .iter()
-            .filter_map(|p| {
-                p.file_name()?
-                    .to_str()?
-                    .strip_prefix("audit.")?
-                    .strip_suffix(".jsonl")?
-                    .parse::<u64>()
-                    .ok()
-            })
+            .filter_map(|p| rotation_number(p))
             .max()
             .unwrap_or(0)
             + 1;

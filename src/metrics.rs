@@ -64,8 +64,10 @@ pub struct Metrics {
     classify_sum_ns: AtomicU64,
 }
 
+// `Class` and `Outcome` are fieldless enums declared in the order of `Class::ALL` and `OUTCOMES`: their
+// discriminants index the counter arrays directly (no search on the per-message path).
 fn class_index(c: Class) -> usize {
-    Class::ALL.iter().position(|x| *x == c).unwrap_or(6)
+    c as usize
 }
 
 impl Metrics {
@@ -269,5 +271,26 @@ pub async fn serve(
             let _ = sock.write_all(response.as_bytes()).await;
             let _ = sock.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enum_order_matches_the_tables() {
+        for (i, c) in Class::ALL.iter().enumerate() {
+            assert_eq!(class_index(*c), i);
+        }
+        for (i, (o, _)) in OUTCOMES.iter().enumerate() {
+            assert_eq!(*o as usize, i);
+        }
+        let m = Metrics::default();
+        m.statement(Class::Ddl, Outcome::Observed);
+        assert_eq!(m.statements(Class::Ddl, Outcome::Observed), 1);
+        assert!(m
+            .render(None)
+            .contains("stepgate_statements_total{class=\"ddl\",decision=\"observed\"} 1"));
     }
 }

@@ -195,11 +195,7 @@ async fn an_unwritable_audit_log_refuses_guarded_statements_only() {
     })
     .await;
     let c = g.client("aud_full").await;
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = count(&c, "t").await;
     assert_eq!(n, 3);
     c.batch_execute("INSERT INTO t VALUES (4)").await.unwrap();
     for sql in ["DROP TABLE t", "TRUNCATE t"] {
@@ -217,11 +213,7 @@ async fn an_unwritable_audit_log_refuses_guarded_statements_only() {
     let e = c.batch_execute("DROP TABLE t").await.unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("58030"));
     assert!(exists(&direct, "t").await);
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = count(&c, "t").await;
     assert_eq!(n, 4);
 }
 

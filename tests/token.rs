@@ -155,19 +155,24 @@ async fn psql_user_loads_a_gpg_sign_armor_token_with_backquoted_cat() {
     assert!(exists(&direct, "t3").await);
 }
 
+/// `ALTER SYSTEM <change>` on the server, then a reload (ALTER SYSTEM cannot share a query string).
+async fn log_statement(direct: &tokio_postgres::Client, change: &str) {
+    direct
+        .batch_execute(&format!("ALTER SYSTEM {change}"))
+        .await
+        .unwrap();
+    direct
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn ci_flow_token_new_sign_pack_pgoptions_and_nothing_leaks() {
     let direct = setup("tok_ci").await;
     let devdb = pg().devdb();
     if devdb.is_some() {
-        direct
-            .batch_execute("ALTER SYSTEM SET log_statement = 'all'")
-            .await
-            .unwrap();
-        direct
-            .batch_execute("SELECT pg_reload_conf()")
-            .await
-            .unwrap();
+        log_statement(&direct, "SET log_statement = 'all'").await;
     }
     let dir = tempfile::tempdir().unwrap();
     let port = stepgate::devdb::free_port();
@@ -308,14 +313,7 @@ async fn ci_flow_token_new_sign_pack_pgoptions_and_nothing_leaks() {
                 "the server saw token text: {secret}"
             );
         }
-        direct
-            .batch_execute("ALTER SYSTEM RESET log_statement")
-            .await
-            .unwrap();
-        direct
-            .batch_execute("SELECT pg_reload_conf()")
-            .await
-            .unwrap();
+        log_statement(&direct, "RESET log_statement").await;
     }
 }
 
@@ -541,11 +539,7 @@ async fn tampered_huge_and_garbage_tokens_are_refused_and_the_session_goes_on() 
     let e = c.batch_execute("SELECT 1").await.unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("25P02"));
     c.batch_execute("ROLLBACK").await.unwrap();
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = count(&c, "t").await;
     assert_eq!(n, 3);
 }
 
@@ -575,11 +569,7 @@ async fn extended_protocol_multi_statement_portals_in_steps_reset_and_discard() 
     }
     assert_eq!(got, 3);
     tx.commit().await.unwrap();
-    let n: i64 = direct
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = count(&direct, "t").await;
     assert_eq!(n, 0);
     let audit = g.audit();
     let fp = fingerprint_of(sql).unwrap();

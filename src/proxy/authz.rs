@@ -256,18 +256,31 @@ impl GateContext {
         f
     }
 
-    /// The server ran an authorized statement.
-    pub fn executed(&self, session: &SessionFields, r: &Reservation, command_tag: &str) {
-        self.registry.authorized(&session.database, &r.fingerprint);
+    /// A record about one use: its fields plus one event-specific field.
+    fn use_record(
+        &self,
+        event: &str,
+        session: &SessionFields,
+        r: &Reservation,
+        extra: Option<(&str, &str)>,
+    ) {
         self.audit_with(
-            "executed",
+            event,
             || {
                 let mut f = self.use_fields(session, r);
-                f.insert("outcome".into(), command_tag.into());
+                if let Some((k, v)) = extra {
+                    f.insert(k.into(), v.into());
+                }
                 f
             },
             false,
         );
+    }
+
+    /// The server ran an authorized statement.
+    pub fn executed(&self, session: &SessionFields, r: &Reservation, command_tag: &str) {
+        self.registry.authorized(&session.database, &r.fingerprint);
+        self.use_record("executed", session, r, Some(("outcome", command_tag)));
     }
 
     /// How the transaction an authorized statement ran in ended (`committed` / `rolled_back`).
@@ -277,21 +290,13 @@ impl GateContext {
         } else {
             "rolled_back"
         };
-        self.audit_with(event, || self.use_fields(session, r), false);
+        self.use_record(event, session, r, None);
     }
 
     /// The server refused an authorized statement: the use is given back.
     pub fn released(&self, session: &SessionFields, r: &Reservation, why: &str) {
         self.ledger.release(r.token.id(), &r.fingerprint);
-        self.audit_with(
-            "released",
-            || {
-                let mut f = self.use_fields(session, r);
-                f.insert("reason".into(), why.into());
-                f
-            },
-            false,
-        );
+        self.use_record("released", session, r, Some(("reason", why)));
     }
 }
 

@@ -787,6 +787,13 @@ async fn login(
     }
 }
 
+/// Describe and Close name a statement (`S`) or a portal (`P`).
+fn kind_and_name(body: &[u8]) -> (u8, &[u8]) {
+    let kind = body.first().copied().unwrap_or(b'S');
+    let name = body.get(1..).and_then(cstr).map(|(n, _)| n).unwrap_or(b"");
+    (kind, name)
+}
+
 /// A prepared console statement or a bound portal.
 #[derive(Clone)]
 struct Prepared {
@@ -870,8 +877,7 @@ where
                 }
             }
             b'D' => {
-                let kind = body.first().copied().unwrap_or(b'S');
-                let name = body.get(1..).and_then(cstr).map(|(n, _)| n).unwrap_or(b"");
+                let (kind, name) = kind_and_name(&body);
                 let found = if kind == b'S' {
                     statements.get(name)
                 } else {
@@ -917,8 +923,7 @@ where
                 }
             }
             b'C' => {
-                let kind = body.first().copied().unwrap_or(b'S');
-                let name = body.get(1..).and_then(cstr).map(|(n, _)| n).unwrap_or(b"");
+                let (kind, name) = kind_and_name(&body);
                 if kind == b'S' {
                     statements.remove(name);
                 } else {

@@ -402,50 +402,45 @@ pub fn sign_cleartext(
     sign_cleartext_with(payload, signers, now, None)
 }
 
-/// Whether any of these keys' signing secrets is protected by a passphrase.
-pub fn needs_passphrase(signers: &[Cert], now: SystemTime) -> bool {
-    let policy = StandardPolicy::new();
-    signers.iter().any(|cert| {
-        cert.keys()
-            .with_policy(&policy, now)
-            .supported()
-            .alive()
-            .revoked(false)
-            .for_signing()
-            .secret()
-            .next()
-            .is_some_and(|k| !k.key().has_unencrypted_secret())
-    })
+/// The key of `cert` that can sign at `now`, with its secret material (possibly still encrypted).
+fn signing_key(
+    cert: &Cert,
+    now: SystemTime,
+) -> Option<
+    openpgp::packet::Key<openpgp::packet::key::SecretParts, openpgp::packet::key::UnspecifiedRole>,
+> {
+    cert.keys()
+        .with_policy(&StandardPolicy::new(), now)
+        .supported()
+        .alive()
+        .revoked(false)
+        .for_signing()
+        .secret()
+        .next()
+        .map(|k| k.key().clone())
 }
 
-/// [`sign_cleartext`] with a passphrase for protected secret keys.
-pub fn sign_cleartext_with(
-    payload: &[u8],
+/// Whether any of these keys' signing secrets is protected by a passphrase.
+pub fn needs_passphrase(signers: &[Cert], now: SystemTime) -> bool {
+    signers
+        .iter()
+        .any(|cert| signing_key(cert, now).is_some_and(|k| !k.has_unencrypted_secret()))
+}
+
+/// One key pair per signer, decrypting protected keys with `passphrase`.
+fn keypairs(
     signers: &[Cert],
     now: SystemTime,
     passphrase: Option<&str>,
-) -> Result<Vec<u8>, String> {
-    use openpgp::serialize::stream::{Message, Signer};
-    use std::io::Write;
-    let policy = StandardPolicy::new();
-    let mut keypairs = Vec::new();
+) -> Result<Vec<openpgp::crypto::KeyPair>, String> {
+    let mut pairs = Vec::new();
     for cert in signers {
-        let key = cert
-            .keys()
-            .with_policy(&policy, now)
-            .supported()
-            .alive()
-            .revoked(false)
-            .for_signing()
-            .secret()
-            .next()
-            .ok_or_else(|| {
-                format!(
-                    "key {} has no usable signing key with secret material",
-                    cert.fingerprint()
-                )
-            })?;
-        let mut secret = key.key().clone();
+        let mut secret = signing_key(cert, now).ok_or_else(|| {
+            format!(
+                "key {} has no usable signing key with secret material",
+                cert.fingerprint()
+            )
+        })?;
         if !secret.has_unencrypted_secret() {
             let Some(p) = passphrase else {
                 return Err(format!(
@@ -457,30 +452,75 @@ pub fn sign_cleartext_with(
                 .decrypt_secret(&p.into())
                 .map_err(|_| format!("key {}: wrong passphrase", cert.fingerprint()))?;
         }
-        let pair = secret.into_keypair().map_err(|e| {
+        pairs.push(secret.into_keypair().map_err(|e| {
             format!(
                 "key {}: {e} (is it protected by a passphrase?)",
                 cert.fingerprint()
             )
-        })?;
-        keypairs.push(pair);
+        })?);
     }
-    let mut keypairs = keypairs.into_iter();
-    let first = keypairs.next().ok_or("no signing key given")?;
+    if pairs.is_empty() {
+        return Err("no signing key given".into());
+    }
+    Ok(pairs)
+}
+
+/// [`sign_cleartext`] with a passphrase for protected secret keys.
+pub fn sign_cleartext_with(
+    payload: &[u8],
+    signers: &[Cert],
+    now: SystemTime,
+    passphrase: Option<&str>,
+) -> Result<Vec<u8>, String> {
+    sign(payload, signers, now, passphrase, Form::Cleartext)
+}
+
+/// An inline-signed message (what `gpg --sign [--armor]` makes), unprotected keys only.
+pub fn sign_inline(
+    payload: &[u8],
+    signers: &[Cert],
+    now: SystemTime,
+    armor: bool,
+) -> Result<Vec<u8>, String> {
+    sign(payload, signers, now, None, Form::Inline { armor })
+}
+
+enum Form {
+    Cleartext,
+    Inline { armor: bool },
+}
+
+fn sign(
+    payload: &[u8],
+    signers: &[Cert],
+    now: SystemTime,
+    passphrase: Option<&str>,
+    form: Form,
+) -> Result<Vec<u8>, String> {
+    use openpgp::serialize::stream::{Armorer, LiteralWriter, Message, Signer};
+    use std::io::Write;
+    let e = |e: anyhow::Error| e.to_string();
+    let mut pairs = keypairs(signers, now, passphrase)?.into_iter();
+    let first = pairs.next().ok_or("no signing key given")?;
     let mut out = Vec::new();
-    let message = Message::new(&mut out);
-    let mut signer = Signer::new(message, first)
-        .map_err(|e| e.to_string())?
-        .cleartext();
-    for k in keypairs {
-        signer = signer.add_signer(k).map_err(|e| e.to_string())?;
+    let mut message = Message::new(&mut out);
+    if let Form::Inline { armor: true } = form {
+        message = Armorer::new(message).build().map_err(e)?;
     }
-    let mut w = signer
-        .creation_time(now)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let mut signer = Signer::new(message, first).map_err(e)?;
+    if let Form::Cleartext = form {
+        signer = signer.cleartext();
+    }
+    for k in pairs {
+        signer = signer.add_signer(k).map_err(e)?;
+    }
+    let signer = signer.creation_time(now).build().map_err(e)?;
+    let mut w = match form {
+        Form::Cleartext => signer,
+        Form::Inline { .. } => LiteralWriter::new(signer).build().map_err(e)?,
+    };
     w.write_all(payload).map_err(|e| e.to_string())?;
-    w.finalize().map_err(|e| e.to_string())?;
+    w.finalize().map_err(e)?;
     Ok(out)
 }
 

@@ -1,9 +1,7 @@
 //! Unit tests of `signed` (kept in their own file).
 
 use super::*;
-use openpgp::serialize::stream::{Armorer, LiteralWriter, Message, Signer};
 use openpgp::serialize::Serialize;
-use std::io::Write;
 use std::time::Duration;
 
 const PAYLOAD: &[u8] = b"stepgate-token: 1\nid: 7d4c0a6e-5b1f-4f0e-9a53-2f1e9c0b8d11\n";
@@ -27,28 +25,13 @@ fn ring(certs: &[&Cert]) -> Keyring {
 }
 
 fn inline(payload: &[u8], cert: &Cert, armor: bool) -> Vec<u8> {
-    let p = StandardPolicy::new();
-    let kp = cert
-        .keys()
-        .with_policy(&p, None)
-        .for_signing()
-        .secret()
-        .next()
-        .unwrap()
-        .key()
-        .clone()
-        .into_keypair()
-        .unwrap();
-    let mut out = Vec::new();
-    let mut m = Message::new(&mut out);
-    if armor {
-        m = Armorer::new(m).build().unwrap();
-    }
-    let s = Signer::new(m, kp).unwrap().build().unwrap();
-    let mut w = LiteralWriter::new(s).build().unwrap();
-    w.write_all(payload).unwrap();
-    w.finalize().unwrap();
-    out
+    sign_inline(
+        payload,
+        std::slice::from_ref(cert),
+        SystemTime::now(),
+        armor,
+    )
+    .unwrap()
 }
 
 #[test]

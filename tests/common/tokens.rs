@@ -189,3 +189,12 @@ pub fn gpg_with(keys: &[&str]) -> GnuPg {
     }
     gpg
 }
+
+/// Rows in `table`, counted over `client`.
+pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
