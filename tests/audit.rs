@@ -102,15 +102,7 @@ async fn sigkill_right_after_an_authorization_keeps_the_use_spent() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("stepgate.toml");
     let start = |port: u16| {
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\nupstream = \"{}\"\nstate_dir = \"state\"\n{}",
-                pg().addr(),
-                policy_toml()
-            ),
-        )
-        .unwrap();
+        serve_config(dir.path(), port);
         Serve::spawn(
             vec![
                 "serve".into(),

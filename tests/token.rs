@@ -176,16 +176,7 @@ async fn ci_flow_token_new_sign_pack_pgoptions_and_nothing_leaks() {
     }
     let dir = tempfile::tempdir().unwrap();
     let port = stepgate::devdb::free_port();
-    let config = dir.path().join("stepgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nupstream = \"{}\"\nstate_dir = \"state\"\n{}",
-            pg().addr(),
-            policy_toml()
-        ),
-    )
-    .unwrap();
+    let config = serve_config(dir.path(), port);
     let cfg = config.to_str().unwrap();
     let serve = Serve::spawn(
         vec!["serve".into(), "--config".into(), cfg.into()],

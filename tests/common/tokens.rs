@@ -198,3 +198,19 @@ pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// Writes `<dir>/stepgate.toml`: listen on `port`, the shared server upstream, `state_dir = "state"` and the
+/// test policy.
+pub fn serve_config(dir: &Path, port: u16) -> PathBuf {
+    let config = dir.join("stepgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nupstream = \"{}\"\nstate_dir = \"state\"\n{}",
+            pg().addr(),
+            policy_toml()
+        ),
+    )
+    .unwrap();
+    config
+}
