@@ -248,6 +248,14 @@ impl AuditLog {
             path: self.path.display().to_string(),
             source,
         };
+        // A log whose file was removed or replaced under us (state directory deleted, log moved away)
+        // would swallow records into an unlinked inode: refuse instead, so guarded statements are refused.
+        if !self.still_in_place(&tail.file) {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the open audit log is no longer at its path (removed or replaced)",
+            )));
+        }
         tail.file.write_all(&line).map_err(err)?;
         if sync {
             tail.file.sync_data().map_err(err)?;
@@ -259,6 +267,17 @@ impl AuditLog {
             self.rotate(&mut tail)?;
         }
         Ok(seq)
+    }
+
+    /// Whether `file` is still the file at the log's path (same device and inode). A log that is not a
+    /// regular file (e.g. `/dev/full`) is judged by its own writes.
+    fn still_in_place(&self, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(&self.path)) {
+            (Ok(open), _) if !open.is_file() => true,
+            (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+            _ => false,
+        }
     }
 
     /// Renames the full `audit.jsonl` to the next `audit.NNNNNN.jsonl` and starts a new one.

@@ -102,3 +102,15 @@ fn dev_full_makes_appends_fail() {
     assert!(log.append("held", Map::new(), true).is_err());
     assert!(AuditLog::read_dir(dir.path()).unwrap().is_empty());
 }
+
+#[test]
+fn a_removed_state_directory_makes_appends_fail() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let log = AuditLog::open(&dir).unwrap();
+    log.append("held", Map::new(), true).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = log.append("held", Map::new(), true).unwrap_err();
+    assert!(err.to_string().contains("no longer at its path"), "{err}");
+}

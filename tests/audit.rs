@@ -311,3 +311,17 @@ async fn metrics_count_what_happens() {
         "{after}"
     );
 }
+
+#[tokio::test]
+async fn a_state_directory_removed_under_a_running_gate_refuses_guarded_statements() {
+    let direct = setup("aud_gone").await;
+    let g = gate_with(policy).await;
+    let c = g.client("aud_gone").await;
+    held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    std::fs::remove_dir_all(g.state_dir()).unwrap();
+    let e = c.batch_execute("DROP TABLE t").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("58030"), "{e:?}");
+    c.batch_execute("INSERT INTO t VALUES (9)").await.unwrap();
+    assert_eq!(count(&c, "t").await, 4);
+    assert!(exists(&direct, "t").await);
+}
