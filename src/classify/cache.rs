@@ -53,11 +53,42 @@ impl Entry {
     }
 }
 
+/// The maps' keys are already outputs of a randomly keyed SipHash: hashing them again would only cost time.
+#[derive(Clone, Default)]
+struct KeyIsHash;
+
+impl BuildHasher for KeyIsHash {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(0)
+    }
+}
+
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for u64 keys; kept correct for any other use.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Map = DashMap<u64, Arc<Entry>, KeyIsHash>;
+
 /// Classifier plus cache. Share one per server (it is `Sync`).
 pub struct CachedClassifier {
     classifier: Classifier,
-    exact: DashMap<u64, Arc<Entry>>,
-    shapes: DashMap<u64, Arc<Entry>>,
+    exact: Map,
+    shapes: Map,
     capacity: usize,
     hasher: RandomState,
 }
@@ -67,8 +98,8 @@ impl CachedClassifier {
     pub fn new(classifier: Classifier, capacity: usize) -> Self {
         CachedClassifier {
             classifier,
-            exact: DashMap::new(),
-            shapes: DashMap::new(),
+            exact: Map::with_hasher(KeyIsHash),
+            shapes: Map::with_hasher(KeyIsHash),
             capacity: capacity.max(16),
             hasher: RandomState::new(),
         }
@@ -98,22 +129,30 @@ impl CachedClassifier {
             Ok(t) => t,
             Err(_) => return self.remember(&self.exact, exact_key, Entry::unreadable()),
         };
-        let shape_key = match lex::lex(&text, settings.standard_conforming_strings) {
-            Ok(tokens) => {
-                let mut h = self.key(settings, generation);
-                for t in tokens.iter().filter(|t| !t.is_trivia()) {
-                    t.kind.hash(&mut h);
-                    if !matches!(t.kind, Kind::String | Kind::Number) {
-                        t.text.hash(&mut h);
-                    } else if t.kind == Kind::String {
-                        // A literal that names a stepgate setting changes the verdict.
-                        super::mentions_stepgate_text(t.text).hash(&mut h);
-                    }
-                }
-                Some(h.finish())
+        // The shape as one byte string, hashed in one go (many small writes cost more than the copy): per
+        // significant token its kind, then its text and 0xFF (never in UTF-8) — or, for a string literal,
+        // whether it names a stepgate setting (that changes the verdict); numbers are their kind alone.
+        let mut shape = Vec::with_capacity(text.len() + 16);
+        let shape_key = lex::lex_each(&text, settings.standard_conforming_strings, |t| {
+            if t.is_trivia() {
+                return;
             }
-            Err(_) => None,
-        };
+            shape.push(t.kind as u8);
+            match t.kind {
+                Kind::Number => {}
+                Kind::String => shape.push(super::mentions_stepgate_text(t.text) as u8),
+                _ => {
+                    shape.extend_from_slice(t.text.as_bytes());
+                    shape.push(0xFF);
+                }
+            }
+        })
+        .ok()
+        .map(|()| {
+            let mut h = self.key(settings, generation);
+            h.write(&shape);
+            h.finish()
+        });
         if let Some(k) = shape_key {
             if let Some(e) = self.shapes.get(&k) {
                 return e.clone();
@@ -134,7 +173,7 @@ impl CachedClassifier {
         entry
     }
 
-    fn remember(&self, map: &DashMap<u64, Arc<Entry>>, key: u64, entry: Entry) -> Arc<Entry> {
+    fn remember(&self, map: &Map, key: u64, entry: Entry) -> Arc<Entry> {
         if map.len() >= self.capacity {
             // Evict about half, arbitrarily: cheap, bounded, and rare.
             let mut n = 0u32;

@@ -90,8 +90,18 @@ fn is_space(c: char) -> bool {
 
 /// Tokenizes `sql`. Whitespace and comments are kept as tokens so callers can recover positions.
 pub fn lex(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Token<'_>>, LexError> {
-    let b = sql.as_bytes();
     let mut out = Vec::with_capacity(sql.len() / 4 + 4);
+    lex_each(sql, standard_conforming_strings, |t| out.push(t))?;
+    Ok(out)
+}
+
+/// [`lex`] without collecting: `each` sees every token in order (the cache's shape key needs no vector).
+pub fn lex_each<'a>(
+    sql: &'a str,
+    standard_conforming_strings: bool,
+    mut each: impl FnMut(Token<'a>),
+) -> Result<(), LexError> {
+    let b = sql.as_bytes();
     let mut i = 0;
     let n = b.len();
     let peek = |j: usize| -> u8 {
@@ -217,13 +227,13 @@ pub fn lex(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Token<'_>
             i += sql[i..].chars().next().map(char::len_utf8).unwrap_or(1);
             kind = Kind::Other;
         }
-        out.push(Token {
+        each(Token {
             kind,
             text: &sql[start..i],
             start,
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 /// End (exclusive) of a `'…'` literal whose opening quote is at `q`.

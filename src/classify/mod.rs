@@ -269,9 +269,18 @@ impl Classifier {
 /// True when a token's text names a stepgate setting in a way that matters: `stepgate.` anywhere, or
 /// `stepgate` inside an escaped (`E''`, `U&''`) literal where escapes could spell the dot.
 pub fn mentions_stepgate_text(text: &str) -> bool {
-    let lower = text.to_ascii_lowercase();
-    lower.contains("stepgate.")
-        || (lower.contains("stepgate") && (lower.starts_with("e'") || lower.starts_with("u&")))
+    // Allocation-free: this runs for every string literal of every new query string.
+    let b = text.as_bytes();
+    let has = |needle: &[u8]| {
+        b.windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+    };
+    if !has(b"stepgate") {
+        return false;
+    }
+    let escaped =
+        b.len() >= 2 && (b[..2].eq_ignore_ascii_case(b"e'") || b[..2].eq_ignore_ascii_case(b"u&"));
+    has(b"stepgate.") || escaped
 }
 
 /// True when a statement needs more than its class to be judged by the gate: it manages prepared
@@ -322,14 +331,15 @@ fn parse_text(tokens: &[Token<'_>]) -> String {
 /// whose multibyte characters may contain ASCII bytes (SJIS, BIG5, GBK, GB18030, UHC) are decoded properly,
 /// and a string whose byte-wise and character-wise readings differ is refused as ambiguous.
 pub fn decode<'a>(bytes: &'a [u8], settings: &LexSettings) -> Result<Cow<'a, str>, ReadError> {
-    let client_encoding = settings.client_encoding.as_str();
-    let enc = client_encoding.to_ascii_uppercase().replace(['-', '_'], "");
     if bytes.is_ascii() {
-        // Every encoding PostgreSQL supports as a client encoding is ASCII-compatible.
+        // Every encoding PostgreSQL supports as a client encoding is ASCII-compatible (and this is the hot
+        // path: nothing is allocated).
         return Ok(Cow::Borrowed(
             std::str::from_utf8(bytes).expect("ASCII is UTF-8"),
         ));
     }
+    let client_encoding = settings.client_encoding.as_str();
+    let enc = client_encoding.to_ascii_uppercase().replace(['-', '_'], "");
     let latin = || Cow::Owned(bytes.iter().map(|&b| b as char).collect::<String>());
     match enc.as_str() {
         "UTF8" | "UNICODE" => std::str::from_utf8(bytes)

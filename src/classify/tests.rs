@@ -384,3 +384,27 @@ fn random_text_never_panics() {
         let _ = crate::gate::redact(&text);
     }
 }
+
+#[test]
+fn a_literal_naming_a_stepgate_setting_never_shares_a_shape() {
+    assert!(crate::classify::mentions_stepgate_text("'stepgate.token'"));
+    assert!(crate::classify::mentions_stepgate_text(
+        "'x StepGate.Token'"
+    ));
+    assert!(crate::classify::mentions_stepgate_text(
+        "E'STEPGATE\\x2etoken'"
+    ));
+    assert!(crate::classify::mentions_stepgate_text(
+        "U&'stepgate\\002etoken'"
+    ));
+    assert!(!crate::classify::mentions_stepgate_text("'stepgate'"));
+    assert!(!crate::classify::mentions_stepgate_text("'app.setting'"));
+    assert!(!crate::classify::mentions_stepgate_text("''"));
+    let cached = CachedClassifier::new(Classifier::default(), 1000);
+    let s = LexSettings::default();
+    // The harmless spelling is cached first; the same shape naming a stepgate setting must not reuse it.
+    let plain = cached.lookup(b"SELECT set_config('app.x', 'v', false)", &s, 1);
+    assert!(!plain.attention);
+    let named = cached.lookup(b"SELECT set_config('Stepgate.Token', 'v', false)", &s, 1);
+    assert!(named.attention, "{named:?}");
+}
