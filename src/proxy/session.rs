@@ -249,6 +249,8 @@ struct Flags {
     upstream_fatal: AtomicBool,
     /// Everything written to the client so far ends at a message boundary.
     client_at_boundary: AtomicBool,
+    /// Signalled with `logged_in`: the relay drops its login timer.
+    login_done: tokio::sync::Notify,
 }
 
 #[derive(Debug, Error)]
@@ -429,22 +431,35 @@ async fn relay<CR, CW, UR, UW>(
             up_rd, client_wr, &flags, shared, &mut keys, client_tls, state,
         );
         tokio::pin!(fe, be);
-        let login_timer = tokio::time::sleep_until(deadline);
-        tokio::pin!(login_timer);
-        let mut timer_armed = true;
-        loop {
+        // A child token per session: polling the server-wide token on every wake would lock one mutex
+        // shared by every session.
+        let force_close = shared.force_close.child_token();
+        let closing = force_close.cancelled();
+        tokio::pin!(closing);
+        // Two phases, so the login timer is gone once the login is (it would be polled on every wake).
+        // `biased`: both directions are polled on every wake anyway; a fixed order saves the random draw.
+        let login = async {
             tokio::select! {
-                r = &mut fe => break Ending::Frontend(r),
-                r = &mut be => break Ending::Backend(r),
-                _ = &mut login_timer, if timer_armed => {
-                    if flags.logged_in.load(Ordering::Acquire) {
-                        timer_armed = false;
-                    } else {
-                        break Ending::LoginTimeout;
-                    }
-                }
-                _ = shared.force_close.cancelled() => break Ending::Shutdown,
+                biased;
+                _ = flags.login_done.notified() => true,
+                _ = tokio::time::sleep_until(deadline) => flags.logged_in.load(Ordering::Acquire),
             }
+        };
+        let first = tokio::select! {
+            biased;
+            r = &mut fe => Some(Ending::Frontend(r)),
+            r = &mut be => Some(Ending::Backend(r)),
+            ok = login => (!ok).then_some(Ending::LoginTimeout),
+            _ = &mut closing => Some(Ending::Shutdown),
+        };
+        match first {
+            Some(ending) => ending,
+            None => tokio::select! {
+                biased;
+                r = &mut fe => Ending::Frontend(r),
+                r = &mut be => Ending::Backend(r),
+                _ = &mut closing => Ending::Shutdown,
+            },
         }
     };
     for k in &keys {
@@ -667,6 +682,7 @@ where
                         b'Z' if !logged_in => {
                             logged_in = true;
                             flags.logged_in.store(true, Ordering::Release);
+                            flags.login_done.notify_one();
                             // A token from the startup packet counts only once the server accepted the login.
                             let verdict = state
                                 .lock()
