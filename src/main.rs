@@ -59,8 +59,8 @@ enum Cmd {
         /// enforce holds guarded statements; observe lets them run and records them [default: enforce].
         #[arg(long, value_enum)]
         mode: Option<stepgate::gate::Mode>,
-        /// Run sessions on N single-threaded runtimes (one thread each) instead of one multi-threaded
-        /// runtime; 0 = one per CPU.
+        /// Run sessions on N single-threaded runtimes (one thread each), connections handed out in turn;
+        /// 0 = on one multi-threaded runtime instead [default: one per CPU].
         #[arg(long)]
         workers: Option<usize>,
         /// Classify and hold NOTHING, to measure the gate's own cost. Logs a warning and writes a
@@ -278,13 +278,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(config_path.as_deref(), &overrides)?;
             stepgate::logging::init(config.log_format);
             runtime()?.block_on(async move {
-                let workers = workers.map(|n| {
-                    if n == 0 {
-                        std::thread::available_parallelism().map_or(1, |p| p.get())
-                    } else {
-                        n
-                    }
-                });
                 let options = stepgate::proxy::ServeOptions {
                     unsafe_no_gate,
                     config_path,

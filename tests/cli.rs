@@ -390,9 +390,29 @@ fn docker_compose_wires_postgres_and_stepgate() {
 }
 
 #[test]
-fn serve_with_worker_runtimes_relays_holds_and_stops() {
-    let mut s = Serve::start(&["--workers", "2"]);
-    assert!(s.log().contains("worker runtimes"), "{}", s.log());
+fn serve_relays_holds_and_stops_on_either_runtime_shape() {
+    let cpus = std::thread::available_parallelism().map_or(1, |p| p.get());
+    // Default: one single-threaded worker runtime per CPU; --workers 3: three; --workers 0: the
+    // multi-threaded main runtime.
+    for (args, workers) in [
+        (&[][..], cpus),
+        (&["--workers", "3"][..], 3),
+        (&["--workers", "0"][..], 0),
+    ] {
+        relays_holds_and_stops(args, workers);
+    }
+}
+
+fn relays_holds_and_stops(args: &[&str], workers: usize) {
+    let mut s = Serve::start(args);
+    let field = format!("workers={workers}");
+    assert!(
+        s.log().lines().any(
+            |l| l.contains("accepting connections") && l.split_whitespace().any(|w| w == field)
+        ),
+        "{args:?}: {}",
+        s.log()
+    );
     for _ in 0..4 {
         let (ok, out, err) = psql(&s.conninfo("postgres"), &["-c", "select 1"], &[]);
         assert!(ok, "{err}");

@@ -65,7 +65,9 @@ pub struct ServeOptions {
     /// Command-line flags, applied again on every reload.
     pub overrides: crate::config::Overrides,
     /// Run sessions on this many single-threaded runtimes (one thread each), connections handed out in
-    /// turn; None runs them on the runtime that calls [`Server::run`].
+    /// turn. None (the default): one per CPU. `Some(0)`: on the runtime that calls [`Server::run`] (a
+    /// multi-threaded one under `stepgate serve`), which measured slower on small machines: a session's
+    /// wake-ups hop between threads (README "Performance").
     pub workers: Option<usize>,
 }
 
@@ -349,15 +351,14 @@ impl Server {
                 audit.as_ref().map(|a| a.head())
             }))
         });
-        let workers = match shared.options.workers {
+        let wanted = match shared.options.workers {
+            None => Some(std::thread::available_parallelism().map_or(1, |p| p.get())),
+            Some(0) => None,
+            Some(n) => Some(n),
+        };
+        let workers = match wanted {
             Some(n) => match Workers::start(n) {
-                Ok(w) => {
-                    info!(
-                        workers = w.handles.len(),
-                        "sessions run on single-threaded worker runtimes"
-                    );
-                    Some(w)
-                }
+                Ok(w) => Some(w),
                 Err(e) => {
                     warn!(error = %e, "cannot start worker runtimes; sessions run on the main runtime");
                     None
@@ -371,6 +372,8 @@ impl Server {
             listen = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             upstream = %shared.config.upstream,
             mode = shared.gate.load().mode.as_str(),
+            // 0: sessions run on the runtime that called `run`.
+            workers = workers.as_ref().map_or(0, |w| w.handles.len()),
             "stepgate is accepting connections"
         );
         let admin_listener = self.admin_listener;
