@@ -9,7 +9,9 @@
 //!
 //! Run: `cargo bench --bench pgbench` (env: BENCH_ROUNDS [7], BENCH_SECONDS [5], BENCH_CLIENTS [8],
 //! BENCH_SCENARIOS [all, comma-separated], BENCH_NO_PGBOUNCER to leave pgbouncer out, BENCH_RUNTIME=current
-//! for a single-threaded runtime, BENCH_WORKERS=N for N single-threaded worker runtimes as `serve --workers`). Everything is local (127.0.0.1); a throwaway PostgreSQL is started and
+//! for a single-threaded main runtime, BENCH_WORKERS=N for N single-threaded worker runtimes as `serve --workers`
+//! [default: one per CPU; 0 runs sessions on the main runtime], BENCH_HOLD to start the
+//! targets, print their addresses and wait for Enter, for profiling). Everything is local (127.0.0.1); a throwaway PostgreSQL is started and
 //! removed.
 
 use std::process::{Child, Command, Stdio};
@@ -268,6 +270,23 @@ fn main() {
         eprintln!("pgbouncer not installed or left out (BENCH_NO_PGBOUNCER): comparing direct and stepgate only");
     }
 
+    if std::env::var_os("BENCH_HOLD").is_some() {
+        // For profiling: the targets stay up until Enter.
+        for (name, port) in &targets {
+            println!("{name} 127.0.0.1:{port}");
+        }
+        println!("PGOPTIONS='{token_options}'");
+        println!("bench pid {}; press Enter to stop", std::process::id());
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        shutdown.cancel();
+        let _ = proxy_thread.join();
+        if let Some((mut child, _)) = bouncer {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        return;
+    }
     println!("{seconds} s per run, {rounds} rounds, target order rotating each round; stepgate sessions hold a verified token");
     let scenarios: Vec<(&str, Vec<&str>, u64)> = vec![
         ("select-only-simple", vec!["-S", "-M", "simple"], clients),
