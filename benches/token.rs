@@ -1,5 +1,6 @@
 //! Token costs: verifying a token when a session sets it (cleartext-signed and inline-signed, ed25519 and
-//! rsa3072 keys from fixtures/keys), and the per-statement authorization check once it is verified.
+//! rsa3072 keys from fixtures/keys), the per-statement authorization check once it is verified, and the
+//! audit append that records it (with and without fsync).
 //! Run: `cargo bench --bench token`.
 
 use std::hint::black_box;
@@ -156,5 +157,31 @@ fn authorize(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, verify, authorize);
+/// One `authorized`-sized record appended to the hash-chained log: buffered, and fsync'd (what the last
+/// record of a guarded message costs before the message is forwarded).
+fn audit_append(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = stepgate::audit::AuditLog::open(dir.path()).unwrap();
+    let fields = || {
+        let mut f = serde_json::Map::new();
+        f.insert("user".into(), "app".into());
+        f.insert("database".into(), "prod".into());
+        f.insert("fingerprint".into(), fingerprint_of(SQL).unwrap().into());
+        f.insert("token".into(), "0385576231f44ba6a92d50d234d69153".into());
+        f.insert("signers".into(), serde_json::json!(["alice"]));
+        f.insert("sql".into(), SQL.into());
+        f
+    };
+    let mut g = c.benchmark_group("audit append");
+    g.bench_function("without fsync", |b| {
+        b.iter(|| log.append("authorized", fields(), false).unwrap())
+    });
+    g.sample_size(20);
+    g.bench_function("with fsync", |b| {
+        b.iter(|| log.append("authorized", fields(), true).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, verify, authorize, audit_append);
 criterion_main!(benches);
