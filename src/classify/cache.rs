@@ -109,7 +109,8 @@ impl CachedClassifier {
         &self.classifier
     }
 
-    fn key(&self, settings: &LexSettings, generation: u64) -> impl Hasher {
+    /// The keys' common prefix (policy generation and lexing settings), hashed once per lookup and cloned.
+    fn key(&self, settings: &LexSettings, generation: u64) -> impl Hasher + Clone {
         let mut h = self.hasher.build_hasher();
         generation.hash(&mut h);
         settings.hash(&mut h);
@@ -119,7 +120,8 @@ impl CachedClassifier {
     /// The verdicts for a query string as it came off the wire (bytes in the session's encoding).
     /// A string that cannot be read is one `unparsed` verdict.
     pub fn lookup(&self, bytes: &[u8], settings: &LexSettings, generation: u64) -> Arc<Entry> {
-        let mut h = self.key(settings, generation);
+        let prefix = self.key(settings, generation);
+        let mut h = prefix.clone();
         h.write(bytes);
         let exact_key = h.finish();
         if let Some(e) = self.exact.get(&exact_key) {
@@ -149,7 +151,7 @@ impl CachedClassifier {
         })
         .ok()
         .map(|()| {
-            let mut h = self.key(settings, generation);
+            let mut h = prefix;
             h.write(&shape);
             h.finish()
         });

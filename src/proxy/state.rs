@@ -1356,10 +1356,16 @@ impl SessionState {
                 let index = *done;
                 let effect = effects.get(index).cloned().unwrap_or(Effect::None);
                 *done += 1;
-                let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(reservations)
-                    .into_iter()
-                    .partition(|r| r.index == index);
-                *reservations = rest;
+                // The pass path has nothing reserved: no partition to build.
+                let mine = if reservations.is_empty() {
+                    Vec::new()
+                } else {
+                    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(reservations)
+                        .into_iter()
+                        .partition(|r| r.index == index);
+                    *reservations = rest;
+                    mine
+                };
                 (mine, effect)
             }
             _ => return Action::Forward,
