@@ -56,19 +56,14 @@ fn run(port: u16, args: &[&str], clients: u64, seconds: u64, options: Option<&st
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("number of failed transactions: 0"), "{text}");
-    let tps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("tps = "))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("tps line");
-    let latency = text
-        .lines()
-        .find_map(|l| l.strip_prefix("latency average = "))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("latency line");
-    (tps, latency)
+    let number = |prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix:?} line: {text}"))
+    };
+    (number("tps = "), number("latency average = "))
 }
 
 /// A token for database `bench` signed by the test key alice (fixtures/keys), as `stepgate token pack` prints
@@ -155,14 +150,17 @@ fn start_pgbouncer(db: &DevDb, dir: &std::path::Path) -> Option<(Child, u16)> {
     Some((child, port))
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// (median, min, max) of one target's per-round values.
+fn summary(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 {
+    let median = if n % 2 == 1 {
         v[n / 2]
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    };
+    (median, v[0], v[n - 1])
 }
 
 fn main() {
@@ -279,14 +277,25 @@ fn main() {
         println!("bench pid {}; press Enter to stop", std::process::id());
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
-        shutdown.cancel();
-        let _ = proxy_thread.join();
-        if let Some((mut child, _)) = bouncer {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        return;
+    } else {
+        run_scenarios(&targets, &token_options, rounds, seconds, clients);
     }
+    shutdown.cancel();
+    let _ = proxy_thread.join();
+    if let Some((mut child, _)) = bouncer {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Every scenario, round by round, with the target order rotating; prints the tables and BENCH lines.
+fn run_scenarios(
+    targets: &[(&str, u16)],
+    token_options: &str,
+    rounds: u64,
+    seconds: u64,
+    clients: u64,
+) {
     println!("{seconds} s per run, {rounds} rounds, target order rotating each round; stepgate sessions hold a verified token");
     let scenarios: Vec<(&str, Vec<&str>, u64)> = vec![
         ("select-only-simple", vec!["-S", "-M", "simple"], clients),
@@ -314,9 +323,7 @@ fn main() {
             for k in 0..n {
                 let i = (k + round as usize) % n;
                 let (name, port) = targets[i];
-                let options = name
-                    .starts_with("stepgate")
-                    .then_some(token_options.as_str());
+                let options = name.starts_with("stepgate").then_some(token_options);
                 got[i] = run(port, &args, clients, seconds, options);
             }
             let direct = got[0].0;
@@ -331,35 +338,22 @@ fn main() {
             println!("{line}");
         }
         // The gate's own cost: stepgate with the gate on versus the same proxy with it off, round by round.
-        let mut gate_cost: Vec<f64> = tps_all[1]
+        let gate_cost: Vec<f64> = tps_all[1]
             .iter()
             .zip(&tps_all[2])
             .map(|(on, off)| on / off)
             .collect();
-        let (lo, hi) = (
-            gate_cost.iter().cloned().fold(f64::MAX, f64::min),
-            gate_cost.iter().cloned().fold(f64::MIN, f64::max),
-        );
-        let m = median(&mut gate_cost);
+        let (m, lo, hi) = summary(&gate_cost);
         println!("  gate on / gate off: median {m:.3} (spread {lo:.3}..{hi:.3})");
         println!("BENCH {{\"scenario\":\"{scenario}\",\"target\":\"gate-on/gate-off\",\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4}}}");
-        let direct_latency = median(&mut lat_all[0].clone());
+        let direct_latency = summary(&lat_all[0]).0;
         for (i, (name, _)) in targets.iter().enumerate() {
-            let mut r = ratios[i].clone();
-            let lo = r.iter().cloned().fold(f64::MAX, f64::min);
-            let hi = r.iter().cloned().fold(f64::MIN, f64::max);
-            let m = median(&mut r);
-            let mt = median(&mut tps_all[i].clone());
-            let lat = median(&mut lat_all[i].clone());
+            let (m, lo, hi) = summary(&ratios[i]);
+            let mt = summary(&tps_all[i]).0;
+            let lat = summary(&lat_all[i]).0;
             let added_us = (lat - direct_latency) * 1000.0;
             println!("  {name:16} median {mt:8.0} tps  ratio to direct {m:.3}  (spread {lo:.3}..{hi:.3})  latency {lat:.3} ms ({added_us:+.0} µs)");
             println!("BENCH {{\"scenario\":\"{scenario}\",\"target\":\"{name}\",\"median_tps\":{mt:.0},\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4},\"latency_ms\":{lat:.4},\"added_us\":{added_us:.1}}}");
         }
-    }
-    shutdown.cancel();
-    let _ = proxy_thread.join();
-    if let Some((mut child, _)) = bouncer {
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }

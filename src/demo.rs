@@ -161,6 +161,11 @@ fn demo_table(db: &DevDb) -> Result<()> {
     Ok(())
 }
 
+/// One value read straight from PostgreSQL (not through stepgate), trimmed.
+fn direct_value(db: &DevDb, sql: &str) -> Result<String> {
+    Ok(db.psql_in("demo", sql)?.trim().to_string())
+}
+
 /// psql through stepgate; returns (success, stdout, stderr).
 fn psql_raw(port: u16, args: &[&str]) -> Result<(bool, String, String)> {
     let out = Command::new("psql")
@@ -269,10 +274,7 @@ fn walkthrough(
     step(
         "the table still exists (checked directly on PostgreSQL)",
         (|| {
-            let got = db
-                .psql_in("demo", "SELECT count(*) FROM notes")?
-                .trim()
-                .to_string();
+            let got = direct_value(db, "SELECT count(*) FROM notes")?;
             if got != "3" {
                 bail!("expected 3 rows, got {got:?}");
             }
@@ -334,10 +336,7 @@ fn walkthrough(
                 ),
             )?;
             psql(port, &["-f", &script.display().to_string()])?;
-            let gone = db
-                .psql_in("demo", "SELECT to_regclass('notes') IS NULL")?
-                .trim()
-                .to_string();
+            let gone = direct_value(db, "SELECT to_regclass('notes') IS NULL")?;
             if gone != "t" {
                 bail!("the table is still there");
             }
