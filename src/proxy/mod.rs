@@ -7,6 +7,7 @@
 
 pub mod authz;
 mod console;
+mod flow;
 mod session;
 pub mod state;
 mod stream;

@@ -8,7 +8,7 @@
 //! ReadyForQuery, authentication requests, BackendKeyData and errors.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,18 +20,14 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::state::{Action, SessionState};
+use super::flow::{Backend, Flags, Frontend, FrontendError};
+use super::state::SessionState;
 use super::stream::{ClientStream, MaybeTls};
 use super::{console, upstream, SessionSummary, Shared};
 use crate::gate::SessionFields;
-use crate::wire::frame::{self, FrameError, FrameScanner, Step};
 use crate::wire::reply::ErrorReply;
 use crate::wire::startup::{self, StartupError, StartupMessage, StartupPacket};
 
-/// Largest frontend message before login (password, SASL): 64 KiB.
-pub const MAX_AUTH_MESSAGE: usize = 64 * 1024;
-/// Upper bound on any backend message (PostgreSQL's own messages stay below 1 GiB plus headers).
-const MAX_BACKEND_MESSAGE: usize = i32::MAX as usize;
 /// How much to ask the kernel for per read.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -236,46 +232,17 @@ pub(super) async fn send_and_close<W: AsyncWrite + Unpin>(w: &mut W, err: &Error
     let _ = w.shutdown().await;
 }
 
-/// Flags the two directions share. Each is written by one direction and read by the other.
-#[derive(Default)]
-struct Flags {
-    /// The upstream sent its first ReadyForQuery: login is complete.
-    logged_in: AtomicBool,
-    /// The client sent Terminate: an upstream close is expected.
-    client_terminated: AtomicBool,
-    /// The upstream asked for SASL: the client's next password message is a SASLInitialResponse.
-    sasl_initial_next: AtomicBool,
-    /// The upstream sent a FATAL error: it explains the close itself.
-    upstream_fatal: AtomicBool,
-    /// Everything written to the client so far ends at a message boundary.
-    client_at_boundary: AtomicBool,
-    /// Signalled with `logged_in`: the relay drops its login timer.
-    login_done: tokio::sync::Notify,
-}
-
-#[derive(Debug, Error)]
-enum FrontendError {
-    #[error("{0}")]
-    Frame(#[from] FrameError),
-    #[error("the client asked for SCRAM channel binding ({0}), which cannot pass through a proxy")]
-    ChannelBinding(String),
-    #[error("client: {0}")]
-    ClientIo(std::io::Error),
-    #[error("upstream: {0}")]
-    UpstreamIo(std::io::Error),
-}
-
-enum FrontendEnd {
+pub(super) enum FrontendEnd {
     Terminate,
     Eof,
 }
 
-enum BackendEnd {
+pub(super) enum BackendEnd {
     Eof,
     LoginFailed,
 }
 
-enum Ending {
+pub(super) enum Ending {
     Frontend(Result<FrontendEnd, FrontendError>),
     Backend(Result<BackendEnd, std::io::Error>),
     LoginTimeout,
@@ -422,14 +389,11 @@ async fn relay<CR, CW, UR, UW>(
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
 {
-    let flags = Flags::default();
-    flags.client_at_boundary.store(true, Ordering::Relaxed);
-    let mut keys: Vec<(i32, i32)> = Vec::new();
+    let flags = Flags::new();
+    let mut flow = Backend::new(client_tls);
     let ending = {
         let fe = frontend(client_rd, up_wr, leftover, &flags, shared, state);
-        let be = backend(
-            up_rd, client_wr, &flags, shared, &mut keys, client_tls, state,
-        );
+        let be = backend(up_rd, client_wr, &flags, shared, &mut flow, state);
         tokio::pin!(fe, be);
         // A child token per session: polling the server-wide token on every wake would lock one mutex
         // shared by every session.
@@ -462,7 +426,24 @@ async fn relay<CR, CW, UR, UW>(
             },
         }
     };
-    for k in &keys {
+    finish(shared, ending, &flags, &flow.keys, state, client_wr, up_wr).await;
+}
+
+/// The end of a session, however its relay ran: forgets its cancel keys, settles its gate state, tells the
+/// client why (when the reason is ours and the client is at a message boundary) and closes both legs.
+pub(super) async fn finish<CW, UW>(
+    shared: &Shared,
+    ending: Ending,
+    flags: &Flags,
+    keys: &[(i32, i32)],
+    state: &std::sync::Mutex<SessionState>,
+    client_wr: &mut CW,
+    up_wr: &mut UW,
+) where
+    CW: AsyncWrite + Unpin,
+    UW: AsyncWrite + Unpin,
+{
+    for k in keys {
         shared.cancel_keys.remove(k);
     }
     state
@@ -560,76 +541,21 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut scanner = FrameScanner::new(MAX_AUTH_MESSAGE);
-    let mut logged_in = false;
+    let mut flow = Frontend::new();
+    let mut out = BytesMut::new();
     loop {
-        if !logged_in && flags.logged_in.load(Ordering::Acquire) {
-            logged_in = true;
-            scanner.set_max_len(shared.config.max_message_size);
-        }
-        let mut ready = 0;
-        let mut terminate = false;
-        loop {
-            let inspect = |t: u8| {
-                t == b'X'
-                    || (!logged_in && t == b'p')
-                    || (logged_in && SessionState::inspects_frontend(t))
-            };
-            match scanner.step(&buf[ready..], inspect)? {
-                Step::NeedMore => break,
-                Step::Message { tag, len } => {
-                    let msg = &buf[ready..ready + len];
-                    match tag {
-                        b'X' => terminate = true,
-                        b'p' if !logged_in
-                            && flags.sasl_initial_next.swap(false, Ordering::AcqRel) =>
-                        {
-                            let mechanism =
-                                frame::cstr(frame::body(msg)).map(|(m, _)| m).unwrap_or(&[]);
-                            if mechanism.ends_with(b"-PLUS") {
-                                return Err(FrontendError::ChannelBinding(
-                                    String::from_utf8_lossy(mechanism).into_owned(),
-                                ));
-                            }
-                        }
-                        b'p' if !logged_in => {}
-                        _ if logged_in => {
-                            let action = state
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .on_frontend(&shared.gate.load(), tag, msg);
-                            if let Action::Replace(replacement) = action {
-                                wr.write_all(&buf[..ready])
-                                    .await
-                                    .map_err(FrontendError::UpstreamIo)?;
-                                wr.write_all(&replacement)
-                                    .await
-                                    .map_err(FrontendError::UpstreamIo)?;
-                                buf.advance(ready + len);
-                                ready = 0;
-                                continue;
-                            }
-                        }
-                        _ => {}
-                    }
-                    ready += len;
-                    if terminate {
-                        break;
-                    }
-                }
-                Step::Stream { now, .. } => ready += now,
-                Step::Pass(n) => ready += n,
-            }
-        }
-        if ready > 0 {
-            wr.write_all(&buf[..ready])
+        let (used, terminate) = flow.feed(&buf, flags, shared, state, &mut |b| {
+            out.extend_from_slice(b)
+        })?;
+        buf.advance(used);
+        if !out.is_empty() {
+            wr.write_all(&out)
                 .await
                 .map_err(FrontendError::UpstreamIo)?;
             wr.flush().await.map_err(FrontendError::UpstreamIo)?;
-            buf.advance(ready);
+            out.clear();
         }
         if terminate {
-            flags.client_terminated.store(true, Ordering::Release);
             return Ok(FrontendEnd::Terminate);
         }
         buf.reserve(READ_CHUNK);
@@ -649,143 +575,37 @@ async fn backend<R, W>(
     wr: &mut W,
     flags: &Flags,
     shared: &Shared,
-    keys: &mut Vec<(i32, i32)>,
-    client_tls: bool,
+    flow: &mut Backend,
     state: &std::sync::Mutex<SessionState>,
 ) -> Result<BackendEnd, std::io::Error>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut scanner = FrameScanner::new(MAX_BACKEND_MESSAGE);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut logged_in = false;
+    let mut out = BytesMut::new();
     loop {
         buf.reserve(READ_CHUNK);
         if rd.read_buf(&mut buf).await? == 0 {
             return Ok(BackendEnd::Eof);
         }
-        let mut ready = 0;
-        let mut login_failed = false;
-        loop {
-            let inspect = |t: u8| {
-                SessionState::inspects_backend(t) || (!logged_in && matches!(t, b'R' | b'K'))
-            };
-            let step = scanner
-                .step(&buf[ready..], inspect)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            match step {
-                Step::NeedMore => break,
-                Step::Message { tag, len } => {
-                    let body = frame::body(&buf[ready..ready + len]);
-                    match tag {
-                        b'Z' if !logged_in => {
-                            logged_in = true;
-                            flags.logged_in.store(true, Ordering::Release);
-                            flags.login_done.notify_one();
-                            // A token from the startup packet counts only once the server accepted the login.
-                            let verdict = state
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .on_login(&shared.gate.load());
-                            if let Err(fatal) = verdict {
-                                wr.write_all(&buf[..ready]).await?;
-                                wr.write_all(&fatal.to_bytes()).await?;
-                                wr.flush().await?;
-                                flags.upstream_fatal.store(true, Ordering::Release);
-                                return Ok(BackendEnd::LoginFailed);
-                            }
-                        }
-                        b'R' if body.len() >= 4 => {
-                            let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                            if code == 10 {
-                                flags.sasl_initial_next.store(true, Ordering::Release);
-                                let rewritten = if client_tls {
-                                    None
-                                } else {
-                                    frame::sasl_without_channel_binding(body)
-                                };
-                                if let Some(replacement) = rewritten {
-                                    wr.write_all(&buf[..ready]).await?;
-                                    wr.write_all(&replacement).await?;
-                                    buf.advance(ready + len);
-                                    ready = 0;
-                                    continue;
-                                }
-                            }
-                        }
-                        b'K' if body.len() == 8 => {
-                            let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                            let key = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
-                            shared.cancel_keys.insert((pid, key), ());
-                            keys.push((pid, key));
-                        }
-                        b'E' if !logged_in => login_failed = true,
-                        _ => {}
-                    }
-                    if tag == b'E' && is_fatal(body) {
-                        flags.upstream_fatal.store(true, Ordering::Release);
-                    }
-                    if logged_in || tag == b'S' {
-                        let msg = &buf[ready..ready + len];
-                        let action = state.lock().unwrap_or_else(|p| p.into_inner()).on_backend(
-                            &shared.gate.load(),
-                            tag,
-                            msg,
-                        );
-                        if let Action::Replace(replacement) = action {
-                            flags.client_at_boundary.store(false, Ordering::Relaxed);
-                            wr.write_all(&buf[..ready]).await?;
-                            wr.write_all(&replacement).await?;
-                            buf.advance(ready + len);
-                            ready = 0;
-                            continue;
-                        }
-                    }
-                    ready += len;
-                }
-                Step::Stream { now, .. } => ready += now,
-                Step::Pass(n) => ready += n,
-            }
-        }
-        if ready > 0 {
+        let (used, login_failed) = flow
+            .feed(&buf, flags, shared, state, &mut |b| {
+                out.extend_from_slice(b)
+            })
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        buf.advance(used);
+        if !out.is_empty() {
             flags.client_at_boundary.store(false, Ordering::Relaxed);
-            wr.write_all(&buf[..ready]).await?;
+            wr.write_all(&out).await?;
             wr.flush().await?;
-            buf.advance(ready);
+            out.clear();
             flags
                 .client_at_boundary
-                .store(scanner.at_boundary(), Ordering::Relaxed);
+                .store(flow.at_boundary(), Ordering::Relaxed);
         }
         if login_failed {
             return Ok(BackendEnd::LoginFailed);
         }
-    }
-}
-
-/// True when an ErrorResponse body has severity FATAL or PANIC.
-fn is_fatal(body: &[u8]) -> bool {
-    let mut rest = body;
-    while let Some((&kind, after)) = rest.split_first() {
-        let Some((value, after)) = frame::cstr(after) else {
-            return false;
-        };
-        if kind == b'V' || kind == b'S' {
-            return value == b"FATAL" || value == b"PANIC";
-        }
-        rest = after;
-    }
-    false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fatal_detection() {
-        assert!(is_fatal(b"SFATAL\0VFATAL\0C57P01\0\0"));
-        assert!(!is_fatal(b"SERROR\0C42601\0\0"));
-        assert!(!is_fatal(b"S"));
     }
 }

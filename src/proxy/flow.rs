@@ -1,0 +1,329 @@
+//! The two directions of a session's relay, sans-IO: each is fed the bytes read from its side and hands the
+//! bytes to forward (the original ones, or a replacement) to an `emit` callback, in order. The async relay
+//! (TLS legs, `--workers 0`) and the epoll relay ([`super::relay`]) drive the same code.
+//!
+//! The frontend direction peeks every message header and forwards the original bytes; only the messages it
+//! must look at (Terminate, and before login the SASL initial response) are held until complete. The backend
+//! direction does the same for ReadyForQuery, authentication requests, BackendKeyData and errors.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use thiserror::Error;
+
+use super::state::{Action, GateContext, SessionState};
+use super::Shared;
+use crate::wire::frame::{self, FrameError, FrameScanner, Step};
+
+/// Largest frontend message before login (password, SASL): 64 KiB.
+pub const MAX_AUTH_MESSAGE: usize = 64 * 1024;
+/// Upper bound on any backend message (PostgreSQL's own messages stay below 1 GiB plus headers).
+const MAX_BACKEND_MESSAGE: usize = i32::MAX as usize;
+
+/// Flags the two directions share. Each is written by one direction and read by the other.
+#[derive(Default)]
+pub(super) struct Flags {
+    /// The upstream sent its first ReadyForQuery: login is complete.
+    pub logged_in: AtomicBool,
+    /// The client sent Terminate: an upstream close is expected.
+    pub client_terminated: AtomicBool,
+    /// The upstream asked for SASL: the client's next password message is a SASLInitialResponse.
+    pub sasl_initial_next: AtomicBool,
+    /// The upstream sent a FATAL error: it explains the close itself.
+    pub upstream_fatal: AtomicBool,
+    /// Everything written to the client so far ends at a message boundary.
+    pub client_at_boundary: AtomicBool,
+    /// Signalled with `logged_in`: the async relay drops its login timer.
+    pub login_done: tokio::sync::Notify,
+}
+
+impl Flags {
+    pub fn new() -> Flags {
+        let flags = Flags::default();
+        flags.client_at_boundary.store(true, Ordering::Relaxed);
+        flags
+    }
+}
+
+#[derive(Debug, Error)]
+pub(super) enum FrontendError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("the client asked for SCRAM channel binding ({0}), which cannot pass through a proxy")]
+    ChannelBinding(String),
+    #[error("client: {0}")]
+    ClientIo(std::io::Error),
+    #[error("upstream: {0}")]
+    UpstreamIo(std::io::Error),
+}
+
+/// The session state and the policy, taken once per fed chunk and only when a message needs them.
+struct Gate<'a> {
+    shared: &'a Shared,
+    state: &'a Mutex<SessionState>,
+    held: Option<(
+        std::sync::MutexGuard<'a, SessionState>,
+        arc_swap::Guard<std::sync::Arc<GateContext>>,
+    )>,
+}
+
+impl<'a> Gate<'a> {
+    fn new(shared: &'a Shared, state: &'a Mutex<SessionState>) -> Self {
+        Gate {
+            shared,
+            state,
+            held: None,
+        }
+    }
+
+    fn get(&mut self) -> (&mut SessionState, &GateContext) {
+        let (state, ctx) = self.held.get_or_insert_with(|| {
+            (
+                self.state.lock().unwrap_or_else(|p| p.into_inner()),
+                self.shared.gate.load(),
+            )
+        });
+        (state, ctx)
+    }
+}
+
+/// Client → upstream.
+pub(super) struct Frontend {
+    scanner: FrameScanner,
+    logged_in: bool,
+}
+
+impl Frontend {
+    pub fn new() -> Self {
+        Frontend {
+            scanner: FrameScanner::new(MAX_AUTH_MESSAGE),
+            logged_in: false,
+        }
+    }
+
+    /// Processes `data` (what the client sent and is not consumed yet), emitting what to send upstream.
+    /// Returns how many bytes were consumed (the rest is the start of an incomplete message, to be fed again
+    /// with more bytes after it) and whether the client sent Terminate (nothing after it is consumed).
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        flags: &Flags,
+        shared: &Shared,
+        state: &Mutex<SessionState>,
+        emit: &mut impl FnMut(&[u8]),
+    ) -> Result<(usize, bool), FrontendError> {
+        if !self.logged_in && flags.logged_in.load(Ordering::Acquire) {
+            self.logged_in = true;
+            self.scanner.set_max_len(shared.config.max_message_size);
+        }
+        let logged_in = self.logged_in;
+        let mut gate = Gate::new(shared, state);
+        // `data[start..ready]` is scanned and not yet emitted.
+        let mut start = 0;
+        let mut ready = 0;
+        let mut terminate = false;
+        loop {
+            let inspect = |t: u8| {
+                t == b'X'
+                    || (!logged_in && t == b'p')
+                    || (logged_in && SessionState::inspects_frontend(t))
+            };
+            match self.scanner.step(&data[ready..], inspect)? {
+                Step::NeedMore => break,
+                Step::Message { tag, len } => {
+                    let msg = &data[ready..ready + len];
+                    match tag {
+                        b'X' => terminate = true,
+                        b'p' if !logged_in
+                            && flags.sasl_initial_next.swap(false, Ordering::AcqRel) =>
+                        {
+                            let mechanism =
+                                frame::cstr(frame::body(msg)).map(|(m, _)| m).unwrap_or(&[]);
+                            if mechanism.ends_with(b"-PLUS") {
+                                return Err(FrontendError::ChannelBinding(
+                                    String::from_utf8_lossy(mechanism).into_owned(),
+                                ));
+                            }
+                        }
+                        b'p' if !logged_in => {}
+                        _ if logged_in => {
+                            let (state, ctx) = gate.get();
+                            if let Action::Replace(replacement) = state.on_frontend(ctx, tag, msg) {
+                                if ready > start {
+                                    emit(&data[start..ready]);
+                                }
+                                emit(&replacement);
+                                ready += len;
+                                start = ready;
+                                continue;
+                            }
+                        }
+                        _ => {}
+                    }
+                    ready += len;
+                    if terminate {
+                        break;
+                    }
+                }
+                Step::Stream { now, .. } => ready += now,
+                Step::Pass(n) => ready += n,
+            }
+        }
+        if ready > start {
+            emit(&data[start..ready]);
+        }
+        if terminate {
+            flags.client_terminated.store(true, Ordering::Release);
+        }
+        Ok((ready, terminate))
+    }
+}
+
+/// Upstream → client.
+pub(super) struct Backend {
+    scanner: FrameScanner,
+    logged_in: bool,
+    client_tls: bool,
+    /// BackendKeyData this session registered in `Shared::cancel_keys` (removed when it ends).
+    pub keys: Vec<(i32, i32)>,
+}
+
+impl Backend {
+    pub fn new(client_tls: bool) -> Self {
+        Backend {
+            scanner: FrameScanner::new(MAX_BACKEND_MESSAGE),
+            logged_in: false,
+            client_tls,
+            keys: Vec::new(),
+        }
+    }
+
+    /// True when everything fed so far ends at a message boundary.
+    pub fn at_boundary(&self) -> bool {
+        self.scanner.at_boundary()
+    }
+
+    /// Processes `data` (what the upstream sent and is not consumed yet), emitting what to send to the
+    /// client. Returns how many bytes were consumed and whether the login failed (the session ends once the
+    /// emitted bytes are written).
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        flags: &Flags,
+        shared: &Shared,
+        state: &Mutex<SessionState>,
+        emit: &mut impl FnMut(&[u8]),
+    ) -> Result<(usize, bool), FrameError> {
+        let mut gate = Gate::new(shared, state);
+        let mut start = 0;
+        let mut ready = 0;
+        let mut login_failed = false;
+        loop {
+            let logged_in = self.logged_in;
+            let inspect = |t: u8| {
+                SessionState::inspects_backend(t) || (!logged_in && matches!(t, b'R' | b'K'))
+            };
+            match self.scanner.step(&data[ready..], inspect)? {
+                Step::NeedMore => break,
+                Step::Message { tag, len } => {
+                    let body = frame::body(&data[ready..ready + len]);
+                    match tag {
+                        b'Z' if !self.logged_in => {
+                            self.logged_in = true;
+                            flags.logged_in.store(true, Ordering::Release);
+                            flags.login_done.notify_one();
+                            // A token from the startup packet counts only once the server accepted the login.
+                            let (state, ctx) = gate.get();
+                            if let Err(fatal) = state.on_login(ctx) {
+                                if ready > start {
+                                    emit(&data[start..ready]);
+                                }
+                                emit(&fatal.to_bytes());
+                                flags.upstream_fatal.store(true, Ordering::Release);
+                                return Ok((data.len(), true));
+                            }
+                        }
+                        b'R' if body.len() >= 4 => {
+                            let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                            if code == 10 {
+                                flags.sasl_initial_next.store(true, Ordering::Release);
+                                let rewritten = if self.client_tls {
+                                    None
+                                } else {
+                                    frame::sasl_without_channel_binding(body)
+                                };
+                                if let Some(replacement) = rewritten {
+                                    if ready > start {
+                                        emit(&data[start..ready]);
+                                    }
+                                    emit(&replacement);
+                                    ready += len;
+                                    start = ready;
+                                    continue;
+                                }
+                            }
+                        }
+                        b'K' if body.len() == 8 => {
+                            let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                            let key = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                            shared.cancel_keys.insert((pid, key), ());
+                            self.keys.push((pid, key));
+                        }
+                        b'E' if !self.logged_in => login_failed = true,
+                        _ => {}
+                    }
+                    if tag == b'E' && is_fatal(body) {
+                        flags.upstream_fatal.store(true, Ordering::Release);
+                    }
+                    if self.logged_in || tag == b'S' {
+                        let msg = &data[ready..ready + len];
+                        let (state, ctx) = gate.get();
+                        if let Action::Replace(replacement) = state.on_backend(ctx, tag, msg) {
+                            if ready > start {
+                                emit(&data[start..ready]);
+                            }
+                            emit(&replacement);
+                            ready += len;
+                            start = ready;
+                            continue;
+                        }
+                    }
+                    ready += len;
+                }
+                Step::Stream { now, .. } => ready += now,
+                Step::Pass(n) => ready += n,
+            }
+        }
+        if ready > start {
+            emit(&data[start..ready]);
+        }
+        Ok((ready, login_failed))
+    }
+}
+
+/// True when an ErrorResponse body has severity FATAL or PANIC.
+fn is_fatal(body: &[u8]) -> bool {
+    let mut rest = body;
+    while let Some((&kind, after)) = rest.split_first() {
+        let Some((value, after)) = frame::cstr(after) else {
+            return false;
+        };
+        if kind == b'V' || kind == b'S' {
+            return value == b"FATAL" || value == b"PANIC";
+        }
+        rest = after;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fatal_detection() {
+        assert!(is_fatal(b"SFATAL\0VFATAL\0C57P01\0\0"));
+        assert!(!is_fatal(b"SERROR\0C42601\0\0"));
+        assert!(!is_fatal(b"S"));
+    }
+}
