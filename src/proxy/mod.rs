@@ -8,6 +8,7 @@
 pub mod authz;
 mod console;
 mod flow;
+mod relay;
 mod session;
 pub mod state;
 mod stream;
@@ -75,6 +76,8 @@ pub struct ServeOptions {
 /// Single-threaded runtimes that sessions run on (see [`ServeOptions::workers`]).
 struct Workers {
     handles: Vec<tokio::runtime::Handle>,
+    /// One epoll relay beside each runtime: plain-TCP sessions of runtime `i` run on relay `i`.
+    relays: Vec<relay::Handle>,
     stop: CancellationToken,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -83,8 +86,12 @@ impl Workers {
     fn start(n: usize) -> std::io::Result<Workers> {
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(n);
-        let mut threads = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(2 * n);
+        let mut relays = Vec::with_capacity(n);
         for i in 0..n.max(1) {
+            let (relay, thread) = relay::Handle::start(format!("stepgate-relay-{i}"))?;
+            relays.push(relay);
+            threads.push(thread);
             let (tx, rx) = std::sync::mpsc::channel();
             let stop = stop.clone();
             threads.push(
@@ -112,6 +119,7 @@ impl Workers {
         }
         Ok(Workers {
             handles,
+            relays,
             stop,
             threads,
         })
@@ -406,13 +414,17 @@ impl Server {
                     let Ok(std_tcp) = tcp.into_std() else {
                         continue;
                     };
-                    let handle = &w.handles[next_worker % w.handles.len()];
+                    let i = next_worker % w.handles.len();
+                    let (handle, relay) = (&w.handles[i], w.relays[i].clone());
                     next_worker = next_worker.wrapping_add(1);
                     let shared = shared.clone();
                     tracker.spawn_on(
                         async move {
                             match tokio::net::TcpStream::from_std(std_tcp) {
-                                Ok(tcp) => session::run(shared, tcp, peer, permit, admin).await,
+                                Ok(tcp) => {
+                                    session::run(shared, tcp, peer, permit, admin, Some(relay))
+                                        .await
+                                }
                                 Err(e) => warn!(error = %e, "cannot hand a connection to a worker"),
                             }
                         },
@@ -420,7 +432,7 @@ impl Server {
                     );
                 }
                 None => {
-                    tracker.spawn(session::run(shared.clone(), tcp, peer, permit, admin));
+                    tracker.spawn(session::run(shared.clone(), tcp, peer, permit, admin, None));
                 }
             }
         }
@@ -450,6 +462,9 @@ impl Server {
         }
         if let Some(w) = workers {
             w.stop.cancel();
+            for r in &w.relays {
+                r.stop();
+            }
             let threads = w.threads;
             let _ = tokio::task::spawn_blocking(move || {
                 for t in threads {

@@ -23,7 +23,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::flow::{Backend, Flags, Frontend, FrontendError};
 use super::state::SessionState;
 use super::stream::{ClientStream, MaybeTls};
-use super::{console, upstream, SessionSummary, Shared};
+use super::{console, relay, upstream, SessionSummary, Shared};
 use crate::gate::SessionFields;
 use crate::wire::reply::ErrorReply;
 use crate::wire::startup::{self, StartupError, StartupMessage, StartupPacket};
@@ -68,6 +68,7 @@ pub(crate) async fn run(
     peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
     admin_address: bool,
+    relay: Option<relay::Handle>,
 ) {
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("session", id, peer = %peer);
@@ -114,7 +115,17 @@ pub(crate) async fn run(
                 {
                     console::run(&shared, client, startup, leftover, peer).await;
                 } else {
-                    session(&shared, client, startup, leftover, deadline, peer, id).await;
+                    session(
+                        &shared,
+                        relay.as_ref(),
+                        client,
+                        startup,
+                        leftover,
+                        deadline,
+                        peer,
+                        id,
+                    )
+                    .await;
                 }
             }
             Err(NegotiateError::Closed) => debug!("client closed before startup"),
@@ -249,8 +260,10 @@ pub(super) enum Ending {
     Shutdown,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
-    shared: &Shared,
+    shared: &Arc<Shared>,
+    relay_thread: Option<&relay::Handle>,
     mut client: ClientStream,
     mut startup: StartupMessage,
     leftover: BytesMut,
@@ -344,14 +357,15 @@ async fn session(
         }
     }
     let _open = Open(metrics, shared, session_id);
-    let state = std::sync::Mutex::new(SessionState::new(fields, rule, settings));
-
+    let state = SessionState::new(fields, rule, settings);
     let client_tls = client.is_tls();
-    let mut client = client;
-    let mut up = up;
-    // Plain TCP on both legs (the common case) splits without a lock; TLS goes through tokio's split.
-    match (&mut client, &mut up) {
-        (MaybeTls::Plain(c), MaybeTls::Plain(u)) => {
+    match (client, up, relay_thread) {
+        // Plain TCP on both legs (the common case): the epoll relay of this worker runs the session.
+        (MaybeTls::Plain(c), MaybeTls::Plain(u), Some(relay)) => {
+            relayed(shared, relay, c, u, leftover, deadline, state, session_id).await
+        }
+        (MaybeTls::Plain(mut c), MaybeTls::Plain(mut u), None) => {
+            let state = std::sync::Mutex::new(state);
             let (mut cr, mut cw) = c.split();
             let (mut ur, mut uw) = u.split();
             relay(
@@ -359,7 +373,8 @@ async fn session(
             )
             .await
         }
-        (c, u) => {
+        (c, u, _) => {
+            let state = std::sync::Mutex::new(state);
             let (mut cr, mut cw) = tokio::io::split(c);
             let (mut ur, mut uw) = tokio::io::split(u);
             relay(
@@ -369,6 +384,86 @@ async fn session(
         }
     }
     info!(%user, %database, tls = client_tls, "session ended");
+}
+
+/// Runs a plain-TCP session on the epoll relay ([`super::relay`]) and finishes it when the relay gives it
+/// back.
+#[allow(clippy::too_many_arguments)]
+async fn relayed(
+    shared: &Arc<Shared>,
+    relay: &relay::Handle,
+    client: TcpStream,
+    up: TcpStream,
+    leftover: BytesMut,
+    deadline: Instant,
+    state: SessionState,
+    session_id: u64,
+) {
+    let (client, up) = match (client.into_std(), up.into_std()) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(error = %e, "cannot hand the session to the relay");
+            return;
+        }
+    };
+    let (conn, done) = relay::Conn::new(
+        session_id,
+        shared.clone(),
+        client,
+        up,
+        leftover,
+        deadline.into_std(),
+        state,
+    );
+    if let Err(conn) = relay.adopt(conn) {
+        warn!("the relay thread is gone; session refused");
+        if let Ok(mut c) = TcpStream::from_std(conn.client) {
+            let err = ErrorReply::fatal("08006", "stepgate: the relay thread is gone");
+            send_and_close(&mut c, &err).await;
+        }
+        return;
+    }
+    let force_close = shared.force_close.child_token();
+    tokio::pin!(done);
+    let given_back = tokio::select! {
+        biased;
+        r = &mut done => r,
+        _ = force_close.cancelled() => {
+            relay.close(session_id);
+            done.await
+        }
+    };
+    let Ok(conn) = given_back else {
+        warn!("the relay thread ended under a session");
+        return;
+    };
+    let mut conn = *conn;
+    let ending = conn.ending.take().unwrap_or(Ending::Shutdown);
+    let (Ok(mut client), Ok(mut up)) = (
+        TcpStream::from_std(conn.client),
+        TcpStream::from_std(conn.upstream),
+    ) else {
+        return;
+    };
+    // What a leg could not take yet goes first; the client hears why only at a message boundary.
+    if !conn.to_upstream.is_empty() {
+        let _ = up.write_all(&conn.to_upstream).await;
+    }
+    let at_boundary = conn.backend.at_boundary()
+        && (conn.to_client.is_empty() || client.write_all(&conn.to_client).await.is_ok());
+    conn.flags
+        .client_at_boundary
+        .store(at_boundary, Ordering::Relaxed);
+    finish(
+        shared,
+        ending,
+        &conn.flags,
+        &conn.backend.keys,
+        &conn.state,
+        &mut client,
+        &mut up,
+    )
+    .await;
 }
 
 /// Both directions of a logged-in (or logging-in) session until one ends, then the closing reply.
