@@ -125,7 +125,7 @@ impl Conn {
                 match read(&mut self.client, scratch, &mut self.client_r) {
                     Ok(Some(0)) => return Some(Ending::Frontend(Ok(FrontendEnd::Eof))),
                     Ok(Some(n)) => {
-                        if let Some(end) = self.from_client(&scratch[..n]) {
+                        if let Some(end) = self.client_sent(&scratch[..n]) {
                             return Some(end);
                         }
                         progress = true;
@@ -138,7 +138,7 @@ impl Conn {
                 match read(&mut self.upstream, scratch, &mut self.upstream_r) {
                     Ok(Some(0)) => return Some(Ending::Backend(Ok(BackendEnd::Eof))),
                     Ok(Some(n)) => {
-                        if let Some(end) = self.from_upstream(&scratch[..n]) {
+                        if let Some(end) = self.upstream_sent(&scratch[..n]) {
                             return Some(end);
                         }
                         progress = true;
@@ -154,7 +154,7 @@ impl Conn {
     }
 
     /// Feeds bytes from the client (after any incomplete message kept from before) to the frontend direction.
-    fn from_client(&mut self, new: &[u8]) -> Option<Ending> {
+    fn client_sent(&mut self, new: &[u8]) -> Option<Ending> {
         let data: &[u8] = if self.from_client.is_empty() {
             new
         } else {
@@ -190,7 +190,7 @@ impl Conn {
     }
 
     /// Feeds bytes from the upstream to the backend direction.
-    fn from_upstream(&mut self, new: &[u8]) -> Option<Ending> {
+    fn upstream_sent(&mut self, new: &[u8]) -> Option<Ending> {
         let data: &[u8] = if self.from_upstream.is_empty() {
             new
         } else {
@@ -502,7 +502,7 @@ impl Worker {
                 let _entered = span.enter();
                 // Bytes the client sent after its startup packet, before the relay took over.
                 let leftover = std::mem::take(&mut conn.from_client);
-                match conn.from_client(&leftover) {
+                match conn.client_sent(&leftover) {
                     Some(end) => Some(end),
                     None => conn.pump(scratch),
                 }
