@@ -59,8 +59,9 @@ enum Cmd {
         /// enforce holds guarded statements; observe lets them run and records them [default: enforce].
         #[arg(long, value_enum)]
         mode: Option<stepgate::gate::Mode>,
-        /// Run sessions on N single-threaded runtimes (one thread each), connections handed out in turn;
-        /// 0 = on one multi-threaded runtime instead [default: one per CPU].
+        /// Run sessions on N workers (each a single-threaded runtime for startup, login and TLS, plus an
+        /// epoll relay thread for plain-TCP sessions), connections handed out in turn; 0 = every session as
+        /// an async task on one multi-threaded runtime instead [default: one per CPU].
         #[arg(long)]
         workers: Option<usize>,
         /// Classify and hold NOTHING, to measure the gate's own cost. Logs a warning and writes a

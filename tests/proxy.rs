@@ -563,6 +563,46 @@ async fn terminated_backend_reports_the_servers_error() {
 /// disappears without a word in the middle of a session. A scripted backend logs the client in, then
 /// closes its socket when the first query arrives.
 #[tokio::test]
+async fn a_client_that_sends_and_closes_ends_its_session_and_backend() {
+    let g = gate().await;
+    let app = "sends-then-closes";
+    let mut r = Raw::login(
+        g.addr,
+        &pg().user,
+        &pg().dbname,
+        &[("application_name", app.as_bytes())],
+    )
+    .await;
+    // A query and the end of the client's stream, back to back (usually one segment and one readiness
+    // event): the relay must see the end, not stop at the query.
+    use tokio::io::AsyncWriteExt;
+    r.stream.write_all(&raw::query(b"select 1")).await.unwrap();
+    r.stream.shutdown().await.unwrap();
+    r.until_closed().await;
+    let direct = pg().direct().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = direct
+            .query_one(
+                "select count(*) from pg_stat_activity where application_name = $1",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream backend outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    g.assert_healthy().await;
+}
+
+#[tokio::test]
 async fn upstream_vanishing_mid_session_is_reported() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fake = listener.local_addr().unwrap();

@@ -4,6 +4,9 @@
 //! is cancelled, then stops accepting and lets open sessions finish for up to `shutdown_timeout` before
 //! closing them with an error. Each connection holds one permit of a semaphore sized `max_connections`;
 //! a connection beyond it completes the startup handshake and is refused with SQLSTATE 53300.
+//!
+//! Threads: by default one worker per CPU, each a single-threaded runtime (startup, login, TLS sessions,
+//! the console) plus an epoll relay thread that carries its plain-TCP sessions ([`ServeOptions::workers`]).
 
 pub mod authz;
 mod console;
@@ -66,10 +69,12 @@ pub struct ServeOptions {
     pub config_path: Option<std::path::PathBuf>,
     /// Command-line flags, applied again on every reload.
     pub overrides: crate::config::Overrides,
-    /// Run sessions on this many single-threaded runtimes (one thread each), connections handed out in
-    /// turn. None (the default): one per CPU. `Some(0)`: on the runtime that calls [`Server::run`] (a
-    /// multi-threaded one under `stepgate serve`), which measured slower on small machines: a session's
-    /// wake-ups hop between threads (README "Performance").
+    /// Run sessions on this many workers, connections handed out in turn. A worker is a single-threaded
+    /// runtime plus an epoll relay thread: the runtime negotiates startup and login and runs TLS sessions,
+    /// the relay carries plain-TCP sessions. None (the default): one per CPU. `Some(0)`: every session as an
+    /// async task on the runtime that calls [`Server::run`] (a multi-threaded one under `stepgate serve`),
+    /// which measured slower: per round trip the runtime's wake-ups cost more CPU than the relaying itself
+    /// (README "Performance").
     pub workers: Option<usize>,
 }
 

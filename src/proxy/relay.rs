@@ -56,6 +56,9 @@ pub(super) struct Conn {
     deadline: Instant,
     /// Readiness as last reported and not yet used up: client/upstream readable/writable.
     client_r: bool,
+    /// The peer closed (or the socket failed): read until the end instead of stopping at a short read.
+    client_hup: bool,
+    upstream_hup: bool,
     client_w: bool,
     upstream_r: bool,
     upstream_w: bool,
@@ -92,6 +95,8 @@ impl Conn {
             state: Mutex::new(state),
             deadline,
             client_r: true,
+            client_hup: false,
+            upstream_hup: false,
             client_w: true,
             upstream_r: true,
             upstream_w: true,
@@ -122,7 +127,12 @@ impl Conn {
                 }
             }
             if self.to_upstream.is_empty() && self.client_r {
-                match read(&mut self.client, scratch, &mut self.client_r) {
+                match read(
+                    &mut self.client,
+                    scratch,
+                    &mut self.client_r,
+                    self.client_hup,
+                ) {
                     Ok(Some(0)) => return Some(Ending::Frontend(Ok(FrontendEnd::Eof))),
                     Ok(Some(n)) => {
                         if let Some(end) = self.client_sent(&scratch[..n]) {
@@ -135,7 +145,12 @@ impl Conn {
                 }
             }
             if self.to_client.is_empty() && self.upstream_r {
-                match read(&mut self.upstream, scratch, &mut self.upstream_r) {
+                match read(
+                    &mut self.upstream,
+                    scratch,
+                    &mut self.upstream_r,
+                    self.upstream_hup,
+                ) {
                     Ok(Some(0)) => return Some(Ending::Backend(Ok(BackendEnd::Eof))),
                     Ok(Some(n)) => {
                         if let Some(end) = self.upstream_sent(&scratch[..n]) {
@@ -286,12 +301,17 @@ fn flush(sock: &mut TcpStream, queue: &mut BytesMut, writable: &mut bool) -> io:
 
 /// One read: `Some(n)` bytes (0 at end of stream), `None` when nothing is there. A read that does not fill
 /// the buffer drained the socket: the next arrival raises a new edge, so the readiness is used up without a
-/// second, empty read.
-fn read(sock: &mut TcpStream, buf: &mut [u8], readable: &mut bool) -> io::Result<Option<usize>> {
+/// second, empty read — unless the peer's close was already reported (`hup`), which raises no further edge.
+fn read(
+    sock: &mut TcpStream,
+    buf: &mut [u8],
+    readable: &mut bool,
+    hup: bool,
+) -> io::Result<Option<usize>> {
     loop {
         match sock.read(buf) {
             Ok(n) => {
-                if n > 0 && n < buf.len() {
+                if n > 0 && n < buf.len() && !hup {
                     *readable = false;
                 }
                 return Ok(Some(n));
@@ -302,6 +322,21 @@ fn read(sock: &mut TcpStream, buf: &mut [u8], readable: &mut bool) -> io::Result
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// [`Conn::pump`], with a panic (a bug) ending only this session.
+fn guarded_pump(conn: &mut Conn, scratch: &mut [u8]) -> Option<Ending> {
+    catch_panic(|| conn.pump(scratch))
+}
+
+fn catch_panic(f: impl FnOnce() -> Option<Ending>) -> Option<Ending> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(ended) => ended,
+        Err(_) => {
+            tracing::error!("relay: a panic while relaying; the session is closed");
+            Some(Ending::Internal)
         }
     }
 }
@@ -403,18 +438,21 @@ impl Worker {
                 let Some(Some((span, conn))) = self.slots.get_mut(slot) else {
                     continue;
                 };
-                let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                let hup = ev.is_read_closed() || ev.is_error();
+                let r = ev.is_readable() || hup;
                 let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
                 if ev.token().0 & 1 == 0 {
                     conn.client_r |= r;
+                    conn.client_hup |= hup;
                     conn.client_w |= w;
                 } else {
                     conn.upstream_r |= r;
+                    conn.upstream_hup |= hup;
                     conn.upstream_w |= w;
                 }
                 let ended = {
                     let _entered = span.enter();
-                    conn.pump(&mut scratch)
+                    guarded_pump(conn, &mut scratch)
                 };
                 if let Some(ending) = ended {
                     self.release(slot, ending);
@@ -502,9 +540,9 @@ impl Worker {
                 let _entered = span.enter();
                 // Bytes the client sent after its startup packet, before the relay took over.
                 let leftover = std::mem::take(&mut conn.from_client);
-                match conn.client_sent(&leftover) {
+                match catch_panic(|| conn.client_sent(&leftover)) {
                     Some(end) => Some(end),
-                    None => conn.pump(scratch),
+                    None => guarded_pump(&mut conn, scratch),
                 }
             }
         };

@@ -1,11 +1,11 @@
-//! One client connection: startup negotiation, the login relay, then the steady-state relay in both
-//! directions, until either side ends.
+//! One client connection: startup negotiation, the upstream connection, then the relay in both directions
+//! until either side ends, and the closing reply.
 //!
-//! Both directions run as two futures of one task, so a client that pipelines faster than it reads can never
-//! deadlock the proxy (each direction blocks only on its own socket). The frontend direction peeks every
-//! message header and forwards the original bytes; only the messages it must look at (Terminate, and before
-//! login the SASL initial response) are held until complete. The backend direction does the same for
-//! ReadyForQuery, authentication requests, BackendKeyData and errors.
+//! Plain-TCP sessions on a worker runtime are relayed by that worker's epoll relay ([`super::relay`]); this
+//! task waits for it and finishes the session. TLS sessions, and every session under `--workers 0`, are
+//! relayed here: both directions run as two futures of one task, so a client that pipelines faster than it
+//! reads can never deadlock the proxy (each direction blocks only on its own socket). Both relays drive the
+//! same sans-IO directions ([`super::flow`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -258,6 +258,8 @@ pub(super) enum Ending {
     Backend(Result<BackendEnd, std::io::Error>),
     LoginTimeout,
     Shutdown,
+    /// A bug in stepgate (a panic while relaying): this session ends, the others go on.
+    Internal,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -611,6 +613,10 @@ pub(super) async fn finish<CW, UW>(
         Ending::Shutdown => Some(ErrorReply::fatal(
             "57P01",
             "stepgate: terminating connection because stepgate is shutting down",
+        )),
+        Ending::Internal => Some(ErrorReply::fatal(
+            "XX000",
+            "stepgate: internal error while relaying; this session was closed (see stepgate's log)",
         )),
     };
     if let Some(reply) = reply {
