@@ -33,6 +33,9 @@ use super::Shared;
 
 /// Bytes asked of the kernel per read.
 const READ_CHUNK: usize = 64 * 1024;
+/// Reads one session may do per turn before the others on its relay get theirs (a bulk COPY does not
+/// starve them); a session that used its budget is pumped again after the next poll.
+const READS_PER_TURN: u32 = 16;
 const WAKER: Token = Token(usize::MAX);
 
 /// A session while the relay runs it, and what the task gets back when it ends.
@@ -62,6 +65,8 @@ pub(super) struct Conn {
     client_w: bool,
     upstream_r: bool,
     upstream_w: bool,
+    /// It used its turn's read budget with bytes left to read: pump it again without waiting for an edge.
+    more: bool,
     /// Why the session ended (set when the relay hands it back).
     pub ending: Option<Ending>,
     done: Option<oneshot::Sender<Box<Conn>>>,
@@ -100,6 +105,7 @@ impl Conn {
             client_w: true,
             upstream_r: true,
             upstream_w: true,
+            more: false,
             ending: None,
             done: Some(tx),
         });
@@ -108,7 +114,13 @@ impl Conn {
 
     /// Moves bytes both ways until nothing more can be done without waiting; `Some` when the session ended.
     fn pump(&mut self, scratch: &mut [u8]) -> Option<Ending> {
+        self.more = false;
+        let mut budget = READS_PER_TURN;
         loop {
+            if budget == 0 {
+                self.more = true;
+                return None;
+            }
             let mut progress = false;
             if !self.to_upstream.is_empty() && self.upstream_w {
                 match flush(
@@ -138,6 +150,7 @@ impl Conn {
                         if let Some(end) = self.client_sent(&scratch[..n]) {
                             return Some(end);
                         }
+                        budget -= 1;
                         progress = true;
                     }
                     Ok(None) => {}
@@ -156,6 +169,7 @@ impl Conn {
                         if let Some(end) = self.upstream_sent(&scratch[..n]) {
                             return Some(end);
                         }
+                        budget = budget.saturating_sub(1);
                         progress = true;
                     }
                     Ok(None) => {}
@@ -370,6 +384,7 @@ impl Handle {
                 free: Vec::new(),
                 by_id: std::collections::HashMap::new(),
                 logging_in: Vec::new(),
+                again: Vec::new(),
             }
             .run()
         })?;
@@ -412,6 +427,8 @@ struct Worker {
     by_id: std::collections::HashMap<u64, usize>,
     /// Sessions not logged in yet: (deadline, slot, id).
     logging_in: Vec<(Instant, usize, u64)>,
+    /// Sessions that used their turn with bytes left: (slot, id).
+    again: Vec<(usize, u64)>,
 }
 
 impl Worker {
@@ -419,7 +436,10 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         let mut scratch = vec![0u8; READ_CHUNK].into_boxed_slice();
         loop {
-            let timeout = self.check_deadlines();
+            let timeout = match self.check_deadlines() {
+                _ if !self.again.is_empty() => Some(std::time::Duration::ZERO),
+                t => t,
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -454,9 +474,21 @@ impl Worker {
                     let _entered = span.enter();
                     guarded_pump(conn, &mut scratch)
                 };
-                if let Some(ending) = ended {
-                    self.release(slot, ending);
+                self.settle(slot, ended);
+            }
+            for (slot, id) in std::mem::take(&mut self.again) {
+                let Some(Some((span, conn))) = self.slots.get_mut(slot) else {
+                    continue;
+                };
+                // Pumped again above in this round (an edge came), or a new session in a reused slot.
+                if conn.id != id || !conn.more {
+                    continue;
                 }
+                let ended = {
+                    let _entered = span.enter();
+                    guarded_pump(conn, &mut scratch)
+                };
+                self.settle(slot, ended);
             }
         }
     }
@@ -547,8 +579,20 @@ impl Worker {
             }
         };
         self.slots[slot] = Some((span, conn));
-        if let Some(ending) = ended {
-            self.release(slot, ending);
+        self.settle(slot, ended);
+    }
+
+    /// After a turn: gives back a session that ended, or queues another turn for one that used its budget.
+    fn settle(&mut self, slot: usize, ended: Option<Ending>) {
+        match ended {
+            Some(ending) => self.release(slot, ending),
+            None => {
+                if let Some(Some((_, conn))) = self.slots.get(slot) {
+                    if conn.more {
+                        self.again.push((slot, conn.id));
+                    }
+                }
+            }
         }
     }
 
