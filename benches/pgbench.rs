@@ -9,10 +9,10 @@
 //!
 //! Run: `cargo bench --bench pgbench` (env: BENCH_ROUNDS [7], BENCH_SECONDS [5], BENCH_CLIENTS [8],
 //! BENCH_SCENARIOS [all, comma-separated], BENCH_NO_PGBOUNCER to leave pgbouncer out, BENCH_RUNTIME=current
-//! for a single-threaded main runtime, BENCH_WORKERS=N for N single-threaded worker runtimes as `serve --workers`
-//! [default: one per CPU; 0 runs sessions on the main runtime], BENCH_HOLD to start the
-//! targets, print their addresses and wait for Enter, for profiling). Everything is local (127.0.0.1); a throwaway PostgreSQL is started and
-//! removed.
+//! for a single-threaded main runtime, BENCH_WORKERS=N for N workers (a single-threaded runtime plus an
+//! epoll relay each) as `serve --workers` [default: one per CPU; 0 runs sessions as async tasks on the main
+//! runtime], BENCH_HOLD to start the targets, print their addresses and wait for Enter, for profiling).
+//! Everything is local (127.0.0.1); a throwaway PostgreSQL is started and removed.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -87,6 +87,14 @@ struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// A server dropped before it finished (its runtime shut down under it) still ends its worker threads; the
+/// relays end when their last handle goes.
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 impl Workers {
     fn start(n: usize) -> std::io::Result<Workers> {
         let stop = CancellationToken::new();
@@ -465,12 +473,12 @@ impl Server {
         if let Some(t) = metrics_task {
             t.abort();
         }
-        if let Some(w) = workers {
+        if let Some(mut w) = workers {
             w.stop.cancel();
             for r in &w.relays {
                 r.stop();
             }
-            let threads = w.threads;
+            let threads = std::mem::take(&mut w.threads);
             let _ = tokio::task::spawn_blocking(move || {
                 for t in threads {
                     let _ = t.join();

@@ -363,11 +363,22 @@ enum Command {
     Stop,
 }
 
-/// Sends work to one relay thread.
+/// Sends work to one relay thread. When the last handle goes (the server is dropped, however it ended), the
+/// thread is told to stop.
 #[derive(Clone)]
-pub(super) struct Handle {
+pub(super) struct Handle(Arc<Inner>);
+
+struct Inner {
     tx: mpsc::Sender<Command>,
     waker: Arc<Waker>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.tx.send(Command::Stop).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
 }
 
 impl Handle {
@@ -376,9 +387,13 @@ impl Handle {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
+        // The thread keeps the waker too: closing its eventfd would drop a wake-up already signalled (a Stop
+        // sent just before the last handle went) and leave the thread in epoll_wait for good.
+        let kept = waker.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             Worker {
                 poll,
+                _waker: kept,
                 rx,
                 slots: Vec::new(),
                 free: Vec::new(),
@@ -388,39 +403,41 @@ impl Handle {
             }
             .run()
         })?;
-        Ok((Handle { tx, waker }, thread))
+        Ok((Handle(Arc::new(Inner { tx, waker })), thread))
     }
 
     /// Hands a session over; gives it back when the relay thread is gone.
     pub fn adopt(&self, conn: Box<Conn>) -> Result<(), Box<Conn>> {
         let span = tracing::Span::current();
-        self.tx
+        self.0
+            .tx
             .send(Command::Adopt(span, conn))
             .map_err(|e| match e.0 {
                 Command::Adopt(_, conn) => conn,
                 _ => unreachable!("sent an Adopt"),
             })?;
-        let _ = self.waker.wake();
+        let _ = self.0.waker.wake();
         Ok(())
     }
 
     /// Ends a session with [`Ending::Shutdown`].
     pub fn close(&self, id: u64) {
-        if self.tx.send(Command::Close(id)).is_ok() {
-            let _ = self.waker.wake();
+        if self.0.tx.send(Command::Close(id)).is_ok() {
+            let _ = self.0.waker.wake();
         }
     }
 
     /// Ends the thread; sessions still on it are dropped (their tasks see the relay gone).
     pub fn stop(&self) {
-        if self.tx.send(Command::Stop).is_ok() {
-            let _ = self.waker.wake();
+        if self.0.tx.send(Command::Stop).is_ok() {
+            let _ = self.0.waker.wake();
         }
     }
 }
 
 struct Worker {
     poll: Poll,
+    _waker: Arc<Waker>,
     rx: mpsc::Receiver<Command>,
     slots: Vec<Option<(tracing::Span, Box<Conn>)>>,
     free: Vec<usize>,
@@ -530,7 +547,13 @@ impl Worker {
 
     /// Runs queued commands; false on Stop.
     fn commands(&mut self, scratch: &mut [u8]) -> bool {
-        while let Ok(cmd) = self.rx.try_recv() {
+        loop {
+            let cmd = match self.rx.try_recv() {
+                Ok(cmd) => cmd,
+                Err(mpsc::TryRecvError::Empty) => return true,
+                // Every handle is gone (Inner's Drop sent a Stop first; this is the belt to its braces).
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            };
             match cmd {
                 Command::Adopt(span, conn) => self.adopt(span, conn, scratch),
                 Command::Close(id) => {
@@ -541,7 +564,6 @@ impl Worker {
                 Command::Stop => return false,
             }
         }
-        true
     }
 
     fn adopt(&mut self, span: tracing::Span, mut conn: Box<Conn>, scratch: &mut [u8]) {
@@ -611,5 +633,42 @@ impl Worker {
             // The task may be gone (runtime shutting down): then dropping the sockets closes them.
             let _ = done.send(conn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Waits up to 5 s for a relay thread to end.
+    fn ends(thread: std::thread::JoinHandle<()>) -> bool {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = thread.join();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5)).is_ok()
+    }
+
+    #[test]
+    fn a_stop_sent_just_before_the_last_handle_goes_still_ends_the_thread() {
+        // The thread has usually not reached epoll_wait yet when the handle goes: the wake-up must survive.
+        for _ in 0..20 {
+            let (handle, thread) = Handle::start("relay-test".into()).unwrap();
+            handle.stop();
+            drop(handle);
+            assert!(ends(thread), "the relay thread did not stop");
+        }
+    }
+
+    #[test]
+    fn dropping_every_handle_ends_the_thread() {
+        let (handle, thread) = Handle::start("relay-test".into()).unwrap();
+        let other = handle.clone();
+        drop(handle);
+        std::thread::sleep(Duration::from_millis(20));
+        drop(other);
+        assert!(ends(thread), "the relay thread outlived its handles");
     }
 }
