@@ -149,12 +149,8 @@ impl Frontend {
                         _ if logged_in => {
                             let (state, ctx) = gate.get();
                             if let Action::Replace(replacement) = state.on_frontend(ctx, tag, msg) {
-                                if ready > start {
-                                    emit(&data[start..ready]);
-                                }
-                                emit(&replacement);
-                                ready += len;
-                                start = ready;
+                                ready =
+                                    substitute(emit, data, &mut start, ready, len, &replacement);
                                 continue;
                             }
                         }
@@ -169,9 +165,7 @@ impl Frontend {
                 Step::Pass(n) => ready += n,
             }
         }
-        if ready > start {
-            emit(&data[start..ready]);
-        }
+        emit_range(emit, data, start, ready);
         if terminate {
             flags.client_terminated.store(true, Ordering::Release);
         }
@@ -235,9 +229,7 @@ impl Backend {
                             // A token from the startup packet counts only once the server accepted the login.
                             let (state, ctx) = gate.get();
                             if let Err(fatal) = state.on_login(ctx) {
-                                if ready > start {
-                                    emit(&data[start..ready]);
-                                }
+                                emit_range(emit, data, start, ready);
                                 emit(&fatal.to_bytes());
                                 flags.upstream_fatal.store(true, Ordering::Release);
                                 return Ok((data.len(), true));
@@ -253,12 +245,14 @@ impl Backend {
                                     frame::sasl_without_channel_binding(body)
                                 };
                                 if let Some(replacement) = rewritten {
-                                    if ready > start {
-                                        emit(&data[start..ready]);
-                                    }
-                                    emit(&replacement);
-                                    ready += len;
-                                    start = ready;
+                                    ready = substitute(
+                                        emit,
+                                        data,
+                                        &mut start,
+                                        ready,
+                                        len,
+                                        &replacement,
+                                    );
                                     continue;
                                 }
                             }
@@ -279,12 +273,7 @@ impl Backend {
                         let msg = &data[ready..ready + len];
                         let (state, ctx) = gate.get();
                         if let Action::Replace(replacement) = state.on_backend(ctx, tag, msg) {
-                            if ready > start {
-                                emit(&data[start..ready]);
-                            }
-                            emit(&replacement);
-                            ready += len;
-                            start = ready;
+                            ready = substitute(emit, data, &mut start, ready, len, &replacement);
                             continue;
                         }
                     }
@@ -294,11 +283,32 @@ impl Backend {
                 Step::Pass(n) => ready += n,
             }
         }
-        if ready > start {
-            emit(&data[start..ready]);
-        }
+        emit_range(emit, data, start, ready);
         Ok((ready, login_failed))
     }
+}
+
+/// Emits `data[start..end]` unless it is empty.
+fn emit_range(emit: &mut impl FnMut(&[u8]), data: &[u8], start: usize, end: usize) {
+    if end > start {
+        emit(&data[start..end]);
+    }
+}
+
+/// Emits what was scanned since `*start` up to the message at `at`, then `replacement` instead of that
+/// message (`len` bytes); returns where scanning resumes, which is also where the next emitted run starts.
+fn substitute(
+    emit: &mut impl FnMut(&[u8]),
+    data: &[u8],
+    start: &mut usize,
+    at: usize,
+    len: usize,
+    replacement: &[u8],
+) -> usize {
+    emit_range(emit, data, *start, at);
+    emit(replacement);
+    *start = at + len;
+    *start
 }
 
 /// True when an ErrorResponse body has severity FATAL or PANIC.

@@ -182,79 +182,72 @@ impl Conn {
         }
     }
 
-    /// Feeds bytes from the client (after any incomplete message kept from before) to the frontend direction.
+    /// Feeds bytes from the client to the frontend direction, whose output goes upstream.
     fn client_sent(&mut self, new: &[u8]) -> Option<Ending> {
-        let data: &[u8] = if self.from_client.is_empty() {
-            new
-        } else {
-            self.from_client.extend_from_slice(new);
-            &self.from_client
-        };
         let mut failed = None;
-        let fed = self
-            .frontend
-            .feed(data, &self.flags, &self.shared, &self.state, &mut |bytes| {
-                send(
-                    &mut self.upstream,
-                    &mut self.to_upstream,
-                    &mut self.upstream_w,
-                    &mut failed,
-                    bytes,
-                )
-            });
-        let kept_from_new = self.from_client.is_empty();
+        let fed = feed_kept(&mut self.from_client, new, |data| {
+            self.frontend
+                .feed(data, &self.flags, &self.shared, &self.state, &mut |bytes| {
+                    send(
+                        &mut self.upstream,
+                        &mut self.to_upstream,
+                        &mut self.upstream_w,
+                        &mut failed,
+                        bytes,
+                    )
+                })
+        });
         match (fed, failed) {
             (Err(e), _) => Some(Ending::Frontend(Err(e))),
             (Ok(_), Some(e)) => Some(Ending::Frontend(Err(FrontendError::UpstreamIo(e)))),
-            (Ok((_, true)), None) => Some(Ending::Frontend(Ok(FrontendEnd::Terminate))),
-            (Ok((used, false)), None) => {
-                if kept_from_new {
-                    self.from_client.extend_from_slice(&new[used..]);
-                } else {
-                    self.from_client.advance(used);
-                }
-                None
-            }
+            (Ok(true), None) => Some(Ending::Frontend(Ok(FrontendEnd::Terminate))),
+            (Ok(false), None) => None,
         }
     }
 
-    /// Feeds bytes from the upstream to the backend direction.
+    /// Feeds bytes from the upstream to the backend direction, whose output goes to the client.
     fn upstream_sent(&mut self, new: &[u8]) -> Option<Ending> {
-        let data: &[u8] = if self.from_upstream.is_empty() {
-            new
-        } else {
-            self.from_upstream.extend_from_slice(new);
-            &self.from_upstream
-        };
         let mut failed = None;
-        let fed = self
-            .backend
-            .feed(data, &self.flags, &self.shared, &self.state, &mut |bytes| {
-                send(
-                    &mut self.client,
-                    &mut self.to_client,
-                    &mut self.client_w,
-                    &mut failed,
-                    bytes,
-                )
-            });
-        let kept_from_new = self.from_upstream.is_empty();
+        let fed = feed_kept(&mut self.from_upstream, new, |data| {
+            self.backend
+                .feed(data, &self.flags, &self.shared, &self.state, &mut |bytes| {
+                    send(
+                        &mut self.client,
+                        &mut self.to_client,
+                        &mut self.client_w,
+                        &mut failed,
+                        bytes,
+                    )
+                })
+        });
         match (fed, failed) {
             (Err(e), _) => Some(Ending::Backend(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 e,
             )))),
             (Ok(_), Some(e)) => Some(Ending::Backend(Err(e))),
-            (Ok((_, true)), None) => Some(Ending::Backend(Ok(BackendEnd::LoginFailed))),
-            (Ok((used, false)), None) => {
-                if kept_from_new {
-                    self.from_upstream.extend_from_slice(&new[used..]);
-                } else {
-                    self.from_upstream.advance(used);
-                }
-                None
-            }
+            (Ok(true), None) => Some(Ending::Backend(Ok(BackendEnd::LoginFailed))),
+            (Ok(false), None) => None,
         }
+    }
+}
+
+/// Feeds `new` to a direction — after the incomplete message `kept` from earlier reads, if any (copied only
+/// then) — and keeps what it did not consume for the next read.
+fn feed_kept<T, E>(
+    kept: &mut BytesMut,
+    new: &[u8],
+    feed: impl FnOnce(&[u8]) -> Result<(usize, T), E>,
+) -> Result<T, E> {
+    if kept.is_empty() {
+        let (used, out) = feed(new)?;
+        kept.extend_from_slice(&new[used..]);
+        Ok(out)
+    } else {
+        kept.extend_from_slice(new);
+        let (used, out) = feed(kept)?;
+        kept.advance(used);
+        Ok(out)
     }
 }
 
