@@ -1,7 +1,8 @@
 //! End-to-end: pgbench straight to PostgreSQL, through stepgate (enforce mode, every session holding a
 //! verified token from PGOPTIONS), through the same proxy with the gate switched off (`--unsafe-no-gate`),
-//! and through pgbouncer (session mode, when installed), in one run with the order of the targets rotating
-//! every round, reported as the median ratio to direct with the spread.
+//! and through pgbouncer (session mode; installed with apt-get when missing, where the system has it), in
+//! one run with the order of the targets rotating every round, reported as the median ratio to direct with
+//! the spread.
 //!
 //! Scenarios: `select-only-simple` (`-S -c 8`, simple protocol: every transaction a different literal),
 //! `select-only-prepared` (`-S -c 8 -M prepared`), `latency-c1` (`-S -c 1`: added µs per round trip) and
@@ -108,10 +109,42 @@ fn token_policy(config: &mut Config) -> String {
     format!("-c stepgate.token={}", stepgate::token::cli::pack(&signed))
 }
 
+const PGBOUNCER_PATHS: [&str; 2] = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"];
+
+/// The pgbouncer binary; when missing and the system has apt-get and we are root, installs the package first.
+fn pgbouncer_binary() -> Option<&'static str> {
+    let find = || {
+        PGBOUNCER_PATHS
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+    };
+    if let Some(bin) = find() {
+        return Some(bin);
+    }
+    if !stepgate::devdb::is_root() || !std::path::Path::new("/usr/bin/apt-get").exists() {
+        return None;
+    }
+    eprintln!("pgbouncer is not installed: apt-get install pgbouncer");
+    let installed = Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "pgbouncer",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        eprintln!("apt-get install pgbouncer failed");
+    }
+    find()
+}
+
 fn start_pgbouncer(db: &DevDb, dir: &std::path::Path) -> Option<(Child, u16)> {
-    let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())?;
+    let bin = pgbouncer_binary()?;
     let port = free_port();
     let ini = dir.join("pgbouncer.ini");
     std::fs::write(dir.join("userlist.txt"), format!("\"{SUPERUSER}\" \"\"\n")).ok()?;
@@ -132,12 +165,7 @@ fn start_pgbouncer(db: &DevDb, dir: &std::path::Path) -> Option<(Child, u16)> {
         .arg(dir)
         .status();
     let mut cmd = Command::new(bin);
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.trim_ascii() == b"0")
-        .unwrap_or(false);
-    if is_root {
+    if stepgate::devdb::is_root() {
         cmd.args(["-u", "postgres"]);
     }
     let child = cmd

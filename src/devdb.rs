@@ -88,14 +88,17 @@ fn find_bin_dir() -> Result<PathBuf, DevDbError> {
     candidates.pop().ok_or(DevDbError::Missing("initdb"))
 }
 
-/// uid and gid of the `postgres` user when running as root; None otherwise.
-fn run_as() -> Result<Option<(u32, u32)>, DevDbError> {
-    let is_root = Command::new("id")
+/// True when this process runs as root (then servers are started as the `postgres` user).
+pub fn is_root() -> bool {
+    Command::new("id")
         .arg("-u")
         .output()
-        .map(|o| o.stdout.trim_ascii() == b"0")
-        .unwrap_or(false);
-    if !is_root {
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// uid and gid of the `postgres` user when running as root; None otherwise.
+fn run_as() -> Result<Option<(u32, u32)>, DevDbError> {
+    if !is_root() {
         return Ok(None);
     }
     let passwd = fs::read_to_string("/etc/passwd").map_err(io("reading /etc/passwd"))?;
