@@ -424,6 +424,16 @@ fn relays_holds_and_stops(args: &[&str], workers: usize) {
         &[],
     );
     assert!(!ok && err.contains("statement held (destructive)"), "{err}");
+    // The log line names the session it came from, on the epoll relay as on the async path.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let named = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("statement held") && l.contains("session{id="))
+    };
+    while !named(&s.log()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(named(&s.log()), "{args:?}: {}", s.log());
     s.signal("-TERM");
     let status = s.child.wait().unwrap();
     assert!(status.success(), "{status:?}");

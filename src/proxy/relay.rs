@@ -334,14 +334,18 @@ fn read(
 }
 
 /// [`Conn::pump`], with a panic (a bug) ending only this session.
-fn guarded_pump(conn: &mut Conn, scratch: &mut [u8]) -> Option<Ending> {
-    catch_panic(|| conn.pump(scratch))
+///
+/// The session's span is not entered here: entering it on every wake-up cost more than the gate's fast
+/// path, and the session state enters it on the paths that log.
+fn guarded_pump(conn: &mut Conn, scratch: &mut [u8], span: &tracing::Span) -> Option<Ending> {
+    catch_panic(span, || conn.pump(scratch))
 }
 
-fn catch_panic(f: impl FnOnce() -> Option<Ending>) -> Option<Ending> {
+fn catch_panic(span: &tracing::Span, f: impl FnOnce() -> Option<Ending>) -> Option<Ending> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(ended) => ended,
         Err(_) => {
+            let _log = span.enter();
             tracing::error!("relay: a panic while relaying; the session is closed");
             Some(Ending::Internal)
         }
@@ -480,10 +484,7 @@ impl Worker {
                     conn.upstream_hup |= hup;
                     conn.upstream_w |= w;
                 }
-                let ended = {
-                    let _entered = span.enter();
-                    guarded_pump(conn, &mut scratch)
-                };
+                let ended = guarded_pump(conn, &mut scratch, span);
                 self.settle(slot, ended);
             }
             for (slot, id) in std::mem::take(&mut self.again) {
@@ -494,10 +495,7 @@ impl Worker {
                 if conn.id != id || !conn.more {
                     continue;
                 }
-                let ended = {
-                    let _entered = span.enter();
-                    guarded_pump(conn, &mut scratch)
-                };
+                let ended = guarded_pump(conn, &mut scratch, span);
                 self.settle(slot, ended);
             }
         }
@@ -584,12 +582,11 @@ impl Worker {
         let ended = match registered {
             Err(e) => Some(Ending::Backend(Err(e))),
             Ok(()) => {
-                let _entered = span.enter();
                 // Bytes the client sent after its startup packet, before the relay took over.
                 let leftover = std::mem::take(&mut conn.from_client);
-                match catch_panic(|| conn.client_sent(&leftover)) {
+                match catch_panic(&span, || conn.client_sent(&leftover)) {
                     Some(end) => Some(end),
-                    None => guarded_pump(&mut conn, scratch),
+                    None => guarded_pump(&mut conn, scratch, &span),
                 }
             }
         };

@@ -219,6 +219,10 @@ pub struct SessionState {
     outcome_pending: Vec<Reservation>,
     /// The current transaction failed or was rolled back (its authorized statements are undone).
     txn_failed: bool,
+    /// The session's tracing span (current when the state was made). The relay does not enter it on every
+    /// wake-up (that would cost more than the gate's fast path): the paths that log or write audit records
+    /// enter it themselves (`let _log = self.span.enter()`), so every log line still names its session.
+    span: tracing::Span,
 }
 
 /// The metrics outcome of a decision.
@@ -419,6 +423,7 @@ impl SessionState {
             batch: 0,
             skip_until_sync: false,
             txn_status: b'I',
+            span: tracing::Span::current(),
         }
     }
 
@@ -432,6 +437,7 @@ impl SessionState {
         let Some(raw) = self.startup_token.take() else {
             return Ok(());
         };
+        let _log = self.span.enter();
         match ctx.verify_token(raw.as_bytes(), &self.session, &self.rule) {
             Ok(tok) => {
                 ctx.token_activated(&self.session, &tok);
@@ -528,6 +534,7 @@ impl SessionState {
         if let Some(Denied::AuditUnavailable) = denied {
             return Self::audit_unavailable();
         }
+        let _log = self.span.enter();
         let why = denied.and_then(Denied::describe);
         let statements = if info.statements.is_empty() {
             vec![(String::new(), sql.to_string())]
@@ -586,7 +593,8 @@ impl SessionState {
         )
     }
 
-    fn mention_refusal() -> ErrorReply {
+    fn mention_refusal(&self) -> ErrorReply {
+        let _log = self.span.enter();
         tracing::warn!("refused a statement that names a stepgate setting");
         ErrorReply::error("42501", "stepgate: statement refused: it names a stepgate setting")
             .with_detail("stepgate settings are changed only with SET stepgate.<name> = '…', RESET stepgate.<name> and SHOW stepgate.<name>; other spellings never reach the server")
@@ -784,6 +792,7 @@ impl SessionState {
                     }
                     let (shown, token) = if name == "stepgate.token" {
                         // Verified now, so a bad token fails the SET itself; the server sees only its id.
+                        let _log = self.span.enter();
                         let tok = ctx
                             .verify_token(value.as_bytes(), &self.session, &self.rule)
                             .map_err(|reason| Refused::Token(rejection(&reason, false)))?;
@@ -951,6 +960,7 @@ impl SessionState {
         if grants.iter().all(|g| g.token.is_none()) {
             return (Vec::new(), Some(Denied::NoToken));
         }
+        let _log = self.span.enter();
         match ctx.authorize(&self.session, &self.rule, grants, class) {
             Ok(r) => (r, None),
             Err(d) => {
@@ -983,7 +993,7 @@ impl SessionState {
         match analysis {
             Err(Refused::Mention) => {
                 ctx.metrics.statement(Class::Privileged, Outcome::Held);
-                self.refuse_query(ctx, Self::mention_refusal())
+                self.refuse_query(ctx, self.mention_refusal())
             }
             Err(Refused::Token(err)) => {
                 ctx.metrics.statement(Class::Session, Outcome::Held);
@@ -1058,7 +1068,8 @@ impl SessionState {
         match self.analyze(ctx, query, &mut local) {
             Err(Refused::Mention) => {
                 // Never forwarded: a Parse of invalid SQL makes the server fail here instead.
-                push(self, StmtInfo::unknown(""), Some(Self::mention_refusal()));
+                let refusal = self.mention_refusal();
+                push(self, StmtInfo::unknown(""), Some(refusal));
                 Action::Replace(build::parse(&name, ctx.refusal_name.as_bytes()))
             }
             Err(Refused::Token(err)) => {
@@ -1261,6 +1272,7 @@ impl SessionState {
             Effect::None => {}
             Effect::SetStepgate { name, value, token } => {
                 if let Some(tok) = token {
+                    let _log = self.span.enter();
                     ctx.token_activated(&self.session, &tok);
                     self.token = Some(tok);
                 }
@@ -1297,6 +1309,7 @@ impl SessionState {
         if reservations.is_empty() {
             return;
         }
+        let _log = self.span.enter();
         let tag = cstr(body)
             .map(|(t, _)| String::from_utf8_lossy(t).into_owned())
             .unwrap_or_default();
@@ -1308,6 +1321,10 @@ impl SessionState {
 
     /// Records how the transaction of the authorized statements that ran in it ended.
     fn settle(&mut self, ctx: &GateContext, committed: bool) {
+        if self.outcome_pending.is_empty() {
+            return;
+        }
+        let _log = self.span.enter();
         for r in std::mem::take(&mut self.outcome_pending) {
             ctx.outcome(&self.session, &r, committed);
         }
@@ -1321,6 +1338,10 @@ impl SessionState {
 
     /// Gives back the reservations of statements the server did not run.
     fn release(&self, ctx: &GateContext, reservations: Vec<Reservation>, why: &str) {
+        if reservations.is_empty() {
+            return;
+        }
+        let _log = self.span.enter();
         for r in reservations {
             ctx.released(&self.session, &r, why);
         }
