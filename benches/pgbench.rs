@@ -8,20 +8,21 @@
 //! `select-only-prepared` (`-S -c 8 -M prepared`), `latency-c1` (`-S -c 1`: added µs per round trip) and
 //! `tpcb` (the default TPC-B-like script, `-c 8`: writes).
 //!
+//! The proxies are the real programs, started afresh every round (`stepgate serve`, as built with this bench,
+//! logging to a file as it does in production; pgbouncer), so that no target keeps a lucky or unlucky thread
+//! placement for a whole run.
+//!
 //! Run: `cargo bench --bench pgbench` (env: BENCH_ROUNDS [7], BENCH_SECONDS [5], BENCH_CLIENTS [8],
-//! BENCH_SCENARIOS [all, comma-separated], BENCH_NO_PGBOUNCER to leave pgbouncer out, BENCH_RUNTIME=current
-//! for a single-threaded main runtime, BENCH_WORKERS=N for N workers (a single-threaded runtime plus an
-//! epoll relay each) as `serve --workers` [default: one per CPU; 0 runs sessions as async tasks on the main
-//! runtime], BENCH_HOLD to start the targets, print their addresses and wait for Enter, for profiling).
+//! BENCH_SCENARIOS [all, comma-separated], BENCH_NO_PGBOUNCER to leave pgbouncer out, BENCH_WORKERS=N passed
+//! as `stepgate serve --workers N` [default: one per two CPUs; 0 runs sessions as async tasks on the main
+//! runtime], BENCH_HOLD to start the targets once, print their addresses and wait for Enter, for profiling).
 //! Everything is local (127.0.0.1); a throwaway PostgreSQL is started and removed.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use stepgate::config::Config;
 use stepgate::devdb::{free_port, DevDb, DevDbOptions, SUPERUSER};
-use stepgate::proxy::{ServeOptions, Server};
-use tokio_util::sync::CancellationToken;
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -68,22 +69,24 @@ fn run(port: u16, args: &[&str], clients: u64, seconds: u64, options: Option<&st
 }
 
 /// A token for database `bench` signed by the test key alice (fixtures/keys), as `stepgate token pack` prints
-/// it, and the policy that trusts it: every stepgate session of the benchmark holds a verified token.
-fn token_policy(config: &mut Config) -> String {
+/// it, and the configuration that trusts it (written to `config`): every stepgate session of the benchmark
+/// holds a verified token.
+fn token_policy(config: &Path) -> String {
     use sequoia_openpgp::parse::Parse;
-    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/keys");
+    let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/keys");
     let fingerprint = std::fs::read_to_string(keys.join("fingerprints.txt"))
         .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix("alice ").map(str::to_string))
         .unwrap();
-    config.keyring = Some(keys.join("keyring"));
-    config.signers = vec![stepgate::token::SignerPolicy {
-        name: "alice".into(),
-        fingerprint,
-        databases: vec!["*".into()],
-        classes: stepgate::classify::Class::DEFAULT_GUARDED.to_vec(),
-    }];
+    std::fs::write(
+        config,
+        format!(
+            "keyring = {:?}\n\n[[signer]]\nname = \"alice\"\nfingerprint = \"{fingerprint}\"\n",
+            keys.join("keyring").display().to_string()
+        ),
+    )
+    .unwrap();
     let sql = "DROP TABLE pgbench_history";
     let payload = stepgate::token::Payload {
         id: stepgate::token::cli::new_uuid(),
@@ -143,6 +146,56 @@ fn pgbouncer_binary() -> Option<&'static str> {
     find()
 }
 
+/// Waits until something accepts connections on the port; false after 15 s.
+fn wait_listening(port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// `stepgate serve` (gate on, or off with `--unsafe-no-gate`) as its own process, logging to a file in `dir`.
+fn start_stepgate(db: &DevDb, config: &Path, dir: &Path, gate: bool) -> (Child, u16) {
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("stepgate.log")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stepgate"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream", &db.addr()])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    if !gate {
+        cmd.arg("--unsafe-no-gate");
+    }
+    if let Ok(n) = std::env::var("BENCH_WORKERS") {
+        cmd.args(["--workers", &n]);
+    }
+    let mut child = cmd.spawn().expect("stepgate serve starts");
+    if !wait_listening(port) {
+        let _ = child.kill();
+        panic!(
+            "stepgate serve did not start: {}",
+            std::fs::read_to_string(dir.join("stepgate.log")).unwrap_or_default()
+        );
+    }
+    (child, port)
+}
+
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn start_pgbouncer(db: &DevDb, dir: &std::path::Path) -> Option<(Child, u16)> {
     let bin = pgbouncer_binary()?;
     let port = free_port();
@@ -168,13 +221,16 @@ fn start_pgbouncer(db: &DevDb, dir: &std::path::Path) -> Option<(Child, u16)> {
     if stepgate::devdb::is_root() {
         cmd.args(["-u", "postgres"]);
     }
-    let child = cmd
+    let mut child = cmd
         .arg(&ini)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    std::thread::sleep(Duration::from_millis(500));
+    if !wait_listening(port) {
+        stop(&mut child);
+        return None;
+    }
     Some((child, port))
 }
 
@@ -223,108 +279,111 @@ fn main() {
         String::from_utf8_lossy(&init.stderr)
     );
 
-    // The proxy runs on its own thread, on the runtime `stepgate serve` uses (BENCH_RUNTIME=current tries a
-    // single-threaded runtime instead).
-    let state = tempfile::tempdir().unwrap();
-    let shutdown = CancellationToken::new();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut server_config = Config {
-        listen: "127.0.0.1:0".into(),
-        upstream: db.addr(),
-        state_dir: state.path().join("state"),
-        ..Config::default()
-    };
-    let token_options = token_policy(&mut server_config);
-    let stop = shutdown.clone();
-    let proxy_thread = std::thread::spawn(move || {
-        let rt = if std::env::var("BENCH_RUNTIME").as_deref() == Ok("current") {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-        } else {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-        }
-        .unwrap();
-        rt.block_on(async move {
-            // The same proxy twice: with the gate (enforce mode) and with classification switched off.
-            let mut off_config = server_config.clone();
-            off_config.state_dir = off_config.state_dir.with_file_name("state-nogate");
-            let workers = std::env::var("BENCH_WORKERS")
-                .ok()
-                .and_then(|v| v.parse().ok());
-            let gated = Server::bind_with(
-                server_config,
-                ServeOptions {
-                    workers,
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-            let ungated = Server::bind_with(
-                off_config,
-                ServeOptions {
-                    unsafe_no_gate: true,
-                    workers,
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-            tx.send((gated.local_addr().port(), ungated.local_addr().port()))
-                .unwrap();
-            tokio::join!(gated.run(stop.clone()), ungated.run(stop));
-        });
-    });
-    let (sg_port, nogate_port) = rx.recv().unwrap();
-    let bouncer_dir = tempfile::tempdir().unwrap();
-    let bouncer = if std::env::var_os("BENCH_NO_PGBOUNCER").is_some() {
-        None
-    } else {
-        start_pgbouncer(&db, bouncer_dir.path())
-    };
-    let mut targets: Vec<(&str, u16)> = vec![
-        ("direct", db.port()),
-        ("stepgate", sg_port),
-        ("stepgate-nogate", nogate_port),
-    ];
-    if let Some((_, port)) = &bouncer {
-        targets.push(("pgbouncer", *port));
-    } else {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stepgate.toml");
+    let token_options = token_policy(&config);
+    let pgbouncer =
+        std::env::var_os("BENCH_NO_PGBOUNCER").is_none() && pgbouncer_binary().is_some();
+    if !pgbouncer {
         eprintln!("pgbouncer not installed or left out (BENCH_NO_PGBOUNCER): comparing direct and stepgate only");
     }
+    let targets = Targets {
+        db: &db,
+        config: &config,
+        dir: dir.path(),
+        pgbouncer,
+    };
 
     if std::env::var_os("BENCH_HOLD").is_some() {
         // For profiling: the targets stay up until Enter.
-        for (name, port) in &targets {
+        let mut up = targets.start();
+        for (name, port) in up.ports() {
             println!("{name} 127.0.0.1:{port}");
         }
         println!("PGOPTIONS='{token_options}'");
         println!("bench pid {}; press Enter to stop", std::process::id());
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
+        up.stop();
     } else {
         run_scenarios(&targets, &token_options, rounds, seconds, clients);
     }
-    shutdown.cancel();
-    let _ = proxy_thread.join();
-    if let Some((mut child, _)) = bouncer {
-        let _ = child.kill();
-        let _ = child.wait();
+}
+
+/// What every round starts afresh.
+struct Targets<'a> {
+    db: &'a DevDb,
+    config: &'a Path,
+    dir: &'a Path,
+    pgbouncer: bool,
+}
+
+/// The proxies of one round (direct needs none).
+struct Up {
+    ports: Vec<(&'static str, u16)>,
+    children: Vec<Child>,
+}
+
+impl Targets<'_> {
+    fn names(&self) -> Vec<&'static str> {
+        let mut names = vec!["direct", "stepgate", "stepgate-nogate"];
+        if self.pgbouncer {
+            names.push("pgbouncer");
+        }
+        names
+    }
+
+    fn start(&self) -> Up {
+        let mut up = Up {
+            ports: vec![("direct", self.db.port())],
+            children: Vec::new(),
+        };
+        for (name, gate) in [("stepgate", true), ("stepgate-nogate", false)] {
+            let dir = self.dir.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let (child, port) = start_stepgate(self.db, self.config, &dir, gate);
+            up.children.push(child);
+            up.ports.push((name, port));
+        }
+        if self.pgbouncer {
+            let dir = self.dir.join("pgbouncer");
+            std::fs::create_dir_all(&dir).unwrap();
+            let (child, port) = start_pgbouncer(self.db, &dir).expect("pgbouncer starts");
+            up.children.push(child);
+            up.ports.push(("pgbouncer", port));
+        }
+        up
+    }
+}
+
+impl Up {
+    fn ports(&self) -> Vec<(&'static str, u16)> {
+        self.ports.clone()
+    }
+
+    fn stop(&mut self) {
+        for child in &mut self.children {
+            stop(child);
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
 /// Every scenario, round by round, with the target order rotating; prints the tables and BENCH lines.
 fn run_scenarios(
-    targets: &[(&str, u16)],
+    targets: &Targets<'_>,
     token_options: &str,
     rounds: u64,
     seconds: u64,
     clients: u64,
 ) {
-    println!("{seconds} s per run, {rounds} rounds, target order rotating each round; stepgate sessions hold a verified token");
+    println!("{seconds} s per run, {rounds} rounds, target order rotating each round, proxies started afresh each round; stepgate sessions hold a verified token");
+    let names = targets.names();
     let scenarios: Vec<(&str, Vec<&str>, u64)> = vec![
         ("select-only-simple", vec!["-S", "-M", "simple"], clients),
         (
@@ -341,22 +400,25 @@ fn run_scenarios(
             continue;
         }
         println!("{scenario}: pgbench {} -c {clients}", args.join(" "));
-        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-        let mut tps_all: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-        let mut lat_all: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+        let mut tps_all: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+        let mut lat_all: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
         for round in 0..rounds {
+            let up = targets.start();
+            let ports = up.ports();
             // The order rotates every round, so no target always runs first or right after another.
-            let n = targets.len();
+            let n = ports.len();
             let mut got = vec![(0.0, 0.0); n];
             for k in 0..n {
                 let i = (k + round as usize) % n;
-                let (name, port) = targets[i];
+                let (name, port) = ports[i];
                 let options = name.starts_with("stepgate").then_some(token_options);
                 got[i] = run(port, &args, clients, seconds, options);
             }
+            drop(up);
             let direct = got[0].0;
             let mut line = format!("  round {}:", round + 1);
-            for (i, (name, _)) in targets.iter().enumerate() {
+            for (i, name) in names.iter().enumerate() {
                 let (t, lat) = got[i];
                 ratios[i].push(t / direct);
                 tps_all[i].push(t);
@@ -375,7 +437,7 @@ fn run_scenarios(
         println!("  gate on / gate off: median {m:.3} (spread {lo:.3}..{hi:.3})");
         println!("BENCH {{\"scenario\":\"{scenario}\",\"target\":\"gate-on/gate-off\",\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4}}}");
         let direct_latency = summary(&lat_all[0]).0;
-        for (i, (name, _)) in targets.iter().enumerate() {
+        for (i, name) in names.iter().enumerate() {
             let (m, lo, hi) = summary(&ratios[i]);
             let mt = summary(&tps_all[i]).0;
             let lat = summary(&lat_all[i]).0;

@@ -61,7 +61,7 @@ enum Cmd {
         mode: Option<stepgate::gate::Mode>,
         /// Run sessions on N workers (each a single-threaded runtime for startup, login and TLS, plus an
         /// epoll relay thread for plain-TCP sessions), connections handed out in turn; 0 = every session as
-        /// an async task on one multi-threaded runtime instead [default: one per CPU].
+        /// an async task on one multi-threaded runtime instead [default: one per two CPUs, at least one].
         #[arg(long)]
         workers: Option<usize>,
         /// Classify and hold NOTHING, to measure the gate's own cost. Logs a warning and writes a

@@ -391,11 +391,11 @@ fn docker_compose_wires_postgres_and_stepgate() {
 
 #[test]
 fn serve_relays_holds_and_stops_on_either_runtime_shape() {
-    let cpus = std::thread::available_parallelism().map_or(1, |p| p.get());
-    // Default: one single-threaded worker runtime per CPU; --workers 3: three; --workers 0: the
+    let default = stepgate::proxy::default_workers();
+    // Default: one worker per two CPUs (at least one); --workers 3: three; --workers 0: the
     // multi-threaded main runtime.
     for (args, workers) in [
-        (&[][..], cpus),
+        (&[][..], default),
         (&["--workers", "3"][..], 3),
         (&["--workers", "0"][..], 0),
     ] {
