@@ -4,6 +4,10 @@
 //! one run with the order of the targets rotating every round, reported as the median ratio to direct with
 //! the spread.
 //!
+//! Per target: the median of per-round ratios to direct (with the spread), the median of the latency each
+//! round added to direct's in the same round (µs per round trip), and for the proxies the CPU time (user +
+//! system, from `/proc/<pid>/stat`) their process spent per transaction.
+//!
 //! Scenarios: `select-only-simple` (`-S -c 8`, simple protocol: every transaction a different literal),
 //! `select-only-prepared` (`-S -c 8 -M prepared`), `latency-c1` (`-S -c 1`: added µs per round trip) and
 //! `tpcb` (the default TPC-B-like script, `-c 8`: writes).
@@ -31,8 +35,37 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// One pgbench run: (tps, average latency in ms).
-fn run(port: u16, args: &[&str], clients: u64, seconds: u64, options: Option<&str>) -> (f64, f64) {
+/// One pgbench run.
+struct Run {
+    tps: f64,
+    /// Average latency, ms.
+    latency: f64,
+    transactions: f64,
+    /// CPU time (user + system) the target's proxy process spent during the run, µs (None for direct).
+    cpu_us: Option<f64>,
+}
+
+/// User + system CPU time of a process and all its threads so far, µs (`/proc/<pid>/stat`, in USER_HZ
+/// ticks of 10 ms).
+fn cpu_us(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) start at the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) * 10_000.0)
+}
+
+fn run(
+    port: u16,
+    pid: Option<u32>,
+    args: &[&str],
+    clients: u64,
+    seconds: u64,
+    options: Option<&str>,
+) -> Run {
+    let cpu_before = pid.and_then(cpu_us);
     let mut cmd = Command::new("pgbench");
     cmd.args(["-n", "-h", "127.0.0.1", "-U", SUPERUSER])
         .args(args)
@@ -51,6 +84,7 @@ fn run(port: u16, args: &[&str], clients: u64, seconds: u64, options: Option<&st
         cmd.env("PGOPTIONS", o);
     }
     let out = cmd.output().expect("pgbench runs");
+    let cpu_after = pid.and_then(cpu_us);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -65,7 +99,12 @@ fn run(port: u16, args: &[&str], clients: u64, seconds: u64, options: Option<&st
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {prefix:?} line: {text}"))
     };
-    (number("tps = "), number("latency average = "))
+    Run {
+        tps: number("tps = "),
+        latency: number("latency average = "),
+        transactions: number("number of transactions actually processed: "),
+        cpu_us: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
+    }
 }
 
 /// A token for database `bench` signed by the test key alice (fixtures/keys), as `stepgate token pack` prints
@@ -297,7 +336,7 @@ fn main() {
     if std::env::var_os("BENCH_HOLD").is_some() {
         // For profiling: the targets stay up until Enter.
         let mut up = targets.start();
-        for (name, port) in up.ports() {
+        for (name, port, _) in up.ports() {
             println!("{name} 127.0.0.1:{port}");
         }
         println!("PGOPTIONS='{token_options}'");
@@ -320,7 +359,8 @@ struct Targets<'a> {
 
 /// The proxies of one round (direct needs none).
 struct Up {
-    ports: Vec<(&'static str, u16)>,
+    /// Name, port and the proxy's process id.
+    ports: Vec<(&'static str, u16, Option<u32>)>,
     children: Vec<Child>,
 }
 
@@ -335,29 +375,29 @@ impl Targets<'_> {
 
     fn start(&self) -> Up {
         let mut up = Up {
-            ports: vec![("direct", self.db.port())],
+            ports: vec![("direct", self.db.port(), None)],
             children: Vec::new(),
         };
         for (name, gate) in [("stepgate", true), ("stepgate-nogate", false)] {
             let dir = self.dir.join(name);
             std::fs::create_dir_all(&dir).unwrap();
             let (child, port) = start_stepgate(self.db, self.config, &dir, gate);
+            up.ports.push((name, port, Some(child.id())));
             up.children.push(child);
-            up.ports.push((name, port));
         }
         if self.pgbouncer {
             let dir = self.dir.join("pgbouncer");
             std::fs::create_dir_all(&dir).unwrap();
             let (child, port) = start_pgbouncer(self.db, &dir).expect("pgbouncer starts");
+            up.ports.push(("pgbouncer", port, Some(child.id())));
             up.children.push(child);
-            up.ports.push(("pgbouncer", port));
         }
         up
     }
 }
 
 impl Up {
-    fn ports(&self) -> Vec<(&'static str, u16)> {
+    fn ports(&self) -> Vec<(&'static str, u16, Option<u32>)> {
         self.ports.clone()
     }
 
@@ -402,28 +442,42 @@ fn run_scenarios(
         println!("{scenario}: pgbench {} -c {clients}", args.join(" "));
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
         let mut tps_all: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+        // Latency added per round trip, µs, against direct in the same round; proxy CPU per transaction.
+        let mut added_all: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+        let mut cpu_all: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
         let mut lat_all: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
         for round in 0..rounds {
             let up = targets.start();
             let ports = up.ports();
             // The order rotates every round, so no target always runs first or right after another.
             let n = ports.len();
-            let mut got = vec![(0.0, 0.0); n];
+            let mut got: Vec<Option<Run>> = (0..n).map(|_| None).collect();
             for k in 0..n {
                 let i = (k + round as usize) % n;
-                let (name, port) = ports[i];
+                let (name, port, pid) = ports[i];
                 let options = name.starts_with("stepgate").then_some(token_options);
-                got[i] = run(port, &args, clients, seconds, options);
+                got[i] = Some(run(port, pid, &args, clients, seconds, options));
             }
             drop(up);
-            let direct = got[0].0;
+            let got: Vec<Run> = got
+                .into_iter()
+                .map(|r| r.expect("every target ran"))
+                .collect();
+            let (direct, direct_latency) = (got[0].tps, got[0].latency);
             let mut line = format!("  round {}:", round + 1);
             for (i, name) in names.iter().enumerate() {
-                let (t, lat) = got[i];
+                let r = &got[i];
+                let t = r.tps;
                 ratios[i].push(t / direct);
                 tps_all[i].push(t);
-                lat_all[i].push(lat);
+                lat_all[i].push(r.latency);
+                added_all[i].push((r.latency - direct_latency) * 1000.0);
                 line.push_str(&format!("  {name} {t:.0} tps ({:.3})", t / direct));
+                if let Some(cpu) = r.cpu_us {
+                    let per_txn = cpu / r.transactions.max(1.0);
+                    cpu_all[i].push(per_txn);
+                    line.push_str(&format!(" {per_txn:.1} µs cpu"));
+                }
             }
             println!("{line}");
         }
@@ -436,14 +490,22 @@ fn run_scenarios(
         let (m, lo, hi) = summary(&gate_cost);
         println!("  gate on / gate off: median {m:.3} (spread {lo:.3}..{hi:.3})");
         println!("BENCH {{\"scenario\":\"{scenario}\",\"target\":\"gate-on/gate-off\",\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4}}}");
-        let direct_latency = summary(&lat_all[0]).0;
         for (i, name) in names.iter().enumerate() {
             let (m, lo, hi) = summary(&ratios[i]);
             let mt = summary(&tps_all[i]).0;
             let lat = summary(&lat_all[i]).0;
-            let added_us = (lat - direct_latency) * 1000.0;
-            println!("  {name:16} median {mt:8.0} tps  ratio to direct {m:.3}  (spread {lo:.3}..{hi:.3})  latency {lat:.3} ms ({added_us:+.0} µs)");
-            println!("BENCH {{\"scenario\":\"{scenario}\",\"target\":\"{name}\",\"median_tps\":{mt:.0},\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4},\"latency_ms\":{lat:.4},\"added_us\":{added_us:.1}}}");
+            let added_us = summary(&added_all[i]).0;
+            let (cpu_text, cpu_json) = if cpu_all[i].is_empty() {
+                (String::new(), String::new())
+            } else {
+                let (c, clo, chi) = summary(&cpu_all[i]);
+                (
+                    format!("  proxy cpu {c:.1} µs/txn ({clo:.1}..{chi:.1})"),
+                    format!(",\"cpu_us_per_txn\":{c:.2}"),
+                )
+            };
+            println!("  {name:16} median {mt:8.0} tps  ratio to direct {m:.3}  (spread {lo:.3}..{hi:.3})  latency {lat:.3} ms ({added_us:+.0} µs){cpu_text}");
+            println!("BENCH {{\"scenario\":\"{scenario}\",\"target\":\"{name}\",\"median_tps\":{mt:.0},\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4},\"latency_ms\":{lat:.4},\"added_us\":{added_us:.1}{cpu_json}}}");
         }
     }
 }
