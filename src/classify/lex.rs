@@ -80,8 +80,32 @@ fn is_ident_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '$' || !c.is_ascii()
 }
 
-fn is_op_char(c: char) -> bool {
-    "+-*/<>=~!@#%^&|`?".contains(c)
+fn is_op_byte(c: u8) -> bool {
+    matches!(
+        c,
+        b'+' | b'-'
+            | b'*'
+            | b'/'
+            | b'<'
+            | b'>'
+            | b'='
+            | b'~'
+            | b'!'
+            | b'@'
+            | b'#'
+            | b'%'
+            | b'^'
+            | b'&'
+            | b'|'
+            | b'`'
+            | b'?'
+    )
+}
+
+/// [`is_ident_char`] for one byte of UTF-8: every byte of a non-ASCII character is at least 0x80, and every
+/// non-ASCII character continues an identifier, so a byte loop stops where the char loop would.
+fn is_ident_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
 }
 
 fn is_space(c: char) -> bool {
@@ -194,12 +218,11 @@ pub fn lex_each<'a>(
         } else if c.is_ascii_digit() || (c == b'.' && peek(i + 1).is_ascii_digit()) {
             i = number_end(b, i);
             kind = Kind::Number;
-        } else if is_ident_start(sql[i..].chars().next().unwrap_or('\0')) {
-            for ch in sql[i..].chars() {
-                if !is_ident_char(ch) {
-                    break;
-                }
-                i += ch.len_utf8();
+        } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            // is_ident_start: `i` is at a character boundary, so a byte from 0x80 starts a non-ASCII one.
+            i += 1;
+            while i < n && is_ident_byte(b[i]) {
+                i += 1;
             }
             kind = Kind::Word;
         } else if c == b';' {
@@ -211,8 +234,8 @@ pub fn lex_each<'a>(
         } else if matches!(c, b'(' | b')' | b'[' | b']' | b',' | b'.' | b':') {
             i += 1;
             kind = Kind::Punct;
-        } else if is_op_char(c as char) {
-            while i < n && is_op_char(b[i] as char) {
+        } else if is_op_byte(c) {
+            while i < n && is_op_byte(b[i]) {
                 // A comment start ends the operator, as in PostgreSQL.
                 if i > start
                     && ((b[i] == b'-' && peek(i + 1) == b'-')
@@ -399,6 +422,32 @@ mod tests {
         assert_eq!(
             kinds("select a$b"),
             vec![(Kind::Word, "select"), (Kind::Word, "a$b")]
+        );
+    }
+
+    #[test]
+    fn non_ascii_identifiers_and_operators_end_where_postgresql_ends_them() {
+        assert_eq!(
+            kinds("select café_日本$1+ñ from ß;"),
+            vec![
+                (Kind::Word, "select"),
+                (Kind::Word, "café_日本$1"),
+                (Kind::Op, "+"),
+                (Kind::Word, "ñ"),
+                (Kind::Word, "from"),
+                (Kind::Word, "ß"),
+                (Kind::Semicolon, ";")
+            ]
+        );
+        assert_eq!(
+            kinds("a<=>😀||-b"),
+            vec![
+                (Kind::Word, "a"),
+                (Kind::Op, "<=>"),
+                (Kind::Word, "😀"),
+                (Kind::Op, "||-"),
+                (Kind::Word, "b")
+            ]
         );
     }
 }
