@@ -490,6 +490,18 @@ fn run_scenarios(
         let (m, lo, hi) = summary(&gate_cost);
         println!("  gate on / gate off: median {m:.3} (spread {lo:.3}..{hi:.3})");
         println!("BENCH {{\"scenario\":\"{scenario}\",\"target\":\"gate-on/gate-off\",\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4}}}");
+        // stepgate against pgbouncer directly, round by round (direct's own swings cancel out).
+        if let Some(b) = names.iter().position(|n| *n == "pgbouncer") {
+            let head_to_head: Vec<f64> = tps_all[1]
+                .iter()
+                .zip(&tps_all[b])
+                .map(|(s, p)| s / p)
+                .collect();
+            let (m, lo, hi) = summary(&head_to_head);
+            let wins = head_to_head.iter().filter(|r| **r >= 1.0).count();
+            println!("  stepgate / pgbouncer: median {m:.3} (spread {lo:.3}..{hi:.3}), stepgate ahead in {wins} of {} rounds", head_to_head.len());
+            println!("BENCH {{\"scenario\":\"{scenario}\",\"target\":\"stepgate/pgbouncer\",\"ratio\":{m:.4},\"min_ratio\":{lo:.4},\"max_ratio\":{hi:.4},\"rounds_ahead\":{wins}}}");
+        }
         for (i, name) in names.iter().enumerate() {
             let (m, lo, hi) = summary(&ratios[i]);
             let mt = summary(&tps_all[i]).0;
