@@ -335,7 +335,7 @@ fn main() {
 
     if std::env::var_os("BENCH_HOLD").is_some() {
         // For profiling: the targets stay up until Enter.
-        let mut up = targets.start();
+        let up = targets.start();
         for (name, port, _) in up.ports() {
             println!("{name} 127.0.0.1:{port}");
         }
@@ -343,7 +343,7 @@ fn main() {
         println!("bench pid {}; press Enter to stop", std::process::id());
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
-        up.stop();
+        drop(up);
     } else {
         run_scenarios(&targets, &token_options, rounds, seconds, clients);
     }
@@ -357,14 +357,11 @@ struct Targets<'a> {
     pgbouncer: bool,
 }
 
-/// The proxies of one round (direct needs none).
-struct Up {
-    /// Name, port and the proxy's process id.
-    ports: Vec<(&'static str, u16, Option<u32>)>,
-    children: Vec<Child>,
-}
+/// The targets of one round: name, port and, for a proxy, its process (killed when the round is dropped).
+struct Up(Vec<(&'static str, u16, Option<Child>)>);
 
 impl Targets<'_> {
+    /// The targets in the order every round starts and reports them.
     fn names(&self) -> Vec<&'static str> {
         let mut names = vec!["direct", "stepgate", "stepgate-nogate"];
         if self.pgbouncer {
@@ -374,43 +371,40 @@ impl Targets<'_> {
     }
 
     fn start(&self) -> Up {
-        let mut up = Up {
-            ports: vec![("direct", self.db.port(), None)],
-            children: Vec::new(),
-        };
-        for (name, gate) in [("stepgate", true), ("stepgate-nogate", false)] {
-            let dir = self.dir.join(name);
-            std::fs::create_dir_all(&dir).unwrap();
-            let (child, port) = start_stepgate(self.db, self.config, &dir, gate);
-            up.ports.push((name, port, Some(child.id())));
-            up.children.push(child);
-        }
-        if self.pgbouncer {
-            let dir = self.dir.join("pgbouncer");
-            std::fs::create_dir_all(&dir).unwrap();
-            let (child, port) = start_pgbouncer(self.db, &dir).expect("pgbouncer starts");
-            up.ports.push(("pgbouncer", port, Some(child.id())));
-            up.children.push(child);
-        }
-        up
+        Up(self
+            .names()
+            .into_iter()
+            .map(|name| {
+                if name == "direct" {
+                    return (name, self.db.port(), None);
+                }
+                let dir = self.dir.join(name);
+                std::fs::create_dir_all(&dir).unwrap();
+                let (child, port) = match name {
+                    "pgbouncer" => start_pgbouncer(self.db, &dir).expect("pgbouncer starts"),
+                    _ => start_stepgate(self.db, self.config, &dir, name == "stepgate"),
+                };
+                (name, port, Some(child))
+            })
+            .collect())
     }
 }
 
 impl Up {
+    /// Name, port and the proxy's process id, per target.
     fn ports(&self) -> Vec<(&'static str, u16, Option<u32>)> {
-        self.ports.clone()
-    }
-
-    fn stop(&mut self) {
-        for child in &mut self.children {
-            stop(child);
-        }
+        self.0
+            .iter()
+            .map(|(name, port, child)| (*name, *port, child.as_ref().map(Child::id)))
+            .collect()
     }
 }
 
 impl Drop for Up {
     fn drop(&mut self) {
-        self.stop();
+        for child in self.0.iter_mut().filter_map(|(_, _, c)| c.as_mut()) {
+            stop(child);
+        }
     }
 }
 

@@ -559,9 +559,6 @@ async fn terminated_backend_reports_the_servers_error() {
     g.assert_healthy().await;
 }
 
-/// The one case a real server cannot be made to produce without disturbing the other tests: the upstream
-/// disappears without a word in the middle of a session. A scripted backend logs the client in, then
-/// closes its socket when the first query arrives.
 #[tokio::test]
 async fn a_client_that_sends_and_closes_ends_its_session_and_backend() {
     let g = gate().await;
@@ -602,6 +599,9 @@ async fn a_client_that_sends_and_closes_ends_its_session_and_backend() {
     g.assert_healthy().await;
 }
 
+/// The one case a real server cannot be made to produce without disturbing the other tests: the upstream
+/// disappears without a word in the middle of a session. A scripted backend logs the client in, then
+/// closes its socket when the first query arrives.
 #[tokio::test]
 async fn upstream_vanishing_mid_session_is_reported() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -150,7 +150,7 @@ impl Conn {
                         if let Some(end) = self.client_sent(&scratch[..n]) {
                             return Some(end);
                         }
-                        budget -= 1;
+                        budget = budget.saturating_sub(1);
                         progress = true;
                     }
                     Ok(None) => {}
