@@ -580,7 +580,7 @@ pub(crate) async fn run(
     leftover: BytesMut,
     peer: SocketAddr,
 ) {
-    let user = startup.get_lossy("user");
+    let user = startup.user();
     let console = Console {
         shared,
         handle: ServerHandle {

@@ -51,6 +51,10 @@ pub(super) enum FrontendError {
     Frame(#[from] FrameError),
     #[error("the client asked for SCRAM channel binding ({0}), which cannot pass through a proxy")]
     ChannelBinding(String),
+    /// PostgreSQL reads messages pipelined behind the login only once it completes, after stepgate stopped
+    /// looking at the login: such a message would run unjudged, so the session is refused instead.
+    #[error("the client sent a {0:?} message before the login completed")]
+    BeforeLogin(char),
     #[error("client: {0}")]
     ClientIo(std::io::Error),
     #[error("upstream: {0}")]
@@ -123,11 +127,8 @@ impl Frontend {
         let mut ready = 0;
         let mut terminate = false;
         loop {
-            let inspect = |t: u8| {
-                t == b'X'
-                    || (!logged_in && t == b'p')
-                    || (logged_in && SessionState::inspects_frontend(t))
-            };
+            // Before login every message is looked at: only authentication replies and Terminate may pass.
+            let inspect = |t: u8| !logged_in || t == b'X' || SessionState::inspects_frontend(t);
             match self.scanner.step(&data[ready..], inspect)? {
                 Step::NeedMore => break,
                 Step::Message { tag, len } => {
@@ -146,7 +147,8 @@ impl Frontend {
                             }
                         }
                         b'p' if !logged_in => {}
-                        _ if logged_in => {
+                        _ if !logged_in => return Err(FrontendError::BeforeLogin(tag as char)),
+                        _ => {
                             let (state, ctx) = gate.get();
                             if let Action::Replace(replacement) = state.on_frontend(ctx, tag, msg) {
                                 ready =
@@ -154,7 +156,6 @@ impl Frontend {
                                 continue;
                             }
                         }
-                        _ => {}
                     }
                     ready += len;
                     if terminate {

@@ -99,7 +99,7 @@ pub(crate) async fn run(
                     warn!("refused a client: max_connections reached");
                     return;
                 }
-                let console = startup.get_lossy("database") == console::CONSOLE_DB;
+                let console = startup.database() == console::CONSOLE_DB;
                 if admin_address && !console {
                     let err = ErrorReply::fatal(
                         "3D000",
@@ -273,8 +273,8 @@ async fn session(
     peer: SocketAddr,
     session_id: u64,
 ) {
-    let user = startup.get_lossy("user");
-    let database = startup.get_lossy("database");
+    let user = startup.user();
+    let database = startup.database();
     let application_name = startup.get_lossy("application_name");
     if let Some(tls) = &shared.config.tls {
         if tls.required && !client.is_tls() {
@@ -571,6 +571,13 @@ pub(super) async fn finish<CW, UW>(
                 "08P01",
                 format!("stepgate: invalid frontend message: {e}"),
             ))
+        }
+        Ending::Frontend(Err(e @ FrontendError::BeforeLogin(_))) => {
+            warn!(error = %e, "message before login refused");
+            Some(
+                ErrorReply::fatal("08P01", format!("stepgate: {e}"))
+                    .with_hint("wait for ReadyForQuery before sending queries: stepgate does not forward messages pipelined behind the login"),
+            )
         }
         Ending::Frontend(Err(e @ FrontendError::ChannelBinding(_))) => {
             warn!(error = %e, "channel binding refused");

@@ -98,7 +98,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, StartupError>
             }
             StartupPacket::Startup(StartupMessage {
                 version,
-                params: parse_params(&buf[8..len])?,
+                params: last_wins(parse_params(&buf[8..len])?),
             })
         }
     };
@@ -122,6 +122,21 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<Param>, StartupError> {
     }
 }
 
+/// PostgreSQL reads startup parameters in order and a later one overrides an earlier one of the same name
+/// (`user`, `database` and `options` are overwritten; settings are applied in order). Keeping only the
+/// last of each name gives stepgate and the server one reading of the packet, and what is forwarded has
+/// no duplicate left to read differently.
+fn last_wins(params: Vec<Param>) -> Vec<Param> {
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<Param> = params
+        .into_iter()
+        .rev()
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    kept.reverse();
+    kept
+}
+
 fn is_stepgate_name(name: &[u8]) -> bool {
     name.len() >= SETTING_PREFIX.len()
         && name[..SETTING_PREFIX.len()].eq_ignore_ascii_case(SETTING_PREFIX.as_bytes())
@@ -137,6 +152,7 @@ impl StartupMessage {
     pub fn get(&self, key: &str) -> Option<&[u8]> {
         self.params
             .iter()
+            .rev()
             .find(|(k, _)| k == key.as_bytes())
             .map(|(_, v)| v.as_slice())
     }
@@ -146,6 +162,20 @@ impl StartupMessage {
         self.get(key)
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default()
+    }
+
+    /// The user name the server will log in.
+    pub fn user(&self) -> String {
+        self.get_lossy("user")
+    }
+
+    /// The database the server will open: as PostgreSQL does, the user name when `database` is missing or
+    /// empty.
+    pub fn database(&self) -> String {
+        match self.get("database") {
+            Some(d) if !d.is_empty() => String::from_utf8_lossy(d).into_owned(),
+            _ => self.user(),
+        }
     }
 
     /// Removes every `stepgate.*` setting, whether given as its own startup parameter or inside `options`

@@ -141,3 +141,40 @@ fn odd_forms_are_refused() {
         );
     }
 }
+
+#[test]
+fn repeated_parameters_read_as_postgresql_reads_them() {
+    // PostgreSQL keeps the last value of a repeated parameter; so do stepgate and what it forwards.
+    let bytes = startup(&[
+        ("user", "dba"),
+        ("database", "stepgate"),
+        ("user", "app"),
+        ("options", "-c stepgate.token=a"),
+        ("application_name", "x"),
+        ("options", "-c work_mem=1MB"),
+    ]);
+    let mut m = parsed(&bytes);
+    assert_eq!(m.user(), "app");
+    assert_eq!(m.database(), "stepgate");
+    assert_eq!(m.get("options"), Some(&b"-c work_mem=1MB"[..]));
+    assert_eq!(m.take_stepgate_settings().unwrap(), vec![]);
+    let names: Vec<&[u8]> = m.params.iter().map(|(k, _)| k.as_slice()).collect();
+    assert_eq!(
+        names,
+        vec![
+            &b"database"[..],
+            &b"user"[..],
+            &b"application_name"[..],
+            &b"options"[..]
+        ]
+    );
+}
+
+#[test]
+fn database_defaults_to_the_user_name() {
+    assert_eq!(parsed(&startup(&[("user", "app")])).database(), "app");
+    assert_eq!(
+        parsed(&startup(&[("user", "app"), ("database", "")])).database(),
+        "app"
+    );
+}

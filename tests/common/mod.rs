@@ -157,6 +157,22 @@ pub async fn gate_with(tweak: impl FnOnce(&mut Config)) -> Gate {
     launch(config, Default::default(), state).await
 }
 
+/// Like [`gate_with`], with server options (e.g. `workers: Some(0)` for the async relay).
+pub async fn gate_with_options(
+    tweak: impl FnOnce(&mut Config),
+    options: stepgate::proxy::ServeOptions,
+) -> Gate {
+    let state = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".into(),
+        upstream: pg().addr(),
+        state_dir: state.path().join("state"),
+        ..Config::default()
+    };
+    tweak(&mut config);
+    launch(config, options, state).await
+}
+
 /// Starts stepgate from a config file (its `listen` and `upstream` replaced by a free port and [`pg`]),
 /// so that a reload through [`Gate::handle`] re-reads that file.
 pub async fn gate_from_file(path: &std::path::Path) -> Gate {

@@ -1,0 +1,219 @@
+//! Session integrity (issue 15): stepgate's reading of a session is the server's. Each test is an attack
+//! whose success is checked on the server itself, through both relays (epoll, and `--workers 0`).
+
+mod common;
+
+use common::raw::{msg, query, Raw};
+use common::tokens::*;
+use common::*;
+use stepgate::config::Rule;
+use stepgate::proxy::ServeOptions;
+
+fn relays() -> [ServeOptions; 2] {
+    [
+        ServeOptions::default(),
+        ServeOptions {
+            workers: Some(0),
+            ..Default::default()
+        },
+    ]
+}
+
+/// A query pipelined behind the startup packet (trust login) never reaches the server: the session is
+/// refused with FATAL 08P01 and the table is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_pipelined_behind_the_startup_packet_is_refused() {
+    let direct = setup("si_prelogin").await;
+    for options in relays() {
+        let g = gate_with_options(|_| {}, options).await;
+        let mut raw = Raw::connect(g.addr).await;
+        let mut bytes = common::raw::startup_packet(&[
+            ("user", pg().user.as_bytes()),
+            ("database", b"si_prelogin"),
+        ]);
+        bytes.extend(query(b"DROP TABLE t"));
+        raw.send(&bytes).await;
+        let msgs = raw.until_closed().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+        assert!(
+            Raw::error_message(&msgs)
+                .unwrap()
+                .contains("before the login completed"),
+            "{msgs:?}"
+        );
+        assert!(exists(&direct, "t").await, "the pipelined DROP ran");
+        g.assert_healthy().await;
+    }
+}
+
+/// The same behind a cleartext password: the password and the DROP arrive in one write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_pipelined_behind_the_password_is_refused() {
+    if pg().devdb().is_none() {
+        return; // DATABASE_URL: the password roles are the throwaway server's
+    }
+    let direct = setup("si_prelogin_pw").await;
+    direct
+        .batch_execute(&format!(
+            "GRANT ALL ON ALL TABLES IN SCHEMA public TO {CLEARTEXT_USER}; ALTER TABLE t OWNER TO {CLEARTEXT_USER}"
+        ))
+        .await
+        .unwrap();
+    for options in relays() {
+        let g = gate_with_options(|_| {}, options).await;
+        let mut raw = Raw::connect(g.addr).await;
+        raw.send(&common::raw::startup_packet(&[
+            ("user", CLEARTEXT_USER.as_bytes()),
+            ("database", b"si_prelogin_pw"),
+        ]))
+        .await;
+        let (tag, body) = raw.recv().await.unwrap();
+        assert_eq!((tag, &body[..4]), (b'R', &3u32.to_be_bytes()[..]));
+        let mut pw = CLEARTEXT_PASSWORD.as_bytes().to_vec();
+        pw.push(0);
+        let mut bytes = msg(b'p', &pw);
+        bytes.extend(query(b"DROP TABLE t"));
+        raw.send(&bytes).await;
+        let msgs = raw.until_closed().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+        assert!(exists(&direct, "t").await, "the pipelined DROP ran");
+    }
+}
+
+/// `user=dba, database=stepgate, user=app`: PostgreSQL logs in `app`, and so does stepgate's reading, so
+/// the console sees `app` (not an admin) and refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_user_cannot_open_the_console_as_another_user() {
+    let g = gate_with(|c| {
+        c.admin = Some(stepgate::config::AdminConfig {
+            users: vec!["dba".into()],
+            listen: None,
+            auth_database: "postgres".into(),
+        })
+    })
+    .await;
+    let mut raw = Raw::connect(g.addr).await;
+    raw.send(&common::raw::startup_packet(&[
+        ("user", b"dba"),
+        ("database", b"stepgate"),
+        ("user", pg().user.as_bytes()),
+    ]))
+    .await;
+    let msgs = raw.until_closed().await;
+    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("28000"), "{msgs:?}");
+    let m = Raw::error_message(&msgs).unwrap();
+    assert!(m.contains(&format!("\"{}\"", pg().user)), "{m}");
+    assert!(!msgs.iter().any(|(t, _)| *t == b'Z'), "{msgs:?}");
+    assert!(
+        !g.audit()
+            .iter()
+            .any(|r| r["user"] == "dba" && r["outcome"] == "ok"),
+        "the audit log names dba"
+    );
+}
+
+/// A lax rule for one user name cannot be picked by naming that user first and logging in as another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_user_cannot_pick_a_laxer_rule() {
+    let direct = setup("si_rule").await;
+    for options in relays() {
+        let g = gate_with_options(
+            |c| {
+                c.rules = vec![
+                    Rule {
+                        user: "lax".into(),
+                        guard: vec![],
+                        ..Default::default()
+                    },
+                    Rule::default(),
+                ]
+            },
+            options,
+        )
+        .await;
+        let mut raw = Raw::connect(g.addr).await;
+        raw.send(&common::raw::startup_packet(&[
+            ("user", b"lax"),
+            ("database", b"si_rule"),
+            ("user", pg().user.as_bytes()),
+        ]))
+        .await;
+        raw.until_ready().await;
+        raw.send(&query(b"DROP TABLE t")).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        assert!(
+            exists(&direct, "t").await,
+            "the DROP ran under the lax rule"
+        );
+    }
+}
+
+/// Without a `database` parameter PostgreSQL opens the database named like the user; a rule for that
+/// database applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_defaults_to_the_user_name_for_rules() {
+    let user = "si_defdb";
+    let _ = pg()
+        .direct()
+        .await
+        .batch_execute(&format!("CREATE ROLE {user} LOGIN"))
+        .await;
+    let direct = setup(user).await;
+    // The role could drop the table itself: only stepgate stands in the way.
+    direct
+        .batch_execute(&format!("ALTER TABLE t3 OWNER TO {user}"))
+        .await
+        .unwrap();
+    let g = gate_with(|c| {
+        c.rules = vec![
+            Rule {
+                database: user.into(),
+                ..Default::default()
+            },
+            Rule {
+                guard: vec![],
+                ..Default::default()
+            },
+        ]
+    })
+    .await;
+    let mut raw = Raw::connect(g.addr).await;
+    raw.send(&common::raw::startup_packet(&[("user", user.as_bytes())]))
+        .await;
+    let login = raw.until_ready().await;
+    assert!(login.iter().any(|(t, _)| *t == b'Z'), "{login:?}");
+    raw.send(&query(b"DROP TABLE t3")).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+    assert!(exists(&direct, "t3").await, "the DROP ran");
+}
+
+/// A token for user `migrator` is checked against the user the server logged in, not the first `user`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_user_cannot_satisfy_a_tokens_user_line() {
+    let direct = setup("si_tokuser").await;
+    let g = gate_with(policy).await;
+    let mut p = payload("si_tokuser", &["DROP TABLE t"]);
+    p.user = Some("migrator".into());
+    let token = sign(&p, &["alice"]);
+    let mut raw = Raw::connect(g.addr).await;
+    raw.send(&common::raw::startup_packet(&[
+        ("user", b"migrator"),
+        ("database", b"si_tokuser"),
+        ("user", pg().user.as_bytes()),
+    ]))
+    .await;
+    raw.until_ready().await;
+    raw.send(&query(set_token(&token).as_bytes())).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("28000"), "{msgs:?}");
+    assert!(
+        Raw::error_message(&msgs).unwrap().contains("wrong_user"),
+        "{msgs:?}"
+    );
+    raw.send(&query(b"DROP TABLE t")).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+    assert!(exists(&direct, "t").await);
+}
