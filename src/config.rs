@@ -227,7 +227,7 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     pub mode: Mode,
     pub allow_unparsed: bool,
-    /// None: the built-in list ([`crate::classify::DEFAULT_DANGEROUS_FUNCTIONS`]).
+    /// None: the built-in list ([`crate::classify::default_dangerous_functions`]).
     pub dangerous_functions: Option<Vec<String>>,
     pub rules: Vec<Rule>,
     /// When set, tokens must name this instance.

@@ -347,10 +347,13 @@ pub fn redact(sql: &str) -> String {
     for (pos, &i) in sig.iter().enumerate() {
         let t = &tokens[i];
         // What precedes this token (whitespace and comments are copied as they are).
-        let start_of_gap = if pos == 0 { 0 } else { sig[pos - 1] + 1 };
-        for g in &tokens[start_of_gap..i] {
-            out.push_str(g.text);
-        }
+        let gap_from = if pos == 0 {
+            0
+        } else {
+            let p = &tokens[sig[pos - 1]];
+            p.start + p.text.len()
+        };
+        out.push_str(&sql[gap_from..t.start]);
         if mask_next
             && matches!(
                 t.kind,
@@ -371,9 +374,8 @@ pub fn redact(sql: &str) -> String {
         out.push_str(t.text);
     }
     if let Some(&last) = sig.last() {
-        for g in &tokens[last + 1..] {
-            out.push_str(g.text);
-        }
+        let l = &tokens[last];
+        out.push_str(&sql[l.start + l.text.len()..]);
     } else {
         out.push_str(sql);
     }

@@ -135,11 +135,14 @@ impl CachedClassifier {
         // significant token its kind, then its text and 0xFF (never in UTF-8) — or, for a string literal,
         // whether it names a stepgate setting (that changes the verdict); numbers are their kind alone.
         let mut shape = Vec::with_capacity(text.len() + 16);
-        let shape_key = lex::lex_each(&text, settings.standard_conforming_strings, |t| {
+        // With standard_conforming_strings off a backslash may end a literal where the scanner (which reads
+        // with it on) does not: such a string is keyed by its exact bytes only.
+        let shape_safe = settings.standard_conforming_strings || !text.contains('\\');
+        let shape_key = lex::lex_each(&text, settings.standard_conforming_strings, |t, pg| {
             if t.is_trivia() {
                 return;
             }
-            shape.push(t.kind as u8);
+            shape.extend_from_slice(&pg.to_le_bytes());
             match t.kind {
                 Kind::Number => {}
                 Kind::String => shape.push(super::mentions_stepgate_text(t.text) as u8),
@@ -150,6 +153,7 @@ impl CachedClassifier {
             }
         })
         .ok()
+        .filter(|()| shape_safe)
         .map(|()| {
             let mut h = prefix;
             h.write(&shape);

@@ -1,10 +1,13 @@
-//! A PostgreSQL-faithful tokenizer: what is a comment, a string, a quoted identifier or a dollar-quoted body
-//! is decided exactly as the server's lexer decides it, so splitting, fingerprints and cache keys can never
-//! be fooled by a semicolon or keyword hidden in a literal.
+//! Tokens as PostgreSQL's own scanner reads them (libpg_query's `scan.l`, the server's lexer compiled in):
+//! what is a comment, a string, a quoted identifier or a dollar-quoted body, where an `E''` string continues
+//! after a newline, what `U&"…" UESCAPE '…'` spells — all decided by the server's code, so splitting,
+//! fingerprints and cache keys cannot be fooled by a semicolon or keyword hidden in a literal.
 //!
-//! It honours `standard_conforming_strings`: when it is off, a backslash escapes the next character in a
-//! plain `'…'` literal, as it does on the server.
+//! The scanner reads with `standard_conforming_strings = on`. Only backslashes in plain `'…'` literals read
+//! differently when it is off; callers that serve such a session treat a string with a backslash as
+//! ambiguous unless both readings agree ([`super::Classifier::analyze`], the cache's shape key).
 
+use pg_query::protobuf::{KeywordKind, Token as PgToken};
 use thiserror::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,293 +58,130 @@ impl Token<'_> {
             Kind::QuotedIdent if self.text.starts_with('"') => {
                 Some(self.text[1..self.text.len() - 1].replace("\"\"", "\""))
             }
+            Kind::QuotedIdent if self.text.len() >= 4 => {
+                // U&"…" with the default escape character (a UESCAPE clause is a token of its own).
+                unicode_unescape(
+                    &self.text[3..self.text.len() - 1].replace("\"\"", "\""),
+                    '\\',
+                )
+            }
             _ => None,
         }
     }
 }
 
+/// Decodes the escapes of a `U&` literal or identifier body as PostgreSQL does: `\\XXXX`, `\\+XXXXXX`, and
+/// a doubled escape character. None for an invalid escape.
+pub fn unicode_unescape(body: &str, esc: char) -> Option<String> {
+    let mut out = String::with_capacity(body.len());
+    let mut chars = body.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != esc {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&esc) {
+            chars.next();
+            out.push(esc);
+            continue;
+        }
+        let n = if chars.peek() == Some(&'+') {
+            chars.next();
+            6
+        } else {
+            4
+        };
+        let hex: String = (0..n).filter_map(|_| chars.next()).collect();
+        if hex.len() != n || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+    }
+    Some(out)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum LexError {
-    #[error("unterminated quoted string at byte {0}")]
-    UnterminatedString(usize),
-    #[error("unterminated quoted identifier at byte {0}")]
-    UnterminatedIdent(usize),
-    #[error("unterminated /* comment at byte {0}")]
-    UnterminatedComment(usize),
-    #[error("unterminated dollar-quoted string at byte {0}")]
-    UnterminatedDollar(usize),
+    #[error("{0}")]
+    Scanner(String),
 }
 
-fn is_ident_start(c: char) -> bool {
-    c.is_ascii_alphabetic() || c == '_' || !c.is_ascii()
-}
-
-fn is_ident_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_' || c == '$' || !c.is_ascii()
-}
-
-fn is_op_byte(c: u8) -> bool {
-    matches!(
-        c,
-        b'+' | b'-'
-            | b'*'
-            | b'/'
-            | b'<'
-            | b'>'
-            | b'='
-            | b'~'
-            | b'!'
-            | b'@'
-            | b'#'
-            | b'%'
-            | b'^'
-            | b'&'
-            | b'|'
-            | b'`'
-            | b'?'
-    )
-}
-
-/// [`is_ident_char`] for one byte of UTF-8: every byte of a non-ASCII character is at least 0x80, and every
-/// non-ASCII character continues an identifier, so a byte loop stops where the char loop would.
-fn is_ident_byte(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
-}
-
-fn is_space(c: char) -> bool {
-    matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c')
-}
-
-/// Tokenizes `sql`. Whitespace and comments are kept as tokens so callers can recover positions.
-pub fn lex(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Token<'_>>, LexError> {
+/// Tokenizes `sql` with PostgreSQL's scanner: every significant token and comment, in order (whitespace
+/// is not a token). `_standard_conforming_strings` is accepted for the callers' sake; see the module docs.
+pub fn lex(sql: &str, _standard_conforming_strings: bool) -> Result<Vec<Token<'_>>, LexError> {
     let mut out = Vec::with_capacity(sql.len() / 4 + 4);
-    lex_each(sql, standard_conforming_strings, |t| out.push(t))?;
+    lex_each(sql, true, |t, _| out.push(t))?;
     Ok(out)
 }
 
-/// [`lex`] without collecting: `each` sees every token in order (the cache's shape key needs no vector).
+/// [`lex`] without collecting: `each` sees every token in order with PostgreSQL's token number (the
+/// cache's shape key needs no vector).
 pub fn lex_each<'a>(
     sql: &'a str,
-    standard_conforming_strings: bool,
-    mut each: impl FnMut(Token<'a>),
+    _standard_conforming_strings: bool,
+    mut each: impl FnMut(Token<'a>, i32),
 ) -> Result<(), LexError> {
-    let b = sql.as_bytes();
-    let mut i = 0;
-    let n = b.len();
-    let peek = |j: usize| -> u8 {
-        if j < n {
-            b[j]
-        } else {
-            0
-        }
-    };
-    while i < n {
-        let start = i;
-        let c = b[i];
-        let kind;
-        if is_space(c as char) {
-            while i < n && is_space(b[i] as char) {
-                i += 1;
-            }
-            kind = Kind::Whitespace;
-        } else if c == b'-' && peek(i + 1) == b'-' {
-            while i < n && b[i] != b'\n' && b[i] != b'\r' {
-                i += 1;
-            }
-            kind = Kind::Comment;
-        } else if c == b'/' && peek(i + 1) == b'*' {
-            let mut depth = 0usize;
-            loop {
-                if i >= n {
-                    return Err(LexError::UnterminatedComment(start));
-                }
-                if b[i] == b'/' && peek(i + 1) == b'*' {
-                    depth += 1;
-                    i += 2;
-                } else if b[i] == b'*' && peek(i + 1) == b'/' {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            kind = Kind::Comment;
-        } else if c == b'\'' {
-            i = string_end(b, i, !standard_conforming_strings)
-                .ok_or(LexError::UnterminatedString(start))?;
-            kind = Kind::String;
-        } else if matches!(c, b'e' | b'E') && peek(i + 1) == b'\'' {
-            i = string_end(b, i + 1, true).ok_or(LexError::UnterminatedString(start))?;
-            kind = Kind::String;
-        } else if matches!(c, b'b' | b'B' | b'x' | b'X' | b'n' | b'N') && peek(i + 1) == b'\'' {
-            i = string_end(
-                b,
-                i + 1,
-                !standard_conforming_strings && matches!(c, b'n' | b'N'),
-            )
-            .ok_or(LexError::UnterminatedString(start))?;
-            kind = Kind::String;
-        } else if matches!(c, b'u' | b'U') && peek(i + 1) == b'&' && peek(i + 2) == b'\'' {
-            i = string_end(b, i + 2, false).ok_or(LexError::UnterminatedString(start))?;
-            kind = Kind::String;
-        } else if matches!(c, b'u' | b'U') && peek(i + 1) == b'&' && peek(i + 2) == b'"' {
-            i = ident_end(b, i + 2).ok_or(LexError::UnterminatedIdent(start))?;
-            kind = Kind::QuotedIdent;
-        } else if c == b'"' {
-            i = ident_end(b, i).ok_or(LexError::UnterminatedIdent(start))?;
-            kind = Kind::QuotedIdent;
-        } else if c == b'$' && peek(i + 1).is_ascii_digit() {
-            i += 1;
-            while i < n && b[i].is_ascii_digit() {
-                i += 1;
-            }
-            kind = Kind::Param;
-        } else if c == b'$' {
-            match dollar_tag_len(sql, i) {
-                Some(tag_len) => {
-                    let tag = &sql[i..i + tag_len];
-                    let body = i + tag_len;
-                    match sql[body..].find(tag) {
-                        Some(off) => i = body + off + tag_len,
-                        None => return Err(LexError::UnterminatedDollar(start)),
-                    }
-                    kind = Kind::String;
-                }
-                None => {
-                    i += 1;
-                    kind = Kind::Other;
-                }
-            }
-        } else if c.is_ascii_digit() || (c == b'.' && peek(i + 1).is_ascii_digit()) {
-            i = number_end(b, i);
-            kind = Kind::Number;
-        } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
-            // is_ident_start: `i` is at a character boundary, so a byte from 0x80 starts a non-ASCII one.
-            i += 1;
-            while i < n && is_ident_byte(b[i]) {
-                i += 1;
-            }
-            kind = Kind::Word;
-        } else if c == b';' {
-            i += 1;
-            kind = Kind::Semicolon;
-        } else if c == b':' && peek(i + 1) == b':' {
-            i += 2;
-            kind = Kind::Op;
-        } else if matches!(c, b'(' | b')' | b'[' | b']' | b',' | b'.' | b':') {
-            i += 1;
-            kind = Kind::Punct;
-        } else if is_op_byte(c) {
-            while i < n && is_op_byte(b[i]) {
-                // A comment start ends the operator, as in PostgreSQL.
-                if i > start
-                    && ((b[i] == b'-' && peek(i + 1) == b'-')
-                        || (b[i] == b'/' && peek(i + 1) == b'*'))
-                {
-                    break;
-                }
-                i += 1;
-            }
-            kind = Kind::Op;
-        } else {
-            i += sql[i..].chars().next().map(char::len_utf8).unwrap_or(1);
-            kind = Kind::Other;
-        }
-        each(Token {
-            kind,
-            text: &sql[start..i],
-            start,
-        });
+    // Text with no token at all must not reach scan_tokens: pg_query 18.1 builds a slice from the null
+    // token array it then returns (undefined behaviour; a debug build aborts). Only whitespace (PostgreSQL's
+    // `[ \t\n\r\f\v]`) scans to nothing: comments are tokens, everything else is a token or an error.
+    if sql
+        .bytes()
+        .all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c))
+    {
+        return Ok(());
+    }
+    let tokens = pg_query::scan_tokens(sql).map_err(|e| match e {
+        pg_query::Error::Scan(m) => LexError::Scanner(m),
+        other => LexError::Scanner(other.to_string()),
+    })?;
+    for t in tokens {
+        let (Ok(start), Ok(end)) = (usize::try_from(t.start), usize::try_from(t.end)) else {
+            return Err(LexError::Scanner("token offsets out of range".into()));
+        };
+        let Some(text) = sql.get(start..end) else {
+            return Err(LexError::Scanner(format!(
+                "a token ends inside a character at byte {end}"
+            )));
+        };
+        each(
+            Token {
+                kind: kind_of(&t, text),
+                text,
+                start,
+            },
+            t.token,
+        );
     }
     Ok(())
 }
 
-/// End (exclusive) of a `'…'` literal whose opening quote is at `q`.
-fn string_end(b: &[u8], q: usize, backslash_escapes: bool) -> Option<usize> {
-    let mut i = q + 1;
-    while i < b.len() {
-        match b[i] {
-            b'\\' if backslash_escapes => i += 2,
-            b'\'' if i + 1 < b.len() && b[i + 1] == b'\'' => i += 2,
-            b'\'' => return Some(i + 1),
-            _ => i += 1,
-        }
+fn kind_of(t: &pg_query::protobuf::ScanToken, text: &str) -> Kind {
+    if t.keyword_kind != KeywordKind::NoKeyword as i32 {
+        return Kind::Word;
     }
-    None
-}
-
-/// End (exclusive) of a `"…"` identifier whose opening quote is at `q`.
-fn ident_end(b: &[u8], q: usize) -> Option<usize> {
-    let mut i = q + 1;
-    while i < b.len() {
-        if b[i] == b'"' {
-            if i + 1 < b.len() && b[i + 1] == b'"' {
-                i += 2;
-                continue;
-            }
-            return Some(i + 1);
-        }
-        i += 1;
+    let Ok(tok) = PgToken::try_from(t.token) else {
+        return Kind::Other;
+    };
+    use PgToken as T;
+    match tok {
+        T::SqlComment | T::CComment => Kind::Comment,
+        T::Ident if text.starts_with('"') => Kind::QuotedIdent,
+        T::Ident => Kind::Word,
+        T::Uident => Kind::QuotedIdent,
+        T::Sconst | T::Usconst | T::Bconst | T::Xconst => Kind::String,
+        T::Iconst | T::Fconst => Kind::Number,
+        T::Param => Kind::Param,
+        T::Ascii59 => Kind::Semicolon,
+        T::Ascii40
+        | T::Ascii41
+        | T::Ascii44
+        | T::Ascii46
+        | T::Ascii91
+        | T::Ascii93
+        | T::Ascii58 => Kind::Punct,
+        T::Nul | T::Ascii92 | T::Ascii36 => Kind::Other,
+        _ => Kind::Op,
     }
-    None
-}
-
-/// Length of a `$tag$` opener at `i`, if there is one.
-fn dollar_tag_len(sql: &str, i: usize) -> Option<usize> {
-    let rest = &sql[i + 1..];
-    let mut len = 0;
-    for (k, ch) in rest.char_indices() {
-        if ch == '$' {
-            return Some(k + 2);
-        }
-        let ok = if k == 0 {
-            is_ident_start(ch)
-        } else {
-            is_ident_char(ch) && ch != '$'
-        };
-        if !ok {
-            return None;
-        }
-        len = k;
-    }
-    let _ = len;
-    None
-}
-
-fn number_end(b: &[u8], mut i: usize) -> usize {
-    let n = b.len();
-    if b[i] == b'0' && i + 1 < n && matches!(b[i + 1], b'x' | b'X' | b'o' | b'O' | b'b' | b'B') {
-        i += 2;
-        while i < n && (b[i].is_ascii_hexdigit() || b[i] == b'_') {
-            i += 1;
-        }
-        return i;
-    }
-    while i < n && (b[i].is_ascii_digit() || b[i] == b'_') {
-        i += 1;
-    }
-    if i < n && b[i] == b'.' && !(i + 1 < n && b[i + 1] == b'.') {
-        i += 1;
-        while i < n && (b[i].is_ascii_digit() || b[i] == b'_') {
-            i += 1;
-        }
-    }
-    if i < n && matches!(b[i], b'e' | b'E') {
-        let mut j = i + 1;
-        if j < n && matches!(b[j], b'+' | b'-') {
-            j += 1;
-        }
-        if j < n && b[j].is_ascii_digit() {
-            i = j;
-            while i < n && b[i].is_ascii_digit() {
-                i += 1;
-            }
-        }
-    }
-    i
 }
 
 /// The significant tokens (no whitespace or comments).
@@ -401,12 +241,12 @@ mod tests {
     }
 
     #[test]
-    fn standard_conforming_strings_changes_backslash() {
-        let sql = "select 'a\\'; drop table t; --'";
-        assert_eq!(kinds(sql).len(), 7); // select 'a\' ; drop table t ; (then a comment): the literal ends early
-        let off = lex(sql, false).unwrap();
-        let sig: Vec<_> = off.iter().filter(|t| !t.is_trivia()).collect();
-        assert_eq!(sig.len(), 2, "{sig:?}"); // select, one literal that swallows the rest
+    fn e_strings_continue_after_a_newline_as_on_the_server() {
+        // PostgreSQL continues a literal into one that follows after whitespace with a newline.
+        let sql = "SELECT E'a'\n'\\' , ' ; DROP TABLE t ; --'";
+        let k = kinds(sql);
+        assert_eq!(k[1], (Kind::String, "E'a'\n'\\' , '"), "{k:?}");
+        assert!(k.contains(&(Kind::Word, "DROP")), "{k:?}");
     }
 
     #[test]

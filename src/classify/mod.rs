@@ -1,20 +1,22 @@
 //! Statement classification: the judgement the gate and `stepgate check` share (DESIGN.md "Statement
 //! classes", "Statement fingerprints").
 //!
-//! Data flow for one query string: bytes in the session's `client_encoding` are decoded ([`decode`]),
-//! tokenized exactly as the server would ([`lex`]), split at top-level semicolons ([`split`]), and each
-//! statement is parsed with sqlparser's PostgreSqlDialect and judged from its syntax tree ([`ast`]); what
-//! the parser rejects goes to the lexical rules in [`fallback`], which keep it guarded unless its tokens
-//! prove a harmless shape. Calls to dangerous functions and ownership changes are found on the tokens, in
-//! any position. [`cache`] makes repeated statements cost a hash lookup. Everything here is pure: no I/O, no
-//! globals.
+//! PostgreSQL's own grammar is the referee (libpg_query compiled in, through the `pg_query` crate). Data
+//! flow for one query string: bytes in the session's `client_encoding` are decoded ([`decode`]), tokenized by
+//! PostgreSQL's scanner ([`lex`]) and parsed by PostgreSQL's parser ([`tree`]), which also gives the
+//! statement boundaries. Each statement is judged on PostgreSQL's tree ([`tree::judge`]); where sqlparser
+//! (PostgreSqlDialect) parses it too, its detailed rule walk ([`ast`]) may raise the class, never lower it.
+//! What PostgreSQL's parser rejects, or what nests deeper than the parse budget, is `unparsed` with the
+//! parser's own message. Calls to dangerous functions ([`default_dangerous_functions`]) are found on the tree,
+//! with names decoded as the server decodes them. [`cache`] makes repeated statements cost a scan and a
+//! hash lookup. Everything here is pure: no I/O, no globals.
 
 pub mod ast;
 pub mod cache;
 pub mod class;
-pub mod fallback;
 pub mod lex;
 pub mod split;
+pub mod tree;
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -26,48 +28,19 @@ use thiserror::Error;
 pub use class::Class;
 use lex::{Kind, Token};
 
+/// The built-in dangerous-function list, one name or `*` pattern per line with a comment per group
+/// (`src/classify/dangerous_functions.txt`).
+pub const DANGEROUS_FUNCTIONS_FILE: &str = include_str!("dangerous_functions.txt");
+
 /// Functions that make a statement privileged wherever they are called. `*` matches any run of characters.
-pub const DEFAULT_DANGEROUS_FUNCTIONS: &[&str] = &[
-    "pg_terminate_backend",
-    "pg_cancel_backend",
-    "pg_reload_conf",
-    "pg_rotate_logfile",
-    "pg_promote",
-    "pg_switch_wal",
-    "pg_switch_xlog",
-    "lo_import",
-    "lo_export",
-    "lo_unlink",
-    "lo_from_bytea",
-    "lo_put",
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_ls_dir",
-    "pg_ls_logdir",
-    "pg_ls_waldir",
-    "pg_ls_tmpdir",
-    "pg_ls_archive_statusdir",
-    "pg_stat_file",
-    "pg_file_write",
-    "pg_file_rename",
-    "pg_file_unlink",
-    "dblink",
-    "dblink_exec",
-    "dblink_connect",
-    "dblink_connect_u",
-    "dblink_send_query",
-    "pg_drop_replication_slot",
-    "pg_create_*_replication_slot",
-    "pg_replication_origin_*",
-    "pg_logical_emit_message",
-    "pg_backup_start",
-    "pg_backup_stop",
-    "pg_start_backup",
-    "pg_stop_backup",
-    "pg_create_restore_point",
-    "pg_wal_replay_pause",
-    "pg_wal_replay_resume",
-];
+pub fn default_dangerous_functions() -> Vec<String> {
+    DANGEROUS_FUNCTIONS_FILE
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
 
 /// Why a query string could not be read at all (every statement in it is `unparsed`).
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -80,6 +53,8 @@ pub enum ReadError {
     Ambiguous,
     #[error("{0}")]
     Lex(#[from] lex::LexError),
+    #[error("the query string is not a C string (it holds a NUL byte)")]
+    Nul,
 }
 
 /// How the session's server will read the bytes.
@@ -108,7 +83,7 @@ pub struct Verdict {
     pub class: Class,
     /// A literal took part in the decision: a cache must key this statement by its exact text.
     pub literal_sensitive: bool,
-    /// sqlparser rejected the statement and the lexical rules judged it.
+    /// sqlparser rejected the statement: PostgreSQL's tree alone judged it.
     pub fallback: bool,
 }
 
@@ -120,6 +95,9 @@ pub struct Analyzed<'a> {
     pub start: usize,
     pub tokens: Vec<Token<'a>>,
     pub verdict: Verdict,
+    /// The rule that gave the class (`DELETE without WHERE`, `calls pg_read_file`,
+    /// `PostgreSQL: syntax error at or near "x"`).
+    pub reason: String,
 }
 
 impl Analyzed<'_> {
@@ -137,7 +115,7 @@ pub struct Classifier {
 
 impl Default for Classifier {
     fn default() -> Self {
-        Classifier::new(DEFAULT_DANGEROUS_FUNCTIONS.iter().map(|s| s.to_string()))
+        Classifier::new(default_dangerous_functions())
     }
 }
 
@@ -158,7 +136,8 @@ impl Classifier {
         Classifier { exact, globs }
     }
 
-    fn is_dangerous(&self, name: &str) -> bool {
+    /// True when calling `name` (unqualified, any case) makes a statement privileged.
+    pub fn is_dangerous(&self, name: &str) -> bool {
         let name = name.to_ascii_lowercase();
         self.exact.contains(&name)
             || self.globs.iter().any(|(a, b)| {
@@ -168,40 +147,79 @@ impl Classifier {
             })
     }
 
-    /// Splits and classifies a decoded query string. A string that cannot be tokenized (an unterminated
-    /// literal or comment), or that reads two ways, is one `unparsed` statement.
+    /// Splits and classifies a decoded query string as PostgreSQL reads it. A string PostgreSQL's parser
+    /// rejects is one `unparsed` statement (the server runs none of it) carrying the parser's message; a
+    /// string that cannot be tokenized, or that reads two ways, is an error.
     pub fn analyze<'a>(
         &self,
         sql: &'a str,
         settings: &LexSettings,
     ) -> Result<Vec<Analyzed<'a>>, ReadError> {
-        let tokens = lex::lex(sql, settings.standard_conforming_strings)?;
-        if !settings.standard_conforming_strings && sql.contains('\\') {
-            // The server reads backslashes in '…' as escapes; sqlparser does not. Where the two readings put
-            // token boundaries in different places, nobody can say what the statement is.
-            let other = lex::lex(sql, true).map_err(|_| ReadError::Ambiguous)?;
-            let bounds = |t: &[Token<'_>]| -> Vec<(usize, usize)> {
-                t.iter()
-                    .filter(|t| !t.is_trivia())
-                    .map(|t| (t.start, t.text.len()))
-                    .collect()
+        if sql.contains('\0') {
+            return Err(ReadError::Nul);
+        }
+        let tokens = lex::lex(sql, true)?;
+        let scs = settings.standard_conforming_strings;
+        if !scs && sql.contains('\\') {
+            // The server reads backslashes in '…' as escapes; the scanner here reads them with
+            // standard_conforming_strings on. Both readings must build the same trees, or nobody can say
+            // what the statement is.
+            // Compared without positions and string values: a backslash escape changes a literal's value,
+            // not what the statement is; the value the server will use is in the tree judged below.
+            let strip = |r: Result<Vec<(usize, usize, serde_json::Value)>, String>| {
+                r.map(|v| {
+                    v.into_iter()
+                        .map(|(a, b, t)| (a, b, tree::without_values(&t)))
+                        .collect::<Vec<_>>()
+                })
             };
-            if bounds(&tokens) != bounds(&other) {
+            if strip(tree::parse(sql, true)) != strip(tree::parse(sql, false)) {
                 return Err(ReadError::Ambiguous);
             }
         }
-        Ok(split::split(sql, &tokens)
-            .into_iter()
-            .map(|s| {
-                let verdict = self.judge(&s.tokens);
-                Analyzed {
-                    text: s.text,
-                    start: s.start,
-                    tokens: s.tokens,
-                    verdict,
-                }
+        let significant = |from: usize, to: usize| -> Vec<Token<'a>> {
+            tokens
+                .iter()
+                .filter(|t| t.start >= from && t.start < to && !t.is_trivia())
+                .copied()
+                .collect()
+        };
+        let statement = |toks: Vec<Token<'a>>, verdict: Verdict, reason: String| {
+            let mut toks = toks;
+            while toks.last().is_some_and(|t| t.kind == Kind::Semicolon) {
+                toks.pop();
+            }
+            let (first, last) = (toks.first()?, toks.last()?);
+            let (start, end) = (first.start, last.start + last.text.len());
+            Some(Analyzed {
+                text: &sql[start..end],
+                start,
+                tokens: toks,
+                verdict,
+                reason,
             })
-            .collect())
+        };
+        match tree::parse(sql, scs) {
+            Err(message) => Ok(statement(
+                significant(0, sql.len()),
+                Verdict {
+                    class: Class::Unparsed,
+                    literal_sensitive: true,
+                    fallback: true,
+                },
+                format!("PostgreSQL: {message}"),
+            )
+            .into_iter()
+            .collect()),
+            Ok(stmts) => Ok(stmts
+                .into_iter()
+                .filter_map(|(from, to, t)| {
+                    let toks = significant(from, to);
+                    let (verdict, reason) = self.judge_tree(&t, &toks);
+                    statement(toks, verdict, reason)
+                })
+                .collect()),
+        }
     }
 
     /// Decodes `bytes` in the session's encoding and analyzes them.
@@ -219,29 +237,93 @@ impl Classifier {
         Ok((text, verdicts))
     }
 
-    /// The verdict for one statement's significant tokens.
+    /// The verdict for one statement's significant tokens (e.g. the statement inside a PREPARE), parsed by
+    /// PostgreSQL's grammar.
     pub fn judge(&self, tokens: &[Token<'_>]) -> Verdict {
+        self.judge_reason(tokens).0
+    }
+
+    /// [`Classifier::judge`] with the rule that gave the class.
+    pub fn judge_reason(&self, tokens: &[Token<'_>]) -> (Verdict, String) {
+        let text = parse_text(tokens);
+        match tree::parse(&text, true) {
+            Err(message) => (
+                Verdict {
+                    class: Class::Unparsed,
+                    literal_sensitive: true,
+                    fallback: true,
+                },
+                format!("PostgreSQL: {message}"),
+            ),
+            Ok(stmts) => {
+                let mut best: Option<(Verdict, String)> = None;
+                for (_, _, t) in &stmts {
+                    let (v, why) = self.judge_tree(t, tokens);
+                    best = Some(match best {
+                        Some((b, bw)) if b.class >= v.class => (
+                            Verdict {
+                                literal_sensitive: b.literal_sensitive | v.literal_sensitive,
+                                fallback: b.fallback | v.fallback,
+                                ..b
+                            },
+                            bw,
+                        ),
+                        Some((b, _)) => (
+                            Verdict {
+                                literal_sensitive: b.literal_sensitive | v.literal_sensitive,
+                                fallback: b.fallback | v.fallback,
+                                ..v
+                            },
+                            why,
+                        ),
+                        None => (v, why),
+                    });
+                }
+                best.unwrap_or((
+                    Verdict {
+                        class: Class::Read,
+                        literal_sensitive: false,
+                        fallback: false,
+                    },
+                    "empty statement".into(),
+                ))
+            }
+        }
+    }
+
+    /// One statement: PostgreSQL's tree decides; sqlparser's rule walk, where it parses the statement, and
+    /// the lexical overlay may only raise the class.
+    fn judge_tree(&self, t: &serde_json::Value, tokens: &[Token<'_>]) -> (Verdict, String) {
+        let pg = tree::judge(t, &|n| self.is_dangerous(n));
+        let mut class = pg.class;
+        let mut reason = pg.reason;
         let mut found = ast::Findings::default();
         let text = parse_text(tokens);
         let dialect = PostgreSqlDialect {};
-        let parsed = Parser::parse_sql(&dialect, &text);
-        let (mut class, fallback) = match parsed {
-            Ok(stmts) if stmts.len() == 1 => (ast::classify(&stmts[0], &mut found), false),
-            _ => {
-                let sub = |t: &[Token<'_>], f: &mut ast::Findings| {
-                    let v = self.judge(t);
-                    f.literal_sensitive |= v.literal_sensitive;
-                    v.class
-                };
-                (fallback::classify(tokens, &mut found, &sub), true)
+        let fallback = match Parser::parse_sql(&dialect, &text) {
+            Ok(stmts) if stmts.len() == 1 => {
+                let sp = ast::classify(&stmts[0], &mut found);
+                if sp > class {
+                    class = sp;
+                    reason = format!("sqlparser's rule walk: {}", sp.as_str());
+                }
+                false
             }
+            _ => true,
         };
-        class = class.max(self.lexical_overlay(tokens));
-        Verdict {
-            class,
-            literal_sensitive: found.literal_sensitive,
-            fallback,
+        let overlay = self.lexical_overlay(tokens);
+        if overlay > class {
+            class = overlay;
+            reason = "names a dangerous function or an ownership change".into();
         }
+        (
+            Verdict {
+                class,
+                literal_sensitive: pg.literal_sensitive || found.literal_sensitive,
+                fallback,
+            },
+            reason,
+        )
     }
 
     /// What the tokens alone prove, in any position: calls to dangerous functions and ownership changes.
