@@ -1,6 +1,9 @@
 # Builds the stepgate binary and ships it on a slim Debian image.
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# pg_query compiles PostgreSQL's parser (libpg_query); bindgen needs libclang.
+RUN apt-get update && apt-get install -y --no-install-recommends clang libclang-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches

@@ -295,11 +295,17 @@ async fn sql_prepare_passes_and_every_execution_is_judged() {
     held(&e, "unparsed");
     // Within one query string, PREPARE then EXECUTE: the EXECUTE is judged by what was just prepared.
     let e = c
-        .simple_query("PREPARE w2 AS TRUNCATE t; EXECUTE w2")
+        .simple_query("PREPARE w2 AS DELETE FROM t; EXECUTE w2")
         .await
         .unwrap_err();
     held(&e, "destructive");
     assert_eq!(ids(&direct).await, [1, 2, 3]);
+    // PostgreSQL cannot prepare a TRUNCATE: the whole string is unparsed, whatever its first word says.
+    let e = c
+        .simple_query("PREPARE w3 AS TRUNCATE t; EXECUTE w3")
+        .await
+        .unwrap_err();
+    held(&e, "unparsed");
 }
 
 #[tokio::test]

@@ -88,9 +88,12 @@ fn explain_option_analyze(
     let Some(options) = options else {
         return false;
     };
+    // As PostgreSQL reads them: ANALYZE or ANALYSE, and the last one wins.
+    let mut analyze = false;
     for o in options {
-        if o.name.value.eq_ignore_ascii_case("analyze") {
-            return match &o.arg {
+        let name = o.name.value.to_ascii_lowercase();
+        if name == "analyze" || name == "analyse" {
+            analyze = match &o.arg {
                 None => true,
                 Some(arg) => {
                     found.literal_sensitive = true;
@@ -99,7 +102,7 @@ fn explain_option_analyze(
             };
         }
     }
-    false
+    analyze
 }
 
 /// `false`, `off`, `0`, `'false'`, `'off'`, `'no'`, `'0'`: what PostgreSQL accepts as a false boolean option.

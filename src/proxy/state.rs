@@ -783,7 +783,14 @@ impl SessionState {
             let index = effects.len();
             let mut c = s.verdict.class;
             let mut effect = Effect::None;
-            match kind_of(&s.tokens) {
+            // What PostgreSQL's parser rejected runs nothing and is judged `unparsed` whatever its first
+            // words say; only a mention of a stepgate setting is still refused outright.
+            let kind = match kind_of(&s.tokens) {
+                Kind2::Mention => Kind2::Mention,
+                _ if s.verdict.class == Class::Unparsed => Kind2::Plain,
+                k => k,
+            };
+            match kind {
                 Kind2::Mention => mention = true,
                 Kind2::Set { name, value } => {
                     c = Class::Session;
