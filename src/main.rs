@@ -73,7 +73,10 @@ enum Cmd {
     #[command(after_help = "Examples:\n  stepgate check migrations/*.sql\n  \
                             stepgate check --format json --config stepgate.toml --database prod migrations/0042.sql\n  \
                             echo 'select 1' | stepgate check -\n\n\
-                            psql meta-command lines (\\set, \\i, …) are skipped; \\gexec makes its statement unparsed.\n\
+                            Files are split where psql sends them: at top-level ;, at \\g, \\gx, \\gset, \\gdesc, \\gexec,\n\
+                            \\crosstabview and \\watch; \\; is a ; that does not send; COPY … FROM stdin data up to \\. is skipped.\n\
+                            Other meta-command lines are not SQL; \\gexec and \\i/\\ir/\\include make a finding unparsed.\n\
+                            --format json adds each statement's reason (the rule that gave its class).\n\
                             With --config, the rule for --database/--user and the dangerous_functions list apply.")]
     Check {
         /// Output format: a table for people, JSON Lines for machines.
@@ -491,18 +494,31 @@ fn check(
     let rule = config.rule_for(database, user);
     let classifier = config.classifier();
     let mut findings = Vec::new();
+    // A file that cannot be read or decoded is an error for that file only: the others are still checked
+    // and printed, and the exit status is 2.
+    let mut failed = false;
     for file in files {
         let bytes = if file == "-" {
             let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf)?;
-            buf
+            std::io::stdin().read_to_end(&mut buf).map(|_| buf)
         } else {
-            std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {file}: {e}"))?
+            std::fs::read(file)
         };
-        let text = read_source(&bytes).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
-        findings.extend(check_text(file, &text, &config, &rule, &classifier));
+        let text = match bytes {
+            Err(e) => Err(format!("cannot read {file}: {e}")),
+            Ok(b) => read_source(&b).map_err(|e| format!("{file}: {e}")),
+        };
+        match text {
+            Ok(text) => findings.extend(check_text(file, &text, &config, &rule, &classifier)),
+            Err(e) => {
+                eprintln!("stepgate check: {e}");
+                failed = true;
+            }
+        }
     }
-    let code = if findings.iter().any(|f| f.guarded) {
+    let code = if failed {
+        ExitCode::from(2)
+    } else if findings.iter().any(|f| f.guarded) {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

@@ -69,6 +69,7 @@ fn migrations_as_json_lines() {
                 "guarded",
                 "index",
                 "line",
+                "reason",
                 "sql"
             ]
         );
@@ -180,4 +181,44 @@ fn errors_exit_2() {
     let (code, _, err) = run(&["--config", "no/such.toml", "-"], "select 1");
     assert_eq!(code, 2);
     assert!(err.contains("no/such.toml"), "{err}");
+}
+
+/// One file that is not UTF-8 is an error for that file: the others are still checked and printed.
+#[test]
+fn an_undecodable_file_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.sql");
+    std::fs::write(&bad, b"select '\xff';\n").unwrap();
+    let (code, out, err) = run(
+        &[
+            "--format",
+            "json",
+            bad.to_str().unwrap(),
+            "fixtures/migrations/0001_init.sql",
+        ],
+        "",
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("bad.sql"), "{err}");
+    assert!(out.contains("0001_init.sql"), "{out}");
+}
+
+/// psql scripts are split where psql sends them; the DROP after a meta-command is never swallowed.
+#[test]
+fn psql_meta_commands_split_statements() {
+    for script in [
+        "SELECT 1\\; DROP TABLE t;\n",
+        "SELECT 1 \\crosstabview\nDROP TABLE t;\n",
+        "SELECT 1 \\watch 1\nDROP TABLE t;\n",
+        "SELECT $1 \\bind 5 \\g\nDROP TABLE t;\n",
+        "COPY t FROM stdin;\nx\n\\.\nDROP TABLE t;\n",
+    ] {
+        let (code, out, err) = run(&["--format", "json", "-"], script);
+        assert_eq!(code, 1, "{script:?}: {out}{err}");
+        assert!(
+            out.lines()
+                .any(|l| l.contains("\"sql\":\"DROP TABLE t\"") && l.contains("destructive")),
+            "{script:?}: {out}"
+        );
+    }
 }
