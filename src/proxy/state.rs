@@ -248,6 +248,8 @@ pub(crate) enum Refused {
 /// What [`SessionState::analyze`] finds in a query string.
 pub(crate) struct Analysis {
     info: StmtInfo,
+    /// Why the most dangerous statement got its class (`DELETE without WHERE`, PostgreSQL's syntax error).
+    reason: Option<String>,
     effects: Vec<Effect>,
     rewritten: Option<String>,
     grants: Vec<Grant>,
@@ -530,6 +532,7 @@ impl SessionState {
         info: &StmtInfo,
         status: HeldStatus,
         denied: Option<&Denied>,
+        because: Option<&str>,
     ) -> ErrorReply {
         if let Some(Denied::AuditUnavailable) = denied {
             return Self::audit_unavailable();
@@ -564,11 +567,19 @@ impl SessionState {
                 } else {
                     tracing::warn!(held_id = %entry.id, class = %info.class, user = %self.session.user, database = %self.session.database, sql = %entry.sql, "statement held");
                 }
-                ErrorReply::error("42501", format!("stepgate: statement held ({})", info.class))
+                // A statement PostgreSQL cannot parse reads like the typo it usually is.
+                let message = match because.and_then(|b| b.strip_prefix("PostgreSQL: ")) {
+                    Some(parser) if info.class == Class::Unparsed => {
+                        format!("stepgate: statement held ({}): {parser}", info.class)
+                    }
+                    _ => format!("stepgate: statement held ({})", info.class),
+                };
+                ErrorReply::error("42501", message)
                     .with_detail(format!(
-                        "held id {}; fingerprint {}{}",
+                        "held id {}; fingerprint {}{}{}",
                         entry.id,
                         if fps.is_empty() { "(none)".to_string() } else { fps.join(", ") },
+                        because.map(|b| format!("; {b}")).unwrap_or_default(),
                         why.as_deref().map(|w| format!("; {w}")).unwrap_or_default()
                     ))
                     .with_hint(format!(
@@ -779,6 +790,7 @@ impl SessionState {
         let mut view: Vec<String> = self.stepgate.keys().cloned().collect();
         let mut view_token = self.token.clone();
         let mut grants: Vec<Grant> = Vec::new();
+        let mut reason: Option<(Class, String)> = None;
         for s in &stmts {
             let index = effects.len();
             let mut c = s.verdict.class;
@@ -908,6 +920,9 @@ impl SessionState {
                 }
             }
             if self.guarded(ctx, c) {
+                if reason.as_ref().is_none_or(|(rc, _)| c > *rc) && c == s.verdict.class {
+                    reason = Some((c, s.reason.clone()));
+                }
                 let fingerprint = s.fingerprint();
                 grants.push(Grant {
                     index,
@@ -941,6 +956,7 @@ impl SessionState {
             return Err(unparsed("a stepgate setting in a query that is not UTF-8"));
         };
         Ok(Analysis {
+            reason: reason.map(|(_, r)| r),
             info: StmtInfo {
                 class,
                 statements: guarded_statements,
@@ -1008,11 +1024,12 @@ impl SessionState {
             }
             Err(Refused::Hold(info)) => {
                 ctx.metrics.statement(info.class, Outcome::Held);
-                let err = self.hold(ctx, &sql(), &info, HeldStatus::Held, None);
+                let err = self.hold(ctx, &sql(), &info, HeldStatus::Held, None, None);
                 self.refuse_query(ctx, err)
             }
             Ok(Analysis {
                 info,
+                reason,
                 effects,
                 rewritten,
                 grants,
@@ -1024,11 +1041,25 @@ impl SessionState {
                     .statement(info.class, outcome(decision, &reservations));
                 match decision {
                     Decision::Refuse => {
-                        let err = self.hold(ctx, &sql(), &info, HeldStatus::Held, denied.as_ref());
+                        let err = self.hold(
+                            ctx,
+                            &sql(),
+                            &info,
+                            HeldStatus::Held,
+                            denied.as_ref(),
+                            reason.as_deref(),
+                        );
                         return self.refuse_query(ctx, err);
                     }
                     Decision::Observe => {
-                        self.hold(ctx, &sql(), &info, HeldStatus::Observed, denied.as_ref());
+                        self.hold(
+                            ctx,
+                            &sql(),
+                            &info,
+                            HeldStatus::Observed,
+                            denied.as_ref(),
+                            reason.as_deref(),
+                        );
                     }
                     Decision::Pass => {}
                 }
@@ -1199,7 +1230,14 @@ impl SessionState {
             .statement(info.class, outcome(decision, &reservations));
         match decision {
             Decision::Refuse => {
-                let err = self.hold(ctx, &sql(&info), &info, HeldStatus::Held, denied.as_ref());
+                let err = self.hold(
+                    ctx,
+                    &sql(&info),
+                    &info,
+                    HeldStatus::Held,
+                    denied.as_ref(),
+                    None,
+                );
                 self.queue.push_back(Expect::Execute {
                     effect: Effect::None,
                     refused: Some(err),
@@ -1216,6 +1254,7 @@ impl SessionState {
                         &info,
                         HeldStatus::Observed,
                         denied.as_ref(),
+                        None,
                     );
                 }
                 self.queue.push_back(Expect::Execute {
@@ -1255,7 +1294,7 @@ impl SessionState {
             .statement(Class::Privileged, outcome(decision, &[]));
         match decision {
             Decision::Refuse => {
-                let err = self.hold(ctx, &text, &info, HeldStatus::Held, None);
+                let err = self.hold(ctx, &text, &info, HeldStatus::Held, None, None);
                 self.queue
                     .push_back(Expect::FunctionCall { refused: Some(err) });
                 let mut b = body.to_vec();
@@ -1264,7 +1303,7 @@ impl SessionState {
             }
             d => {
                 if d == Decision::Observe {
-                    self.hold(ctx, &text, &info, HeldStatus::Observed, None);
+                    self.hold(ctx, &text, &info, HeldStatus::Observed, None, None);
                 }
                 self.queue.push_back(Expect::FunctionCall { refused: None });
                 Action::Forward
