@@ -223,3 +223,69 @@ async fn no_input_crashes_or_stalls_the_proxy() {
         g.assert_healthy().await;
     }
 }
+
+/// A large statement seen for the first time is judged on a judge thread: another session on the same
+/// relay thread is served meanwhile. Checked on the server's clock, not asserted as a duration: the
+/// bystander's fifth round trip runs on the server before the large statement even reaches it (without the
+/// judge threads the relay thread is busy judging, and the large statement is forwarded first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_statement_does_not_stall_its_relay_thread() {
+    let direct = setup("atk_large").await;
+    for options in [
+        stepgate::proxy::ServeOptions {
+            workers: Some(1),
+            ..Default::default()
+        },
+        stepgate::proxy::ServeOptions {
+            workers: Some(0),
+            ..Default::default()
+        },
+    ] {
+        let g = gate_with_options(|_| {}, options).await;
+        let big = g.client("atk_large").await;
+        let bystander = g.client("atk_large").await;
+        let tag: u32 = rand_tag();
+        let list: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
+        let sql = format!(
+            "SELECT count(*) AS t{tag} FROM (SELECT 1) s WHERE 1 IN ({})",
+            list.join(",")
+        );
+        // The client is handed back so its session (and its pg_stat_activity row) stays open.
+        let large = tokio::spawn(async move {
+            let n = big.simple_query(&sql).await.unwrap().len();
+            (n, big)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut last = None;
+        for _ in 0..5 {
+            let row = bystander
+                .query_one("SELECT clock_timestamp()::text", &[])
+                .await
+                .unwrap();
+            last = Some(row.get::<_, String>(0));
+        }
+        let (n, _big) = large.await.unwrap();
+        assert!(n > 0);
+        let started: String = direct
+            .query_one(
+                "SELECT max(query_start)::text FROM pg_stat_activity WHERE query LIKE $1",
+                &[&format!("SELECT count(*) AS t{tag} %")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let (done, started) = (last.unwrap(), started);
+        let parse = |s: &str| s.replace(' ', "T");
+        assert!(
+            parse(&done) < parse(&started),
+            "the bystander was answered at {done}, after the large statement reached the server at {started}"
+        );
+    }
+}
+
+fn rand_tag() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}

@@ -137,28 +137,32 @@ impl CachedClassifier {
         let mut shape = Vec::with_capacity(text.len() + 16);
         // With standard_conforming_strings off a backslash may end a literal where the scanner (which reads
         // with it on) does not: such a string is keyed by its exact bytes only.
-        let shape_safe = settings.standard_conforming_strings || !text.contains('\\');
-        let shape_key = lex::lex_each(&text, settings.standard_conforming_strings, |t, pg| {
-            if t.is_trivia() {
-                return;
-            }
-            shape.extend_from_slice(&pg.to_le_bytes());
-            match t.kind {
-                Kind::Number => {}
-                Kind::String => shape.push(super::mentions_stepgate_text(t.text) as u8),
-                _ => {
-                    shape.extend_from_slice(t.text.as_bytes());
-                    shape.push(0xFF);
+        let shape_safe = (settings.standard_conforming_strings || !text.contains('\\'))
+            && text.len() <= super::MAX_PARSE_BYTES;
+        let shape_key = if !shape_safe {
+            None
+        } else {
+            lex::lex_each(&text, settings.standard_conforming_strings, |t, pg| {
+                if t.is_trivia() {
+                    return;
                 }
-            }
-        })
-        .ok()
-        .filter(|()| shape_safe)
-        .map(|()| {
-            let mut h = prefix;
-            h.write(&shape);
-            h.finish()
-        });
+                shape.extend_from_slice(&pg.to_le_bytes());
+                match t.kind {
+                    Kind::Number => {}
+                    Kind::String => shape.push(super::mentions_stepgate_text(t.text) as u8),
+                    _ => {
+                        shape.extend_from_slice(t.text.as_bytes());
+                        shape.push(0xFF);
+                    }
+                }
+            })
+            .ok()
+            .map(|()| {
+                let mut h = prefix;
+                h.write(&shape);
+                h.finish()
+            })
+        };
         if let Some(k) = shape_key {
             if let Some(e) = self.shapes.get(&k) {
                 return e.clone();
@@ -177,6 +181,13 @@ impl CachedClassifier {
             self.remember(&self.shapes, k, (*entry).clone());
         }
         entry
+    }
+
+    /// True when the verdicts for these exact bytes are cached (a lookup costs a hash).
+    pub fn is_cached(&self, bytes: &[u8], settings: &LexSettings, generation: u64) -> bool {
+        let mut h = self.key(settings, generation);
+        h.write(bytes);
+        self.exact.contains_key(&h.finish())
     }
 
     fn remember(&self, map: &Map, key: u64, entry: Entry) -> Arc<Entry> {

@@ -42,6 +42,15 @@ pub fn default_dangerous_functions() -> Vec<String> {
         .collect()
 }
 
+/// The parse budget: a query string longer than this is not parsed, and is `unparsed`.
+pub const MAX_PARSE_BYTES: usize = 64 << 20;
+/// The parse budget: a query string with more tokens than this is not parsed, and is `unparsed` (the tree of
+/// one token costs a few hundred bytes while it is judged).
+pub const MAX_PARSE_TOKENS: usize = 250_000;
+/// Above this size sqlparser's walk is skipped: PostgreSQL's tree alone judges (sqlparser may only raise a
+/// class, and costs far more per byte).
+const MAX_SQLPARSER_BYTES: usize = 256 << 10;
+
 /// Why a query string could not be read at all (every statement in it is `unparsed`).
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ReadError {
@@ -158,7 +167,34 @@ impl Classifier {
         if sql.contains('\0') {
             return Err(ReadError::Nul);
         }
+        let over_budget = |why: String| {
+            let text = sql.trim();
+            let start = sql.len() - sql.trim_start().len();
+            Ok(vec![Analyzed {
+                text,
+                start,
+                tokens: Vec::new(),
+                verdict: Verdict {
+                    class: Class::Unparsed,
+                    literal_sensitive: true,
+                    fallback: true,
+                },
+                reason: why,
+            }])
+        };
+        if sql.len() > MAX_PARSE_BYTES {
+            return over_budget(format!(
+                "the query string has {} bytes, more than stepgate's parse budget of {MAX_PARSE_BYTES}",
+                sql.len()
+            ));
+        }
         let tokens = lex::lex(sql, true)?;
+        let significant_tokens = tokens.iter().filter(|t| !t.is_trivia()).count();
+        if significant_tokens > MAX_PARSE_TOKENS {
+            return over_budget(format!(
+                "the query string has {significant_tokens} tokens, more than stepgate's parse budget of {MAX_PARSE_TOKENS}"
+            ));
+        }
         let scs = settings.standard_conforming_strings;
         if !scs && sql.contains('\\') {
             // The server reads backslashes in '…' as escapes; the scanner here reads them with
@@ -300,8 +336,13 @@ impl Classifier {
         let mut found = ast::Findings::default();
         let text = parse_text(tokens);
         let dialect = PostgreSqlDialect {};
-        let fallback = match Parser::parse_sql(&dialect, &text) {
-            Ok(stmts) if stmts.len() == 1 => {
+        let parsed = if text.len() <= MAX_SQLPARSER_BYTES {
+            Parser::parse_sql(&dialect, &text).ok()
+        } else {
+            None
+        };
+        let fallback = match parsed {
+            Some(stmts) if stmts.len() == 1 => {
                 let sp = ast::classify(&stmts[0], &mut found);
                 if sp > class {
                     class = sp;

@@ -95,6 +95,9 @@ impl<'a> Gate<'a> {
 pub(super) struct Frontend {
     scanner: FrameScanner,
     logged_in: bool,
+    /// Set when feeding stopped before a message that must be judged on a judge thread first: the caller
+    /// runs the job (off its relay thread), then feeds the same bytes again.
+    pub pending: Option<super::judge::Job>,
 }
 
 impl Frontend {
@@ -102,6 +105,7 @@ impl Frontend {
         Frontend {
             scanner: FrameScanner::new(MAX_AUTH_MESSAGE),
             logged_in: false,
+            pending: None,
         }
     }
 
@@ -150,6 +154,16 @@ impl Frontend {
                         _ if !logged_in => return Err(FrontendError::BeforeLogin(tag as char)),
                         _ => {
                             let (state, ctx) = gate.get();
+                            if matches!(tag, b'Q' | b'P')
+                                && msg.len() >= super::judge::OFFLOAD_BYTES
+                            {
+                                if let Some(job) = state.offload(&shared.gate.load_full(), tag, msg)
+                                {
+                                    // Judged elsewhere first; this message is fed again afterwards.
+                                    self.pending = Some(job);
+                                    break;
+                                }
+                            }
                             if let Action::Replace(replacement) = state.on_frontend(ctx, tag, msg) {
                                 ready =
                                     substitute(emit, data, &mut start, ready, len, &replacement);

@@ -12,6 +12,7 @@
 pub mod authz;
 mod console;
 mod flow;
+mod judge;
 mod relay;
 mod session;
 pub mod state;
@@ -59,6 +60,8 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("cannot start the judge threads: {0}")]
+    Judges(std::io::Error),
 }
 
 /// Options of `serve` that are deliberately not in the config file.
@@ -164,6 +167,8 @@ pub(crate) struct Shared {
     pub options: ServeOptions,
     /// Open client sessions, for the console's SHOW SESSIONS.
     pub sessions: DashMap<u64, SessionSummary>,
+    /// Where large, uncached query strings are judged (off the relay threads).
+    pub judges: judge::JudgePool,
 }
 
 /// What the console shows of an open session.
@@ -343,6 +348,7 @@ impl Server {
                 gate: arc_swap::ArcSwap::from_pointee(gate),
                 options,
                 sessions: DashMap::new(),
+                judges: judge::JudgePool::start(2).map_err(ServeError::Judges)?,
             }),
         })
     }

@@ -67,6 +67,9 @@ pub(super) struct Conn {
     upstream_w: bool,
     /// It used its turn's read budget with bytes left to read: pump it again without waiting for an edge.
     more: bool,
+    /// A message from the client is being judged on a judge thread: nothing more is read from the client
+    /// until it is done (see [`super::judge`]).
+    judging: bool,
     /// Why the session ended (set when the relay hands it back).
     pub ending: Option<Ending>,
     done: Option<oneshot::Sender<Box<Conn>>>,
@@ -106,6 +109,7 @@ impl Conn {
             upstream_r: true,
             upstream_w: true,
             more: false,
+            judging: false,
             ending: None,
             done: Some(tx),
         });
@@ -138,7 +142,7 @@ impl Conn {
                     Err(e) => return Some(Ending::Backend(Err(e))),
                 }
             }
-            if self.to_upstream.is_empty() && self.client_r {
+            if self.to_upstream.is_empty() && self.client_r && !self.judging {
                 match read(
                     &mut self.client,
                     scratch,
@@ -387,11 +391,14 @@ impl Handle {
         // The thread keeps the waker too: closing its eventfd would drop a wake-up already signalled (a Stop
         // sent just before the last handle went) and leave the thread in epoll_wait for good.
         let kept = waker.clone();
+        let (judged_tx, judged_rx) = mpsc::channel();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             Worker {
                 poll,
                 _waker: kept,
                 rx,
+                judged_tx,
+                judged_rx,
                 slots: Vec::new(),
                 free: Vec::new(),
                 by_id: std::collections::HashMap::new(),
@@ -436,6 +443,9 @@ struct Worker {
     poll: Poll,
     _waker: Arc<Waker>,
     rx: mpsc::Receiver<Command>,
+    /// Judge threads report here (with a wake-up) which session's message they judged.
+    judged_tx: mpsc::Sender<u64>,
+    judged_rx: mpsc::Receiver<u64>,
     slots: Vec<Option<(tracing::Span, Box<Conn>)>>,
     free: Vec<usize>,
     by_id: std::collections::HashMap<u64, usize>,
@@ -466,6 +476,7 @@ impl Worker {
                     if !self.commands(&mut scratch) {
                         return;
                     }
+                    self.judged(&mut scratch);
                     continue;
                 }
                 let slot = ev.token().0 >> 1;
@@ -594,17 +605,50 @@ impl Worker {
         self.settle(slot, ended);
     }
 
-    /// After a turn: gives back a session that ended, or queues another turn for one that used its budget.
+    /// After a turn: gives back a session that ended, hands a message to be judged to the judge threads, or
+    /// queues another turn for one that used its budget.
     fn settle(&mut self, slot: usize, ended: Option<Ending>) {
         match ended {
             Some(ending) => self.release(slot, ending),
             None => {
-                if let Some(Some((_, conn))) = self.slots.get(slot) {
-                    if conn.more {
+                if let Some(Some((_, conn))) = self.slots.get_mut(slot) {
+                    if let Some(job) = conn.frontend.pending.take() {
+                        conn.judging = true;
+                        let (tx, waker, id) =
+                            (self.judged_tx.clone(), self._waker.clone(), conn.id);
+                        conn.shared.judges.submit(Box::new(move || {
+                            job();
+                            if tx.send(id).is_ok() {
+                                let _ = waker.wake();
+                            }
+                        }));
+                    } else if conn.more {
                         self.again.push((slot, conn.id));
                     }
                 }
             }
+        }
+    }
+
+    /// Feeds again the messages the judge threads are done with.
+    fn judged(&mut self, scratch: &mut [u8]) {
+        while let Ok(id) = self.judged_rx.try_recv() {
+            let Some(&slot) = self.by_id.get(&id) else {
+                continue; // the session ended meanwhile
+            };
+            let Some(Some((span, conn))) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            if !conn.judging {
+                continue;
+            }
+            conn.judging = false;
+            let ended = catch_panic(span, || match conn.client_sent(&[]) {
+                Some(end) => Some(end),
+                None if conn.frontend.pending.is_some() => None,
+                None => conn.pump(scratch),
+            });
+            self.settle(slot, ended);
         }
     }
 

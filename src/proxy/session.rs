@@ -666,6 +666,16 @@ where
         if terminate {
             return Ok(FrontendEnd::Terminate);
         }
+        if let Some(job) = flow.pending.take() {
+            // A large statement is judged off this runtime's threads; then the same bytes are fed again.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            shared.judges.submit(Box::new(move || {
+                job();
+                let _ = tx.send(());
+            }));
+            let _ = rx.await;
+            continue;
+        }
         buf.reserve(READ_CHUNK);
         let n = rd
             .read_buf(&mut buf)

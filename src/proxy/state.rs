@@ -475,6 +475,35 @@ impl SessionState {
 
     // ---- frontend -------------------------------------------------------------------------------
 
+    /// For a Query or Parse whose SQL is large and whose verdict is not cached: the work that judges it
+    /// (filling the cache), to run on a judge thread before the message is fed again (see
+    /// [`super::judge`]). None when the message can be judged here at once.
+    pub fn offload(
+        &self,
+        ctx: &std::sync::Arc<GateContext>,
+        tag: u8,
+        msg: &[u8],
+    ) -> Option<super::judge::Job> {
+        if ctx.disabled {
+            return None;
+        }
+        let body = msg.get(5..)?;
+        let sql = match tag {
+            b'Q' => body.strip_suffix(&[0]).unwrap_or(body),
+            b'P' => cstr(cstr(body)?.1)?.0,
+            _ => return None,
+        };
+        if sql.len() < super::judge::OFFLOAD_BYTES
+            || ctx.cache.is_cached(sql, &self.lex, ctx.generation)
+        {
+            return None;
+        }
+        let (ctx, sql, lex) = (ctx.clone(), sql.to_vec(), self.lex.clone());
+        Some(Box::new(move || {
+            ctx.cache.lookup(&sql, &lex, ctx.generation);
+        }))
+    }
+
     pub fn on_frontend(&mut self, ctx: &GateContext, tag: u8, msg: &[u8]) -> Action {
         if ctx.generation != self.generation {
             if self.generation != 0 {
