@@ -72,6 +72,14 @@ async fn names_are_compared_decoded() {
         assert_held(&c, sql).await;
     }
     assert_eq!(count(&direct, "t").await, 3, "rows were deleted");
+    // A harmless spelling first (the server says no such function), then the same shape whose UESCAPE
+    // makes it pg_terminate_backend: a cached verdict must not carry over (found by the fuzzer).
+    let e = c
+        .batch_execute("SELECT U&\"pg_!0074erminate_backend\" UESCAPE '#' (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "42883", "{e:?}");
+    assert_held(&c, "SELECT U&\"pg_!0074erminate_backend\" UESCAPE '!' (1)").await;
     // Plain EXPLAIN and ANALYZE off still pass: nothing runs.
     c.batch_execute("EXPLAIN DELETE FROM t").await.unwrap();
     c.batch_execute("EXPLAIN (ANALYZE on, ANALYZE off) DELETE FROM t")

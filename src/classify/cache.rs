@@ -142,13 +142,21 @@ impl CachedClassifier {
         let shape_key = if !shape_safe {
             None
         } else {
+            // The literal after UESCAPE is no value: it says how the `U&` identifier before it decodes
+            // (`U&"pg_!0074erminate_backend" UESCAPE '!'` names pg_terminate_backend), so it stays in the key.
+            let mut after_uescape = false;
             lex::lex_each(&text, settings.standard_conforming_strings, |t, pg| {
                 if t.is_trivia() {
                     return;
                 }
                 shape.extend_from_slice(&pg.to_le_bytes());
+                let uescape = std::mem::replace(&mut after_uescape, t.is_word("uescape"));
                 match t.kind {
                     Kind::Number => {}
+                    Kind::String if uescape => {
+                        shape.extend_from_slice(t.text.as_bytes());
+                        shape.push(0xFF);
+                    }
                     Kind::String => shape.push(super::mentions_stepgate_text(t.text) as u8),
                     _ => {
                         shape.extend_from_slice(t.text.as_bytes());

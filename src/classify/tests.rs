@@ -411,3 +411,22 @@ fn a_literal_naming_a_stepgate_setting_never_shares_a_shape() {
     let named = cached.lookup(b"SELECT set_config('Stepgate.Token', 'v', false)", &s, 1);
     assert!(named.attention, "{named:?}");
 }
+
+/// Found by the differential fuzzer: the literal after UESCAPE decides what a `U&` identifier names, so two
+/// strings that differ only there must never share a cached verdict.
+#[test]
+fn the_uescape_literal_is_part_of_the_shape() {
+    let c = Classifier::default();
+    let cached = CachedClassifier::new(c, 100);
+    let settings = LexSettings::default();
+    let harmless = "SELECT U&\"pg_!0074erminate_backend\" UESCAPE '#' (1)";
+    let attack = "SELECT U&\"pg_!0074erminate_backend\" UESCAPE '!' (1)";
+    assert_eq!(
+        cached.lookup(harmless.as_bytes(), &settings, 1).max,
+        Class::Read
+    );
+    assert_eq!(
+        cached.lookup(attack.as_bytes(), &settings, 1).max,
+        Class::Privileged
+    );
+}
