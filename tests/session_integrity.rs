@@ -217,3 +217,41 @@ async fn a_repeated_user_cannot_satisfy_a_tokens_user_line() {
     assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
     assert!(exists(&direct, "t").await);
 }
+
+/// A change of standard_conforming_strings or client_encoding in flight: the SET and a statement whose
+/// reading depends on it arrive in one write, before stepgate hears the server confirm the SET. The
+/// statement is read every way the server might read it, and held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_changed_in_flight_cannot_hide_a_drop() {
+    let direct = setup("si_inflight").await;
+    for options in relays() {
+        let g = gate_with_options(|_| {}, options).await;
+        for (set, attack) in [
+            (
+                &b"SET standard_conforming_strings = off"[..],
+                // On: two literals. Off: one literal "a', " and then the DROP.
+                &b"SELECT 'a\\', '; DROP TABLE t; -- '"[..],
+            ),
+            (
+                &b"SET client_encoding = 'GBK'"[..],
+                // UTF-8 reads E'\xe4\xb8\xad\' … as one literal; GBK reads \xad\x5c as one character,
+                // ends the literal at the next quote and runs the DROP.
+                &b"SELECT E'\xe4\xb8\xad\\'; DROP TABLE t; --'"[..],
+            ),
+        ] {
+            let mut raw = Raw::login(g.addr, &pg().user, "si_inflight", &[]).await;
+            let mut bytes = query(set);
+            bytes.extend(query(attack));
+            raw.send(&bytes).await;
+            let first = raw.until_ready().await;
+            assert_eq!(Raw::error_code(&first), None, "{first:?}");
+            let second = raw.until_ready().await;
+            assert_eq!(
+                Raw::error_code(&second).as_deref(),
+                Some("42501"),
+                "{second:?}"
+            );
+            assert!(exists(&direct, "t").await, "the DROP ran");
+        }
+    }
+}

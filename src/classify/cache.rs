@@ -135,10 +135,9 @@ impl CachedClassifier {
         // significant token its kind, then its text and 0xFF (never in UTF-8) — or, for a string literal,
         // whether it names a stepgate setting (that changes the verdict); numbers are their kind alone.
         let mut shape = Vec::with_capacity(text.len() + 16);
-        // With standard_conforming_strings off a backslash may end a literal where the scanner (which reads
-        // with it on) does not: such a string is keyed by its exact bytes only.
-        let shape_safe = (settings.standard_conforming_strings || !text.contains('\\'))
-            && text.len() <= super::MAX_PARSE_BYTES;
+        // A backslash may end a literal where the scanner (which reads with standard_conforming_strings on)
+        // does not, if the setting is or becomes off: such a string is keyed by its exact bytes only.
+        let shape_safe = !text.contains('\\') && text.len() <= super::MAX_PARSE_BYTES;
         let shape_key = if !shape_safe {
             None
         } else {

@@ -196,23 +196,27 @@ impl Classifier {
             ));
         }
         let scs = settings.standard_conforming_strings;
-        if !scs && sql.contains('\\') {
-            // The server reads backslashes in '…' as escapes; the scanner here reads them with
-            // standard_conforming_strings on. Both readings must build the same trees, or nobody can say
-            // what the statement is.
-            // Compared without positions and string values: a backslash escape changes a literal's value,
-            // not what the statement is; the value the server will use is in the tree judged below.
-            let strip = |r: Result<Vec<(usize, usize, serde_json::Value)>, String>| {
-                r.map(|v| {
-                    v.into_iter()
-                        .map(|(a, b, t)| (a, b, tree::without_values(&t)))
+        // A backslash reads differently with standard_conforming_strings off, and a change of that setting
+        // may be in flight (SET in the same pipeline, set_config, ROLLBACK, RESET ALL …). So whatever the
+        // session's setting is believed to be, a string with a backslash is parsed both ways: both readings
+        // must give the same statements (compared without positions and string values: an escape changes a
+        // literal's value, not what the statement is), and each statement takes the more dangerous verdict.
+        let other = if sql.contains('\\') {
+            let strip = |r: &Result<Vec<(usize, usize, serde_json::Value)>, String>| {
+                r.as_ref().ok().map(|v| {
+                    v.iter()
+                        .map(|(a, b, t)| (*a, *b, tree::without_values(t)))
                         .collect::<Vec<_>>()
                 })
             };
-            if strip(tree::parse(sql, true)) != strip(tree::parse(sql, false)) {
+            let (this, that) = (tree::parse(sql, scs), tree::parse(sql, !scs));
+            if this.is_ok() != that.is_ok() || strip(&this) != strip(&that) {
                 return Err(ReadError::Ambiguous);
             }
-        }
+            that.ok()
+        } else {
+            None
+        };
         let significant = |from: usize, to: usize| -> Vec<Token<'a>> {
             tokens
                 .iter()
@@ -249,9 +253,18 @@ impl Classifier {
             .collect()),
             Ok(stmts) => Ok(stmts
                 .into_iter()
-                .filter_map(|(from, to, t)| {
+                .enumerate()
+                .filter_map(|(i, (from, to, t))| {
                     let toks = significant(from, to);
-                    let (verdict, reason) = self.judge_tree(&t, &toks);
+                    let (mut verdict, mut reason) = self.judge_tree(&t, &toks);
+                    if let Some((_, _, t2)) = other.as_ref().and_then(|o| o.get(i)) {
+                        let (v2, r2) = self.judge_tree(t2, &toks);
+                        verdict.literal_sensitive |= v2.literal_sensitive;
+                        if v2.class > verdict.class {
+                            verdict.class = v2.class;
+                            reason = r2;
+                        }
+                    }
                     statement(toks, verdict, reason)
                 })
                 .collect()),
@@ -463,6 +476,26 @@ pub fn decode<'a>(bytes: &'a [u8], settings: &LexSettings) -> Result<Cow<'a, str
     }
     let client_encoding = settings.client_encoding.as_str();
     let enc = client_encoding.to_ascii_uppercase().replace(['-', '_'], "");
+    let backslash_may_be_a_trail_byte = matches!(
+        enc.as_str(),
+        "SJIS"
+            | "SHIFTJIS"
+            | "SHIFTJIS2004"
+            | "BIG5"
+            | "GBK"
+            | "GB18030"
+            | "UHC"
+            | "WIN932"
+            | "WIN936"
+            | "WIN949"
+            | "WIN950"
+    );
+    if !backslash_may_be_a_trail_byte && bytes.windows(2).any(|w| w[0] >= 0x80 && w[1] == b'\\') {
+        // In SJIS, BIG5, GBK, GB18030 and UHC a 0x5c after a high byte is part of a character, not a
+        // backslash. A change of client_encoding may be in flight (SET in the same pipeline, set_config,
+        // ROLLBACK …), so the server might read these bytes in such an encoding: nobody can say which.
+        return Err(ReadError::Ambiguous);
+    }
     let latin = || Cow::Owned(bytes.iter().map(|&b| b as char).collect::<String>());
     match enc.as_str() {
         "UTF8" | "UNICODE" => std::str::from_utf8(bytes)

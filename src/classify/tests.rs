@@ -231,11 +231,20 @@ fn backslashes_with_standard_conforming_strings_off() {
     assert_eq!(max_class(&c, trap, &off), Class::Unparsed);
     // A backslash that changes no boundary is fine.
     assert_eq!(max_class(&c, "select 'a\\nb'", &off), Class::Read);
-    // With the setting on, the same text is two statements, and the DROP is seen.
+    // With the setting believed on, the same text is still read both ways (a SET in flight may turn it
+    // off): the readings differ, so it is held as unparsed.
+    assert!(c.analyze(trap, &LexSettings::default()).is_err());
     assert_eq!(
         max_class(&c, trap, &LexSettings::default()),
-        Class::Destructive
+        Class::Unparsed
     );
+    // A high byte followed by 0x5c may be one SJIS/GBK character if client_encoding is changing.
+    assert!(c
+        .analyze_bytes(
+            b"select E'\xe4\xb8\xad\\'; drop table t; --'",
+            &LexSettings::default()
+        )
+        .is_err());
 }
 
 #[test]
