@@ -255,3 +255,51 @@ async fn a_setting_changed_in_flight_cannot_hide_a_drop() {
         }
     }
 }
+
+/// SQL FETCH/MOVE on a portal bound by the protocol runs that portal's statement: judged by it, as a
+/// protocol Execute is — whether the FETCH comes as a Query, or as a prepared statement parsed before the
+/// portal was bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_and_move_are_judged_by_their_portal() {
+    use stepgate::wire::build::{bind, execute, parse, sync};
+    let direct = setup("si_fetch").await;
+    for options in relays() {
+        let g = gate_with_options(|_| {}, options).await;
+        for fetch in [&b"FETCH ALL FROM cur"[..], b"MOVE ALL IN cur", b"FETCH 1 cur"] {
+            // As a Query, after the portal is bound.
+            let mut raw = Raw::login(g.addr, &pg().user, "si_fetch", &[]).await;
+            raw.send(&query(b"BEGIN")).await;
+            raw.until_ready().await;
+            let mut b = parse(b"s", b"DELETE FROM t RETURNING id");
+            b.extend(bind(b"cur", b"s"));
+            b.extend(sync());
+            raw.send(&b).await;
+            let bound = raw.until_ready().await;
+            assert_eq!(Raw::error_code(&bound), None, "{bound:?}");
+            raw.send(&query(fetch)).await;
+            let msgs = raw.until_ready().await;
+            assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+            assert_eq!(count(&direct, "t").await, 3, "the FETCH ran the DELETE");
+
+            // Prepared before the portal exists, executed after it is bound.
+            let mut raw = Raw::login(g.addr, &pg().user, "si_fetch", &[]).await;
+            raw.send(&query(b"BEGIN")).await;
+            raw.until_ready().await;
+            let mut b = parse(b"f", fetch);
+            b.extend(parse(b"s", b"DELETE FROM t RETURNING id"));
+            b.extend(bind(b"cur", b"s"));
+            b.extend(bind(b"", b"f"));
+            b.extend(execute(b""));
+            b.extend(sync());
+            raw.send(&b).await;
+            let msgs = raw.until_ready().await;
+            assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+            assert_eq!(count(&direct, "t").await, 3, "the prepared FETCH ran the DELETE");
+        }
+        // A cursor DECLAREd in SQL is judged when declared; fetching from it passes.
+        let c = g.client("si_fetch").await;
+        c.batch_execute("BEGIN; DECLARE c CURSOR FOR SELECT id FROM t; FETCH ALL FROM c; COMMIT")
+            .await
+            .unwrap();
+    }
+}

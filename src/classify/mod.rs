@@ -107,6 +107,9 @@ pub struct Analyzed<'a> {
     /// The rule that gave the class (`DELETE without WHERE`, `calls pg_read_file`,
     /// `PostgreSQL: syntax error at or near "x"`).
     pub reason: String,
+    /// For SQL FETCH/MOVE: the portal it runs, as PostgreSQL's parser read the name (decoded and
+    /// truncated to NAMEDATALEN - 1 bytes).
+    pub fetch_portal: Option<String>,
 }
 
 impl Analyzed<'_> {
@@ -180,6 +183,7 @@ impl Classifier {
                     fallback: true,
                 },
                 reason: why,
+                fetch_portal: None,
             }])
         };
         if sql.len() > MAX_PARSE_BYTES {
@@ -224,7 +228,10 @@ impl Classifier {
                 .copied()
                 .collect()
         };
-        let statement = |toks: Vec<Token<'a>>, verdict: Verdict, reason: String| {
+        let statement = |toks: Vec<Token<'a>>,
+                         verdict: Verdict,
+                         reason: String,
+                         fetch_portal: Option<String>| {
             let mut toks = toks;
             while toks.last().is_some_and(|t| t.kind == Kind::Semicolon) {
                 toks.pop();
@@ -237,6 +244,7 @@ impl Classifier {
                 tokens: toks,
                 verdict,
                 reason,
+                fetch_portal,
             })
         };
         match tree::parse(sql, scs) {
@@ -248,6 +256,7 @@ impl Classifier {
                     fallback: true,
                 },
                 format!("PostgreSQL: {message}"),
+                None,
             )
             .into_iter()
             .collect()),
@@ -265,7 +274,7 @@ impl Classifier {
                             reason = r2;
                         }
                     }
-                    statement(toks, verdict, reason)
+                    statement(toks, verdict, reason, tree::fetch_portal(&t))
                 })
                 .collect()),
         }
@@ -428,7 +437,15 @@ pub fn needs_attention(tokens: &[Token<'_>]) -> bool {
         .unwrap_or_default();
     if matches!(
         first.as_str(),
-        "set" | "reset" | "show" | "prepare" | "execute" | "deallocate" | "discard"
+        "set"
+            | "reset"
+            | "show"
+            | "prepare"
+            | "execute"
+            | "deallocate"
+            | "discard"
+            | "fetch"
+            | "move"
     ) {
         return true;
     }

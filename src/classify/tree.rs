@@ -113,6 +113,14 @@ fn judge_at(tree: &Value, dangerous: &dyn Fn(&str) -> bool, nesting: u8) -> Tree
     }
 }
 
+/// The portal a FETCH or MOVE runs.
+pub fn fetch_portal(tree: &Value) -> Option<String> {
+    let (kind, body) = unwrap_node(tree)?;
+    (kind == "FetchStmt")
+        .then(|| body.get("portalname")?.as_str().map(str::to_string))
+        .flatten()
+}
+
 /// The node kind of a statement tree (`SelectStmt`, …).
 pub fn top_kind(tree: &Value) -> Option<&str> {
     tree.get("node")?

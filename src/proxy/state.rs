@@ -100,6 +100,8 @@ pub struct StmtInfo {
     pub statements: Vec<(String, String)>,
     /// What its successful execution changes in the session.
     pub effect: Effect,
+    /// A SQL FETCH/MOVE: the portal it runs, judged when it executes (the portal may be bound later).
+    pub fetches: Option<Vec<u8>>,
 }
 
 impl StmtInfo {
@@ -108,6 +110,7 @@ impl StmtInfo {
             class: Class::Unparsed,
             statements: vec![(crate::audit::hash_line(what.as_bytes()), what.to_string())],
             effect: Effect::None,
+            fetches: None,
         }
     }
 }
@@ -801,6 +804,7 @@ impl SessionState {
                 class: Class::Unparsed,
                 statements: vec![(String::new(), what.to_string())],
                 effect: Effect::None,
+                fetches: None,
             }))
         };
         let text =
@@ -820,6 +824,7 @@ impl SessionState {
         let mut view_token = self.token.clone();
         let mut grants: Vec<Grant> = Vec::new();
         let mut reason: Option<(Class, String)> = None;
+        let mut fetches = None;
         for s in &stmts {
             let index = effects.len();
             let mut c = s.verdict.class;
@@ -891,6 +896,7 @@ impl SessionState {
                         class: inner_class,
                         statements: vec![(split::fingerprint(inner), inner_sql.to_string())],
                         effect: Effect::None,
+                        fetches: None,
                     };
                     c = Class::Session;
                     local.insert(name.clone(), Some(info.clone()));
@@ -946,6 +952,34 @@ impl SessionState {
                     if let Some(n) = embedded_execute(&s.tokens) {
                         c = c.max(self.lookup_statement(&n, local).class);
                     }
+                    // SQL FETCH/MOVE on a portal bound by the protocol runs that portal's statement, as an
+                    // Execute would: judged by it, and a token has to list it. (A cursor DECLAREd in SQL was
+                    // judged by its query when it was declared.)
+                    if let Some(portal) = s.fetch_portal.as_deref().map(str::as_bytes) {
+                        let bound = self.portals.contains_key(portal)
+                            || self.queue.iter().any(
+                                |e| matches!(e, Expect::Bind { portal: p, .. } if p == portal),
+                            );
+                        if bound {
+                            let info = self.lookup_portal(portal);
+                            if self.guarded(ctx, info.class) {
+                                for (fingerprint, sql) in &info.statements {
+                                    grants.push(Grant {
+                                        index,
+                                        fingerprint: fingerprint.clone(),
+                                        sql: sql.clone(),
+                                        token: view_token.clone(),
+                                    });
+                                }
+                                guarded_statements.extend(info.statements.clone());
+                            }
+                            class = class.max(info.class);
+                            effects.push(Effect::None);
+                            continue;
+                        }
+                        // Not bound yet: if this runs later as a prepared statement, its Execute looks again.
+                        fetches = Some(portal.to_vec());
+                    }
                 }
             }
             if self.guarded(ctx, c) {
@@ -990,6 +1024,7 @@ impl SessionState {
                 class,
                 statements: guarded_statements,
                 effect: Effect::None,
+                fetches,
             },
             effects,
             rewritten,
@@ -1127,6 +1162,7 @@ impl SessionState {
                 class: entry.max,
                 statements: Vec::new(),
                 effect: Effect::None,
+                fetches: None,
             };
             push(self, info, None);
             return Action::Forward;
@@ -1219,7 +1255,22 @@ impl SessionState {
             });
             return Action::Forward;
         }
-        let info = self.lookup_portal(&portal);
+        let mut info = self.lookup_portal(&portal);
+        // A prepared SQL FETCH/MOVE runs the portal it names, which may have been bound after the Parse.
+        if let Some(target) = info.fetches.take() {
+            let bound = self.portals.contains_key(&target)
+                || self
+                    .queue
+                    .iter()
+                    .any(|e| matches!(e, Expect::Bind { portal: p, .. } if *p == target));
+            if bound {
+                let runs = self.lookup_portal(&target);
+                if runs.class > info.class {
+                    info.class = runs.class;
+                    info.statements = runs.statements;
+                }
+            }
+        }
         // Only a hold needs the SQL text; the pass path does no string work.
         let sql = |info: &StmtInfo| {
             info.statements
@@ -1317,6 +1368,7 @@ impl SessionState {
             class: Class::Privileged,
             statements: vec![(fp, text.clone())],
             effect: Effect::None,
+            fetches: None,
         };
         let decision = decide(self.guarded(ctx, Class::Privileged), ctx.mode, false);
         ctx.metrics
