@@ -265,7 +265,11 @@ async fn fetch_and_move_are_judged_by_their_portal() {
     let direct = setup("si_fetch").await;
     for options in relays() {
         let g = gate_with_options(|_| {}, options).await;
-        for fetch in [&b"FETCH ALL FROM cur"[..], b"MOVE ALL IN cur", b"FETCH 1 cur"] {
+        for fetch in [
+            &b"FETCH ALL FROM cur"[..],
+            b"MOVE ALL IN cur",
+            b"FETCH 1 cur",
+        ] {
             // As a Query, after the portal is bound.
             let mut raw = Raw::login(g.addr, &pg().user, "si_fetch", &[]).await;
             raw.send(&query(b"BEGIN")).await;
@@ -294,12 +298,85 @@ async fn fetch_and_move_are_judged_by_their_portal() {
             raw.send(&b).await;
             let msgs = raw.until_ready().await;
             assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
-            assert_eq!(count(&direct, "t").await, 3, "the prepared FETCH ran the DELETE");
+            assert_eq!(
+                count(&direct, "t").await,
+                3,
+                "the prepared FETCH ran the DELETE"
+            );
         }
         // A cursor DECLAREd in SQL is judged when declared; fetching from it passes.
         let c = g.client("si_fetch").await;
         c.batch_execute("BEGIN; DECLARE c CURSOR FOR SELECT id FROM t; FETCH ALL FROM c; COMMIT")
             .await
             .unwrap();
+    }
+}
+
+/// PostgreSQL keeps the first 63 bytes of a statement or portal name: a longer name overwrites the shorter
+/// one it shares them with, by SQL and by protocol, and stepgate must see the same overwrite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_names_are_truncated_as_postgresql_truncates_them() {
+    use stepgate::wire::build::{bind, execute, parse, sync};
+    let direct = setup("si_names").await;
+    let short = "x".repeat(63);
+    let long = format!("{short}zzz");
+    for options in relays() {
+        let g = gate_with_options(|_| {}, options).await;
+        // SQL: PREPARE the harmless name, then re-PREPARE through the long name (after DEALLOCATE of the
+        // short one, as the server sees the same name), then EXECUTE the short one.
+        let c = g.client("si_names").await;
+        c.batch_execute(&format!("PREPARE {short} AS SELECT 1"))
+            .await
+            .unwrap();
+        let e = c
+            .batch_execute(&format!(
+                "DEALLOCATE {long}; PREPARE {long} AS DELETE FROM t; EXECUTE {short}"
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.as_db_error().unwrap().code().code(), "42501", "{e:?}");
+        assert_eq!(count(&direct, "t").await, 3, "the DELETE ran by SQL");
+
+        // Protocol: statement and portal names.
+        let mut raw = Raw::login(g.addr, &pg().user, "si_names", &[]).await;
+        let mut b = parse(short.as_bytes(), b"SELECT 1");
+        b.extend(sync());
+        raw.send(&b).await;
+        raw.until_ready().await;
+        let mut b = parse(b"", b"SELECT 1");
+        b.extend(stepgate::wire::build::message(
+            b'C',
+            &[b"S".as_slice(), long.as_bytes(), b"\0"].concat(),
+        ));
+        b.extend(parse(long.as_bytes(), b"DELETE FROM t"));
+        b.extend(bind(b"", short.as_bytes()));
+        b.extend(execute(b""));
+        b.extend(sync());
+        raw.send(&b).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        assert_eq!(count(&direct, "t").await, 3, "the DELETE ran by protocol");
+
+        let mut raw = Raw::login(g.addr, &pg().user, "si_names", &[]).await;
+        raw.send(&query(b"BEGIN")).await;
+        raw.until_ready().await;
+        let mut b = parse(b"s", b"SELECT 1");
+        b.extend(parse(b"d", b"DELETE FROM t"));
+        b.extend(bind(short.as_bytes(), b"s"));
+        b.extend(stepgate::wire::build::message(
+            b'C',
+            &[b"P".as_slice(), long.as_bytes(), b"\0"].concat(),
+        ));
+        b.extend(bind(long.as_bytes(), b"d"));
+        b.extend(execute(short.as_bytes()));
+        b.extend(sync());
+        raw.send(&b).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        assert_eq!(
+            count(&direct, "t").await,
+            3,
+            "the DELETE ran through a portal"
+        );
     }
 }

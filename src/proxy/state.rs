@@ -294,7 +294,26 @@ enum Kind2 {
 }
 
 fn ident_bytes(t: &Token<'_>) -> Option<Vec<u8>> {
-    t.ident().map(|s| s.into_bytes())
+    t.ident().map(sql_name)
+}
+
+/// PostgreSQL's NAMEDATALEN - 1: the longest name it stores.
+const MAX_NAME: usize = 63;
+
+/// A statement or portal name from the protocol as PostgreSQL stores it: its hash tables keep the first
+/// NAMEDATALEN - 1 bytes, so `<63 x's>zzz` and `<63 x's>` are one name.
+fn protocol_name(name: &[u8]) -> Vec<u8> {
+    name[..name.len().min(MAX_NAME)].to_vec()
+}
+
+/// A name written in SQL as PostgreSQL stores it: its scanner cuts an identifier to at most NAMEDATALEN - 1
+/// bytes at a character boundary.
+fn sql_name(name: String) -> Vec<u8> {
+    let mut end = name.len().min(MAX_NAME);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.as_bytes()[..end].to_vec()
 }
 
 /// Classifies a statement's role from its significant tokens.
@@ -530,7 +549,7 @@ impl SessionState {
             b'B' => self.on_bind(body),
             b'E' => self.on_execute(ctx, body),
             b'C' => {
-                if let Some(name) = body.get(1..).and_then(cstr).map(|(n, _)| n.to_vec()) {
+                if let Some(name) = body.get(1..).and_then(cstr).map(|(n, _)| protocol_name(n)) {
                     self.queue.push_back(Expect::Close {
                         batch: self.batch,
                         kind: body[0],
@@ -978,7 +997,7 @@ impl SessionState {
                             continue;
                         }
                         // Not bound yet: if this runs later as a prepared statement, its Execute looks again.
-                        fetches = Some(portal.to_vec());
+                        fetches = Some(sql_name(String::from_utf8_lossy(portal).into_owned()));
                     }
                 }
             }
@@ -1143,7 +1162,7 @@ impl SessionState {
         let Some((query, rest)) = cstr(rest) else {
             return Action::Forward;
         };
-        let name = name.to_vec();
+        let name = protocol_name(name);
         let push = |me: &mut Self, info: StmtInfo, refused: Option<ErrorReply>| {
             me.queue.push_back(Expect::Parse {
                 batch: me.batch,
@@ -1232,10 +1251,10 @@ impl SessionState {
         let Some((stmt, _)) = cstr(rest) else {
             return Action::Forward;
         };
-        let info = self.lookup_statement(stmt, &HashMap::new());
+        let info = self.lookup_statement(&protocol_name(stmt), &HashMap::new());
         self.queue.push_back(Expect::Bind {
             batch: self.batch,
-            portal: portal.to_vec(),
+            portal: protocol_name(portal),
             info,
         });
         Action::Forward
@@ -1245,7 +1264,7 @@ impl SessionState {
         let Some((portal, _)) = cstr(body) else {
             return Action::Forward;
         };
-        let portal = portal.to_vec();
+        let portal = protocol_name(portal);
         if ctx.disabled {
             self.queue.push_back(Expect::Execute {
                 effect: Effect::None,
