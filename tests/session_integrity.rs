@@ -380,3 +380,77 @@ async fn long_names_are_truncated_as_postgresql_truncates_them() {
         );
     }
 }
+
+/// What stepgate sends in place of a refused statement runs nothing a client can name: another session that
+/// reads it in pg_stat_activity and plants a DELETE under every name it shows (and under the names of the
+/// refusal messages themselves) gets its own next refusal without the DELETE running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_cannot_be_planted_or_read() {
+    use stepgate::wire::build::{bind, execute, parse, sync};
+    let direct = setup("si_plant").await;
+    for options in relays() {
+        let g = gate_with_options(|_| {}, options).await;
+        let a = g.client("si_plant").await;
+        a.batch_execute("DROP TABLE t").await.unwrap_err();
+        let shown: Vec<String> = direct
+            .query(
+                "SELECT query FROM pg_stat_activity WHERE datname = 'si_plant' AND query NOT LIKE '%pg_stat_activity%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        assert!(
+            shown.iter().all(|q| !q.contains("DROP")),
+            "the refused text reached the server: {shown:?}"
+        );
+        let mut names: Vec<String> = shown
+            .iter()
+            .flat_map(|q| {
+                q.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                    .filter(|w| !w.is_empty() && !w.chars().next().unwrap().is_ascii_digit())
+                    .map(str::to_lowercase)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        names.extend(["stepgate_refusal".to_string(), "stepgate".to_string()]);
+        names.sort();
+        names.dedup();
+        let mut raw = Raw::login(g.addr, &pg().user, "si_plant", &[]).await;
+        raw.send(&query(b"BEGIN")).await;
+        raw.until_ready().await;
+        let mut b = Vec::new();
+        for n in &names {
+            b.extend(parse(n.as_bytes(), b"DELETE FROM t"));
+            b.extend(bind(n.as_bytes(), n.as_bytes()));
+        }
+        b.extend(sync());
+        raw.send(&b).await;
+        let planted = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&planted), None, "{planted:?}");
+        // A refused Query, and refused Executes.
+        raw.send(&query(b"DROP TABLE t3")).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        raw.send(&query(b"ROLLBACK")).await;
+        raw.until_ready().await;
+        let mut b = parse(b"x", b"DROP TABLE t3");
+        b.extend(bind(b"", b"x"));
+        b.extend(execute(b""));
+        b.extend(sync());
+        raw.send(&b).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        let mut b = parse(b"", b"DELETE FROM t");
+        b.extend(bind(b"", b""));
+        b.extend(execute(b""));
+        b.extend(sync());
+        raw.send(&b).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        assert_eq!(count(&direct, "t").await, 3, "a planted DELETE ran");
+        assert!(exists(&direct, "t3").await);
+    }
+}

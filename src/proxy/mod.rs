@@ -225,7 +225,6 @@ impl ServerHandle {
             ctx.ledger = old.ledger.clone();
             ctx.metrics = old.metrics.clone();
             ctx.audit = old.audit.clone();
-            ctx.refusal_name = old.refusal_name.clone();
             Ok::<_, String>(ctx)
         })();
         let source = shared

@@ -3,8 +3,11 @@
 //!
 //! How a refusal keeps client and server in step (DESIGN.md "Holding and refusing"): a refused message is
 //! replaced by one that makes the *server* fail at exactly that position with a harmless error of its own
-//! (`EXECUTE stepgate_refused_…` for a Query, an Execute of a portal that does not exist, a FunctionCall of
-//! OID 0, a Parse of invalid SQL), and that one ErrorResponse is rewritten into stepgate's. PostgreSQL then
+//! ([`REFUSAL_SQL`], text that fails in PostgreSQL's parser, as a Query or as a Parse in place of a refused
+//! Parse or Execute; a FunctionCall of OID 0), and that one ErrorResponse is rewritten into stepgate's.
+//! Nothing a refusal sends names anything a client could create or see in advance (an earlier design sent
+//! `EXECUTE stepgate_refused_<suffix>`: another session read the name in pg_stat_activity and PREPAREd a
+//! DELETE under it), and a syntax error changes no session state. PostgreSQL then
 //! does its own bookkeeping: a transaction block is aborted, an extended-protocol batch skips to Sync, and
 //! responses arrive in order. A queue of expected responses tells which ErrorResponse is ours.
 //!
@@ -28,6 +31,12 @@ use crate::token::{Ledger, Policy};
 use crate::wire::build::{self, message};
 use crate::wire::frame::cstr;
 use crate::wire::reply::{error_fields, ErrorReply};
+
+/// What the server receives in place of a refused statement: it fails in PostgreSQL's parser (a syntax
+/// error at "stepgate") whatever the session's state, so it runs nothing and can be planted by nobody.
+pub const REFUSAL_SQL: &[u8] = b"stepgate refused this statement";
+/// The statement name of the Parse sent in place of a refused Execute; never stored (the parse fails first).
+const REFUSAL_STATEMENT: &[u8] = b"stepgate_refusal";
 use std::sync::Arc;
 
 /// Shared by every session of a server.
@@ -40,8 +49,6 @@ pub struct GateContext {
     pub disabled: bool,
     /// Policy generation, part of every cache key.
     pub generation: u64,
-    /// Random suffix of the names used to make the server fail on purpose.
-    pub refusal_name: String,
     /// Keyring and signers tokens are verified against.
     pub policy: Policy,
     /// Spent token uses, shared by every session (and kept across reloads).
@@ -60,9 +67,6 @@ impl GateContext {
     /// A context sharing an existing registry (a reload keeps what was held).
     pub fn with_registry(config: Config, registry: Arc<Registry>, disabled: bool) -> GateContext {
         let classifier = config.classifier();
-        let suffix: String = (0..16)
-            .map(|_| (b'a' + rand::random_range(0..26u8)) as char)
-            .collect();
         GateContext {
             mode: config.mode,
             config,
@@ -70,7 +74,6 @@ impl GateContext {
             registry,
             disabled,
             generation: 1,
-            refusal_name: format!("stepgate_refused_{suffix}"),
             policy: Policy::default(),
             ledger: Arc::new(Ledger::default()),
             audit: None,
@@ -678,11 +681,9 @@ impl SessionState {
         self.batch += 1;
     }
 
-    fn refuse_query(&mut self, ctx: &GateContext, refusal: ErrorReply) -> Action {
+    fn refuse_query(&mut self, refusal: ErrorReply) -> Action {
         self.expect_query(Vec::new(), Some(refusal), Vec::new());
-        Action::Replace(build::query(
-            format!("EXECUTE {}", ctx.refusal_name).as_bytes(),
-        ))
+        Action::Replace(build::query(REFUSAL_SQL))
     }
 
     fn status_text(&self, ctx: &GateContext, settings: &[String]) -> String {
@@ -1099,16 +1100,16 @@ impl SessionState {
         match analysis {
             Err(Refused::Mention) => {
                 ctx.metrics.statement(Class::Privileged, Outcome::Held);
-                self.refuse_query(ctx, self.mention_refusal())
+                self.refuse_query(self.mention_refusal())
             }
             Err(Refused::Token(err)) => {
                 ctx.metrics.statement(Class::Session, Outcome::Held);
-                self.refuse_query(ctx, err)
+                self.refuse_query(err)
             }
             Err(Refused::Hold(info)) => {
                 ctx.metrics.statement(info.class, Outcome::Held);
                 let err = self.hold(ctx, &sql(), &info, HeldStatus::Held, None, None);
-                self.refuse_query(ctx, err)
+                self.refuse_query(err)
             }
             Ok(Analysis {
                 info,
@@ -1132,7 +1133,7 @@ impl SessionState {
                             denied.as_ref(),
                             reason.as_deref(),
                         );
-                        return self.refuse_query(ctx, err);
+                        return self.refuse_query(err);
                     }
                     Decision::Observe => {
                         self.hold(
@@ -1192,11 +1193,11 @@ impl SessionState {
                 // Never forwarded: a Parse of invalid SQL makes the server fail here instead.
                 let refusal = self.mention_refusal();
                 push(self, StmtInfo::unknown(""), Some(refusal));
-                Action::Replace(build::parse(&name, ctx.refusal_name.as_bytes()))
+                Action::Replace(build::parse(&name, REFUSAL_SQL))
             }
             Err(Refused::Token(err)) => {
                 push(self, StmtInfo::unknown(""), Some(err));
-                Action::Replace(build::parse(&name, ctx.refusal_name.as_bytes()))
+                Action::Replace(build::parse(&name, REFUSAL_SQL))
             }
             Err(Refused::Hold(info)) => {
                 push(self, *info, None);
@@ -1343,7 +1344,7 @@ impl SessionState {
                     portal,
                     reservations: Vec::new(),
                 });
-                Action::Replace(build::execute(ctx.refusal_name.as_bytes()))
+                Action::Replace(build::parse(REFUSAL_STATEMENT, REFUSAL_SQL))
             }
             d => {
                 if d == Decision::Observe {
