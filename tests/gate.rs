@@ -495,12 +495,26 @@ async fn other_spellings_of_stepgate_settings_are_refused_and_never_forwarded() 
         "ALTER ROLE postgres SET stepgate.token = 'x'",
         "ALTER DATABASE postgres SET stepgate.token = 'x'",
         "SET stepgate.token = 'a', 'b'",
+        // Spellings only PostgreSQL's own decoding reveals (issue 15).
+        "SET U&\"st\\0065pgate\".token = 'x'",
+        "SET U&\"st!0065pgate\" UESCAPE '!' .token = 'x'",
+        "SELECT set_config(E'\\x73tepgate.token', 'x', false)",
+        "SELECT set_config(U&'st!0065pgate.token' UESCAPE '!', 'x', false)",
+        "SELECT set_config(U&'st\\0065pgate.token', 'x', false)",
+        "SELECT current_setting(E'\\x73tepgate.token', true)",
+        "RESET U&\"st\\0065pgate\".token",
+        "SHOW U&\"st!0065pgate\" UESCAPE '!' .token",
     ] {
         let e = c.simple_query(sql).await.unwrap_err();
         let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
         assert_eq!(db.code().code(), "42501", "{sql}");
+        // A U&'…' literal with a backslash reads two ways (an error with standard_conforming_strings
+        // off): held as unparsed, which forwards nothing either.
         assert!(
-            db.message().contains("names a stepgate setting"),
+            db.message().contains("names a stepgate setting")
+                || db
+                    .message()
+                    .starts_with("stepgate: statement held (unparsed)"),
             "{sql}: {}",
             db.message()
         );

@@ -152,7 +152,11 @@ impl CachedClassifier {
                 let uescape = std::mem::replace(&mut after_uescape, t.is_word("uescape"));
                 match t.kind {
                     Kind::Number => {}
-                    Kind::String if uescape => {
+                    // A U& literal's escapes are its own (UESCAPE), so its text may spell a stepgate
+                    // setting no plain search finds: keyed by its text.
+                    Kind::String
+                        if uescape || t.text.starts_with("U&") || t.text.starts_with("u&") =>
+                    {
                         shape.extend_from_slice(t.text.as_bytes());
                         shape.push(0xFF);
                     }
@@ -178,7 +182,9 @@ impl CachedClassifier {
         let entry = match self.classifier.analyze(&text, settings) {
             Ok(stmts) => Entry::from_verdicts(
                 stmts.iter().map(|s| s.verdict).collect(),
-                stmts.iter().any(|s| super::needs_attention(&s.tokens)),
+                stmts
+                    .iter()
+                    .any(|s| s.mentions_stepgate || super::needs_attention(&s.tokens)),
             ),
             Err(ReadError::Lex(_)) | Err(_) => Entry::unreadable(),
         };

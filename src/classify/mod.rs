@@ -110,6 +110,8 @@ pub struct Analyzed<'a> {
     /// For SQL FETCH/MOVE: the portal it runs, as PostgreSQL's parser read the name (decoded and
     /// truncated to NAMEDATALEN - 1 bytes).
     pub fetch_portal: Option<String>,
+    /// PostgreSQL's tree names a stepgate setting somewhere ([`tree::mentions_stepgate`]).
+    pub mentions_stepgate: bool,
 }
 
 impl Analyzed<'_> {
@@ -184,6 +186,7 @@ impl Classifier {
                 },
                 reason: why,
                 fetch_portal: None,
+                mentions_stepgate: false,
             }])
         };
         if sql.len() > MAX_PARSE_BYTES {
@@ -231,7 +234,8 @@ impl Classifier {
         let statement = |toks: Vec<Token<'a>>,
                          verdict: Verdict,
                          reason: String,
-                         fetch_portal: Option<String>| {
+                         fetch_portal: Option<String>,
+                         mentions_stepgate: bool| {
             let mut toks = toks;
             while toks.last().is_some_and(|t| t.kind == Kind::Semicolon) {
                 toks.pop();
@@ -245,6 +249,7 @@ impl Classifier {
                 verdict,
                 reason,
                 fetch_portal,
+                mentions_stepgate,
             })
         };
         match tree::parse(sql, scs) {
@@ -257,6 +262,7 @@ impl Classifier {
                 },
                 format!("PostgreSQL: {message}"),
                 None,
+                false,
             )
             .into_iter()
             .collect()),
@@ -274,7 +280,12 @@ impl Classifier {
                             reason = r2;
                         }
                     }
-                    statement(toks, verdict, reason, tree::fetch_portal(&t))
+                    let mentions = tree::mentions_stepgate(&t)
+                        || other
+                            .as_ref()
+                            .and_then(|o| o.get(i))
+                            .is_some_and(|(_, _, t2)| tree::mentions_stepgate(t2));
+                    statement(toks, verdict, reason, tree::fetch_portal(&t), mentions)
                 })
                 .collect()),
         }

@@ -113,6 +113,32 @@ fn judge_at(tree: &Value, dangerous: &dyn Fn(&str) -> bool, nesting: u8) -> Tree
     }
 }
 
+/// True when the statement names a stepgate setting anywhere, as PostgreSQL decodes it: a SET/RESET/SHOW
+/// (also inside ALTER ROLE/DATABASE/SYSTEM and function SET clauses) of a `stepgate.*` name, or a string
+/// constant containing `stepgate.` (`set_config(E'\x73tepgate.token', …)`, `current_setting(…)`). Names
+/// built at run time (`set_config(concat(…), …)`) are out of reach.
+pub fn mentions_stepgate(tree: &Value) -> bool {
+    fn walk(v: &Value) -> bool {
+        match v {
+            Value::Object(map) => map.iter().any(|(k, val)| match k.as_str() {
+                "VariableSetStmt" | "VariableShowStmt" => {
+                    val.get("name")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| n.to_ascii_lowercase().starts_with("stepgate."))
+                        || walk(val)
+                }
+                "sval" => val
+                    .as_str()
+                    .is_some_and(|s| s.to_ascii_lowercase().contains("stepgate.")),
+                _ => walk(val),
+            }),
+            Value::Array(a) => a.iter().any(walk),
+            _ => false,
+        }
+    }
+    walk(tree)
+}
+
 /// The portal a FETCH or MOVE runs.
 pub fn fetch_portal(tree: &Value) -> Option<String> {
     let (kind, body) = unwrap_node(tree)?;

@@ -96,8 +96,11 @@ pub(super) struct Frontend {
     scanner: FrameScanner,
     logged_in: bool,
     /// Set when feeding stopped before a message that must be judged on a judge thread first: the caller
-    /// runs the job (off its relay thread), then feeds the same bytes again.
+    /// runs the job (off its relay thread), then calls [`Frontend::judged`] and feeds the same bytes again.
     pub pending: Option<super::judge::Job>,
+    /// The message at the front was just judged elsewhere: the next Query/Parse is not offloaded again
+    /// (its verdict may be cached under its shape rather than its exact bytes).
+    just_judged: bool,
 }
 
 impl Frontend {
@@ -106,7 +109,13 @@ impl Frontend {
             scanner: FrameScanner::new(MAX_AUTH_MESSAGE),
             logged_in: false,
             pending: None,
+            just_judged: false,
         }
+    }
+
+    /// The job of [`Frontend::pending`] is done: the message it stopped at is fed as usual next time.
+    pub fn judged(&mut self) {
+        self.just_judged = true;
     }
 
     /// Processes `data` (what the client sent and is not consumed yet), emitting what to send upstream.
@@ -154,9 +163,10 @@ impl Frontend {
                         _ if !logged_in => return Err(FrontendError::BeforeLogin(tag as char)),
                         _ => {
                             let (state, ctx) = gate.get();
-                            if matches!(tag, b'Q' | b'P')
+                            let offload = matches!(tag, b'Q' | b'P')
                                 && msg.len() >= super::judge::OFFLOAD_BYTES
-                            {
+                                && !std::mem::take(&mut self.just_judged);
+                            if offload {
                                 if let Some(job) = state.offload(&shared.gate.load_full(), tag, msg)
                                 {
                                     // Judged elsewhere first; this message is fed again afterwards.

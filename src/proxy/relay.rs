@@ -643,6 +643,7 @@ impl Worker {
                 continue;
             }
             conn.judging = false;
+            conn.frontend.judged();
             let ended = catch_panic(span, || match conn.client_sent(&[]) {
                 Some(end) => Some(end),
                 None if conn.frontend.pending.is_some() => None,

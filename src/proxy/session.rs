@@ -674,6 +674,7 @@ where
                 let _ = tx.send(());
             }));
             let _ = rx.await;
+            flow.judged();
             continue;
         }
         buf.reserve(READ_CHUNK);

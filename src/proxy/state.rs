@@ -416,6 +416,16 @@ fn mentions(tokens: &[Token<'_>]) -> bool {
     })
 }
 
+/// `SHOW stepgate.<name>` exactly as written.
+fn plain_show_stepgate(tokens: &[Token<'_>]) -> bool {
+    tokens.len() == 4
+        && tokens[0].is_word("show")
+        && tokens[1].kind == Kind::Word
+        && tokens[1].text.eq_ignore_ascii_case("stepgate")
+        && tokens[2].text == "."
+        && tokens[3].kind == Kind::Word
+}
+
 /// `… EXECUTE name …` inside another statement (EXPLAIN ANALYZE EXECUTE p, CREATE TABLE … AS EXECUTE p).
 fn embedded_execute(tokens: &[Token<'_>]) -> Option<Vec<u8>> {
     tokens.windows(2).find_map(|p| {
@@ -853,6 +863,12 @@ impl SessionState {
             // words say; only a mention of a stepgate setting is still refused outright.
             let kind = match kind_of(&s.tokens) {
                 Kind2::Mention => Kind2::Mention,
+                // Any other spelling of a stepgate setting, as PostgreSQL decodes it (U&"…", E'\x73…' in
+                // set_config, ALTER ROLE … SET …): refused, never forwarded. `SHOW stepgate.<name>` as
+                // written is the one plain form that passes (the server holds only the token's id).
+                Kind2::Plain if s.mentions_stepgate && !plain_show_stepgate(&s.tokens) => {
+                    Kind2::Mention
+                }
                 _ if s.verdict.class == Class::Unparsed => Kind2::Plain,
                 k => k,
             };

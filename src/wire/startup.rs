@@ -32,6 +32,8 @@ pub enum StartupError {
     OddStepgateOption(String),
     #[error("stepgate setting {0} is not valid UTF-8")]
     NotUtf8(String),
+    #[error("options carries a stepgate setting and words PostgreSQL would read as stray arguments (a token with spaces?); pack the token first: stepgate token pack < token.asc")]
+    StrayOption,
 }
 
 /// A parsed untagged packet.
@@ -315,6 +317,21 @@ fn take_from_options(
                 i += 1;
             }
         }
+    }
+    // PostgreSQL splits `options` on whitespace: a clearsigned token put there raw leaves its other words
+    // behind as arguments the server rejects and logs ("-----BEGIN requires a value"). Refuse rather than
+    // forward any part of it.
+    let mut i = 0;
+    while i < kept.len() {
+        // `-c name=value`, `-d 5`, …: a one-letter switch may take the next word as its argument.
+        if kept[i].len() == 2 && kept[i][0] == b'-' {
+            i += 2;
+            continue;
+        }
+        if !kept[i].starts_with(b"-") {
+            return Err(StartupError::StrayOption);
+        }
+        i += 1;
     }
     Ok(join_options(&kept))
 }

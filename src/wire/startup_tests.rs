@@ -178,3 +178,27 @@ fn database_defaults_to_the_user_name() {
         "app"
     );
 }
+
+#[test]
+fn a_raw_clearsigned_token_in_options_is_refused_whole() {
+    let raw =
+        "-c stepgate.token=-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nstepgate-token: 1";
+    let mut m = parsed(&startup(&[("user", "a"), ("options", raw)]));
+    assert_eq!(m.take_stepgate_settings(), Err(StartupError::StrayOption));
+    // Ordinary options next to a packed token still pass.
+    let mut m = parsed(&startup(&[
+        ("user", "a"),
+        (
+            "options",
+            "-c work_mem=1MB -c stepgate.token=abc --search_path=x",
+        ),
+    ]));
+    assert_eq!(
+        m.take_stepgate_settings().unwrap(),
+        vec![("stepgate.token".to_string(), "abc".to_string())]
+    );
+    assert_eq!(
+        m.get("options"),
+        Some(&b"-c work_mem=1MB --search_path=x"[..])
+    );
+}
