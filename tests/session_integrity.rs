@@ -454,3 +454,58 @@ async fn a_refusal_cannot_be_planted_or_read() {
         assert!(exists(&direct, "t3").await);
     }
 }
+
+/// A use comes back only where PostgreSQL provably undid the statement: a privileged statement that fails
+/// after it began (a statement timeout after nextval and pg_reload_conf; a COPY … TO PROGRAM whose program
+/// fails after it ran) keeps its use spent, so it runs at most once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_privileged_statement_runs_at_most_once() {
+    let direct = setup("si_once").await;
+    direct.batch_execute("CREATE SEQUENCE c").await.unwrap();
+    let g = gate_with(policy).await;
+    let proof = format!("/tmp/stepgate-once-{}", std::process::id());
+    let _ = std::fs::remove_file(&proof);
+    let copy = format!("COPY (SELECT 1) TO PROGRAM 'echo ran >> {proof}; exit 1'");
+    let timed = "SELECT nextval('c'), pg_reload_conf(), pg_sleep(1)";
+    let token = sign(&payload("si_once", &[timed, &copy]), &["alice"]);
+    let c = g.client("si_once").await;
+    c.batch_execute(&set_token(&token)).await.unwrap();
+    c.batch_execute("SET statement_timeout = '300ms'")
+        .await
+        .unwrap();
+    let spent = |e: &tokio_postgres::Error| {
+        let db = e.as_db_error().unwrap();
+        db.code().code() == "42501" && db.detail().unwrap_or("").contains("already_used")
+    };
+    for attempt in 0..3 {
+        let e = c.batch_execute(timed).await.unwrap_err();
+        if attempt == 0 {
+            assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+        } else {
+            assert!(spent(&e), "attempt {attempt}: {e:?}");
+        }
+        let e = c.batch_execute(&copy).await.unwrap_err();
+        if attempt == 0 {
+            assert!(
+                !spent(&e) && sqlstate(&e).as_deref() != Some("42501"),
+                "{e:?}"
+            );
+        } else {
+            assert!(spent(&e), "attempt {attempt}: {e:?}");
+        }
+    }
+    let last: i64 = direct
+        .query_one("SELECT last_value FROM c", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last, 1, "nextval ran more than once");
+    let ran = std::fs::read_to_string(&proof).unwrap_or_default();
+    assert_eq!(
+        ran.lines().count(),
+        1,
+        "the program ran {} times",
+        ran.lines().count()
+    );
+    let _ = std::fs::remove_file(&proof);
+}

@@ -422,6 +422,15 @@ impl Classifier {
     }
 }
 
+/// True when an error or a rollback provably undoes everything `sql` did: every statement in it parses and
+/// runs transactionally ([`tree::non_transactional`] finds nothing).
+pub fn undone_by_rollback(sql: &str) -> bool {
+    match tree::parse(sql, true) {
+        Ok(stmts) => !stmts.is_empty() && stmts.iter().all(|(_, _, t)| !tree::non_transactional(t)),
+        Err(_) => false,
+    }
+}
+
 /// True when a token's text names a stepgate setting in a way that matters: `stepgate.` anywhere, or
 /// `stepgate` inside an escaped (`E''`, `U&''`) literal where escapes could spell the dot.
 pub fn mentions_stepgate_text(text: &str) -> bool {

@@ -139,6 +139,60 @@ pub fn mentions_stepgate(tree: &Value) -> bool {
     walk(tree)
 }
 
+/// True when a statement may leave effects a rollback does not undo: CONCURRENTLY anywhere, sequence
+/// functions (nextval, setval), calls of dangerous or SQL-running functions, and statement kinds that are
+/// not transactional or not only so (database, tablespace, system, subscription, VACUUM, CLUSTER, REINDEX,
+/// CHECKPOINT, LOAD, COPY to or from files or programs, DO).
+pub fn non_transactional(tree: &Value) -> bool {
+    fn walk(v: &Value) -> bool {
+        match v {
+            Value::Object(map) => map.iter().any(|(k, val)| match k.as_str() {
+                "concurrent" => val.as_bool() == Some(true),
+                "FuncCall" => {
+                    let name = names(val, "funcname")
+                        .last()
+                        .map(|n| n.to_lowercase())
+                        .unwrap_or_default();
+                    matches!(name.as_str(), "nextval" | "setval")
+                        || SQL_EXECUTING_BUILTINS.iter().any(|(n, _)| *n == name)
+                        || walk(val)
+                }
+                "CreatedbStmt"
+                | "DropdbStmt"
+                | "AlterDatabaseStmt"
+                | "AlterDatabaseSetStmt"
+                | "AlterDatabaseRefreshCollStmt"
+                | "CreateTableSpaceStmt"
+                | "DropTableSpaceStmt"
+                | "AlterTableSpaceOptionsStmt"
+                | "AlterSystemStmt"
+                | "CreateSubscriptionStmt"
+                | "AlterSubscriptionStmt"
+                | "DropSubscriptionStmt"
+                | "VacuumStmt"
+                | "ClusterStmt"
+                | "ReindexStmt"
+                | "CheckPointStmt"
+                | "LoadStmt"
+                | "DoStmt"
+                | "CallStmt" => true,
+                "CopyStmt" => {
+                    val.get("is_program").and_then(Value::as_bool) == Some(true)
+                        || val
+                            .get("filename")
+                            .and_then(Value::as_str)
+                            .is_some_and(|f| !f.is_empty())
+                        || walk(val)
+                }
+                _ => walk(val),
+            }),
+            Value::Array(a) => a.iter().any(walk),
+            _ => false,
+        }
+    }
+    walk(tree)
+}
+
 /// The portal a FETCH or MOVE runs.
 pub fn fetch_portal(tree: &Value) -> Option<String> {
     let (kind, body) = unwrap_node(tree)?;
@@ -1006,6 +1060,24 @@ mod tests {
             let (got, why) = class(sql);
             assert_eq!(got, want, "{sql}: {why}");
         }
+    }
+
+    #[test]
+    fn what_a_rollback_undoes() {
+        let nt = |sql: &str| {
+            parse(sql, true)
+                .unwrap()
+                .iter()
+                .any(|(_, _, t)| non_transactional(t))
+        };
+        assert!(!nt("DROP TABLE t"));
+        assert!(!nt("ALTER TABLE t ADD COLUMN a int"));
+        assert!(nt("CREATE INDEX CONCURRENTLY i ON t (a)"));
+        assert!(nt("DROP INDEX CONCURRENTLY i"));
+        assert!(nt("DELETE FROM t WHERE id = nextval('s')"));
+        assert!(nt("DROP DATABASE d"));
+        assert!(nt("VACUUM FULL t"));
+        assert!(nt("COPY (SELECT 1) TO PROGRAM 'x'"));
     }
 
     #[test]

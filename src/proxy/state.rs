@@ -1510,6 +1510,24 @@ impl SessionState {
         }
     }
 
+    /// The server reported an error for the statements these reservations were for, so it may have begun
+    /// running them. A use is given back only where PostgreSQL provably undid the statement: `ddl` and
+    /// `destructive` statements that run transactionally (no CONCURRENTLY, no sequence functions, no
+    /// database, tablespace or system commands), which an error rolls back. Every other use stays spent.
+    fn release_failed(&self, ctx: &GateContext, reservations: Vec<Reservation>, why: &str) {
+        let (undone, spent): (Vec<_>, Vec<_>) = reservations.into_iter().partition(|r| {
+            matches!(r.class, Class::Ddl | Class::Destructive)
+                && crate::classify::undone_by_rollback(&r.sql)
+        });
+        self.release(ctx, undone, why);
+        if !spent.is_empty() {
+            let _log = self.span.enter();
+            for r in spent {
+                tracing::warn!(token_id = %r.token.id(), fingerprint = %r.fingerprint, class = %r.class, reason = why, "the server failed a statement that may have had effects before it failed: its use stays spent");
+            }
+        }
+    }
+
     /// Releases what an expectation that will never be answered had reserved.
     fn abandon(&self, ctx: &GateContext, e: Expect, why: &str) {
         match e {
@@ -1666,10 +1684,17 @@ impl SessionState {
         let why = format!("server error {code}: {message}");
         // An aborted transaction answers everything with 25P02: that is the server's truth, not ours to rewrite.
         let ours = |r: &Option<ErrorReply>| r.clone().filter(|_| code != "25P02");
-        if let Some(Expect::Query { reservations, .. }) = self.queue.front_mut() {
-            // The failing statement and the ones after it in the string do not run.
-            let left = std::mem::take(reservations);
+        if let Some(Expect::Query {
+            reservations, done, ..
+        }) = self.queue.front_mut()
+        {
+            // The statements after the failing one in the string do not run; the failing one may have.
+            let failing = *done;
+            let (ran, left): (Vec<_>, Vec<_>) = std::mem::take(reservations)
+                .into_iter()
+                .partition(|r| r.index == failing);
             self.release(ctx, left, &why);
+            self.release_failed(ctx, ran, &why);
         }
         match self.queue.front_mut() {
             Some(Expect::Query { refused, .. }) | Some(Expect::FunctionCall { refused }) => {
@@ -1687,15 +1712,22 @@ impl SessionState {
                     }
                     _ => None,
                 };
+                let mut first = true;
                 while self.queue.front().is_some_and(|e| {
                     !matches!(
                         e,
                         Expect::Sync | Expect::Query { .. } | Expect::FunctionCall { .. }
                     )
                 }) {
-                    if let Some(e) = self.queue.pop_front() {
-                        self.abandon(ctx, e, &why);
+                    match self.queue.pop_front() {
+                        // The message that failed may have begun running; the rest were skipped.
+                        Some(Expect::Execute { reservations, .. }) if first => {
+                            self.release_failed(ctx, reservations, &why)
+                        }
+                        Some(e) => self.abandon(ctx, e, &why),
+                        None => {}
                     }
+                    first = false;
                 }
                 if self.queue.is_empty() {
                     self.skip_until_sync = true;
