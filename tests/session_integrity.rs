@@ -509,3 +509,58 @@ async fn a_failing_privileged_statement_runs_at_most_once() {
     );
     let _ = std::fs::remove_file(&proof);
 }
+
+/// CopyDone and CopyFail outside COPY are ignored by the server, which still answers the Syncs around them:
+/// stepgate's expected replies stay in step, and a later DELETE is judged. Inside a COPY the Syncs the
+/// client pipelined are ignored by the server, and stepgate expects no answer for them either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_messages_outside_copy_keep_the_session_in_step() {
+    use stepgate::wire::build::{bind, execute, message, parse, sync};
+    let direct = setup("si_copy").await;
+    for options in relays() {
+        let g = gate_with_options(|_| {}, options).await;
+        let mut raw = Raw::login(g.addr, &pg().user, "si_copy", &[]).await;
+        for end in [b'c', b'f'] {
+            let body: &[u8] = if end == b'f' { b"no\0" } else { b"" };
+            let mut b = sync();
+            b.extend(sync());
+            b.extend(message(end, body));
+            b.extend(sync());
+            raw.send(&b).await;
+            for _ in 0..3 {
+                let msgs = raw.until_ready().await;
+                assert_eq!(Raw::error_code(&msgs), None, "{msgs:?}");
+            }
+            raw.send(&query(b"DELETE FROM t")).await;
+            let msgs = raw.until_ready().await;
+            assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+            let mut b = parse(b"", b"DELETE FROM t");
+            b.extend(bind(b"", b""));
+            b.extend(execute(b""));
+            b.extend(sync());
+            raw.send(&b).await;
+            let msgs = raw.until_ready().await;
+            assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+            assert_eq!(count(&direct, "t").await, 3, "the DELETE ran");
+        }
+        // A real COPY through the extended protocol, Syncs pipelined inside it, then a judged DELETE.
+        let mut b = parse(b"", b"COPY t2 FROM STDIN");
+        b.extend(bind(b"", b""));
+        b.extend(execute(b""));
+        b.extend(sync());
+        b.extend(message(b'd', b"7\n"));
+        b.extend(sync());
+        b.extend(message(b'c', b""));
+        b.extend(sync());
+        raw.send(&b).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs), None, "{msgs:?}");
+        raw.send(&query(b"DELETE FROM t")).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        raw.send(&query(b"SELECT 1")).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs), None, "{msgs:?}");
+        assert_eq!(count(&direct, "t").await, 3);
+    }
+}

@@ -173,6 +173,10 @@ enum Expect {
     FunctionCall {
         refused: Option<ErrorReply>,
     },
+    /// Where the client ended a COPY (CopyDone/CopyFail). No response: if the server turns out to have
+    /// been in copy-in mode (a CopyInResponse arrives for the statement before it), the Syncs between that
+    /// statement and this marker were ignored by the server and are dropped; otherwise the marker is.
+    CopyEnd,
 }
 
 /// What to do with one message.
@@ -211,6 +215,9 @@ pub struct SessionState {
     queue: VecDeque<Expect>,
     batch: u64,
     skip_until_sync: bool,
+    /// The server said CopyInResponse and the client has not ended the COPY yet: the server ignores the
+    /// Syncs the client sends meanwhile, so they expect no answer.
+    copy_in: bool,
     /// Transaction status from the last ReadyForQuery (`I`, `T` or `E`).
     pub txn_status: u8,
     /// Policy generation `rule` was chosen under; a reload makes the session choose again.
@@ -459,6 +466,7 @@ impl SessionState {
             queue: VecDeque::new(),
             batch: 0,
             skip_until_sync: false,
+            copy_in: false,
             txn_status: b'I',
             span: tracing::Span::current(),
         }
@@ -504,7 +512,7 @@ impl SessionState {
     pub fn inspects_backend(tag: u8) -> bool {
         matches!(
             tag,
-            b'1' | b'2' | b'3' | b'C' | b'I' | b's' | b'E' | b'Z' | b'S'
+            b'1' | b'2' | b'3' | b'C' | b'I' | b's' | b'E' | b'Z' | b'S' | b'G'
         )
     }
 
@@ -551,6 +559,8 @@ impl SessionState {
         let body = msg.get(5..).unwrap_or(&[]);
         match tag {
             b'Q' => self.on_query(ctx, body),
+            // In copy-in mode the server ignores Sync (and Flush): no answer will come.
+            b'S' if self.copy_in => Action::Forward,
             b'S' => {
                 self.queue.push_back(Expect::Sync);
                 self.batch += 1;
@@ -573,11 +583,12 @@ impl SessionState {
             }
             b'F' => self.on_function_call(ctx, body),
             b'c' | b'f' => {
-                // CopyDone/CopyFail end copy-in mode, during which the server ignores Sync: drop the Syncs
-                // the client sent after the Execute that started the copy.
-                while matches!(self.queue.back(), Some(Expect::Sync)) {
-                    self.queue.pop_back();
+                // CopyDone/CopyFail: whether the server was copying in (and so ignored the Syncs sent since
+                // the COPY began) is known only from its answer; outside COPY it ignores these messages.
+                if std::mem::take(&mut self.copy_in) {
+                    return Action::Forward;
                 }
+                self.queue.push_back(Expect::CopyEnd);
                 Action::Forward
             }
             _ => Action::Forward,
@@ -1583,7 +1594,38 @@ impl SessionState {
 
     pub fn on_backend(&mut self, ctx: &GateContext, tag: u8, msg: &[u8]) -> Action {
         let body = msg.get(5..).unwrap_or(&[]);
+        // A CopyEnd marker at the front was not preceded by a copy-in: the server ignored that CopyDone.
+        while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
+            self.queue.pop_front();
+        }
+        if matches!(tag, b'C' | b'E' | b'Z') {
+            // The copy ended (or failed): the server answers Syncs again.
+            self.copy_in = false;
+        }
         match tag {
+            b'G' => {
+                // CopyInResponse for the statement at the front: the server is in copy-in mode. Syncs the
+                // client sent after that statement, up to its CopyDone/CopyFail, get no answer.
+                let end = self.queue.iter().position(|e| matches!(e, Expect::CopyEnd));
+                let upto = end.unwrap_or(self.queue.len());
+                let mut i = 1;
+                let mut limit = upto;
+                while i < limit {
+                    if matches!(self.queue.get(i), Some(Expect::Sync)) {
+                        self.queue.remove(i);
+                        limit -= 1;
+                    } else {
+                        i += 1;
+                    }
+                }
+                match end {
+                    Some(_) => {
+                        self.queue.remove(limit);
+                    }
+                    None => self.copy_in = true,
+                }
+                return Action::Forward;
+            }
             b'1' => {
                 if let Some(Expect::Parse { name, info, .. }) =
                     self.pop_if(|e| matches!(e, Expect::Parse { .. }))
@@ -1771,6 +1813,68 @@ mod tests {
 
     fn be(s: &mut SessionState, tag: u8, body: &[u8]) -> Action {
         s.on_backend(&ctx(), tag, &message(tag, body))
+    }
+
+    fn syncs(s: &SessionState) -> usize {
+        s.queue.iter().filter(|e| matches!(e, Expect::Sync)).count()
+    }
+
+    #[test]
+    fn copy_end_outside_copy_keeps_every_sync() {
+        // The server ignores CopyDone/CopyFail outside COPY and answers all three Syncs.
+        let c = ctx();
+        let mut s = st();
+        for m in [
+            build::sync(),
+            build::sync(),
+            message(b'c', b""),
+            build::sync(),
+            message(b'f', b"x\0"),
+        ] {
+            fe(&mut s, &c, &m);
+        }
+        assert_eq!(syncs(&s), 3);
+        for _ in 0..3 {
+            be(&mut s, b'Z', b"I");
+        }
+        // Only the last CopyFail's marker is left; it expects no answer and goes with the next message.
+        assert!(s.queue.iter().all(|e| matches!(e, Expect::CopyEnd)));
+        be(&mut s, b'Z', b"I");
+        assert!(s.queue.is_empty());
+    }
+
+    #[test]
+    fn syncs_inside_copy_in_expect_no_answer() {
+        // Parse/Bind/Execute(COPY FROM STDIN), Sync, CopyData, Sync, CopyDone, Sync: the server answers
+        // 1, 2, G (copy-in: both Syncs ignored), C, Z.
+        let c = ctx();
+        for g_first in [false, true] {
+            let mut s = st();
+            for m in [parse("", "COPY t FROM STDIN"), bind("", ""), execute("")] {
+                fe(&mut s, &c, &m);
+            }
+            be(&mut s, b'1', b"");
+            be(&mut s, b'2', b"");
+            if g_first {
+                be(&mut s, b'G', b"\0\0\0");
+            }
+            for m in [
+                build::sync(),
+                message(b'd', b"1\n"),
+                build::sync(),
+                message(b'c', b""),
+                build::sync(),
+            ] {
+                fe(&mut s, &c, &m);
+            }
+            if !g_first {
+                be(&mut s, b'G', b"\0\0\0");
+            }
+            assert_eq!(syncs(&s), 1, "g_first {g_first}");
+            be(&mut s, b'C', b"COPY 1\0");
+            be(&mut s, b'Z', b"I");
+            assert!(s.queue.is_empty(), "g_first {g_first}");
+        }
     }
 
     #[test]
