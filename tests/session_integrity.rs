@@ -564,3 +564,193 @@ async fn copy_messages_outside_copy_keep_the_session_in_step() {
         assert_eq!(count(&direct, "t").await, 3);
     }
 }
+
+/// The per-message model against a real server: random sequences of every frontend message type (Parse,
+/// Bind, Execute, Describe, Close of known and unknown names, Sync, Flush, Query, FunctionCall, CopyData,
+/// CopyDone and CopyFail outside COPY, transaction control, cursors, errors) go to PostgreSQL while the
+/// session model is fed the same messages and every reply. Nothing is guarded, so the model must never
+/// rewrite a reply, and once the server has answered a round it must expect no further reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reply_model_matches_a_real_server_message_for_message() {
+    use rand::{Rng, SeedableRng};
+    use stepgate::proxy::state::{Action, GateContext, SessionState};
+    use stepgate::wire::build::{bind, execute, message, parse, sync};
+    let _ = setup("si_model").await;
+    let mut config = stepgate::config::Config::default();
+    pipe_only(&mut config);
+    let ctx = GateContext::new(config.clone(), stepgate::gate::Registry::new(None), false);
+    let mut state = SessionState::new(
+        Default::default(),
+        config.rule_for("si_model", &pg().user),
+        Vec::new(),
+    );
+    let addr: std::net::SocketAddr = pg().addr().parse().unwrap();
+    let mut raw = Raw::login(addr, &pg().user, "si_model", &[]).await;
+    let seed: u64 = std::env::var("MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261202);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let names = ["", "a", "b", &"n".repeat(70)];
+    let sqls = [
+        "SELECT 1",
+        "SELECT $1::int",
+        "SELECT * FROM t",
+        "SELEC 1",
+        "SELECT 1/0",
+        "BEGIN",
+        "COMMIT",
+        // (Savepoint commands are left out: EXECUTE of a prepared ROLLBACK TO SAVEPOINT makes PostgreSQL 15
+        // end the connection with an internal error.)
+        "DECLARE c CURSOR WITH HOLD FOR SELECT * FROM t",
+        "FETCH 1 FROM c",
+        "CLOSE c",
+        "SET application_name = 'x'",
+        "COPY (SELECT 1) TO STDOUT",
+        "INSERT INTO t2 VALUES (1)",
+        "",
+    ];
+    let queries = [
+        "SELECT 1",
+        "BEGIN",
+        "COMMIT",
+        "ROLLBACK",
+        "SELECT 1; SELECT 2",
+        "SELEC 1",
+        "SELECT 1/0",
+        "PREPARE a AS SELECT 1",
+        "DEALLOCATE a",
+        "DEALLOCATE ALL",
+        "EXECUTE a",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT * FROM t",
+        "FETCH ALL FROM c",
+        "CLOSE c",
+        "DISCARD ALL",
+        "",
+        ";",
+    ];
+    let mut sent = 0usize;
+    let mut mismatches = 0usize;
+    let mut round = 0u64;
+    while sent < 100_000 {
+        round += 1;
+        let mut batch = Vec::new();
+        for _ in 0..rng.random_range(1..25) {
+            let pick = |rng: &mut rand::rngs::StdRng, from: &[&str]| {
+                from[rng.random_range(0..from.len())].to_string()
+            };
+            let m = match rng.random_range(0..14) {
+                0 | 1 => parse(
+                    pick(&mut rng, &names).as_bytes(),
+                    pick(&mut rng, &sqls).as_bytes(),
+                ),
+                2 | 3 => {
+                    let mut b = bind(
+                        pick(&mut rng, &names).as_bytes(),
+                        pick(&mut rng, &names).as_bytes(),
+                    );
+                    if rng.random_bool(0.3) {
+                        // One text parameter, for SELECT $1::int.
+                        let len = b.len();
+                        b.truncate(len - 4);
+                        b.extend_from_slice(&[0, 1, 0, 0, 0, 1, b'7', 0, 0]);
+                        let n = (b.len() - 1) as u32;
+                        b[1..5].copy_from_slice(&n.to_be_bytes());
+                    }
+                    b
+                }
+                4 | 5 => {
+                    let mut e = execute(pick(&mut rng, &names).as_bytes());
+                    if rng.random_bool(0.3) {
+                        let len = e.len();
+                        e[len - 4..].copy_from_slice(&1u32.to_be_bytes());
+                    }
+                    e
+                }
+                6 => {
+                    let kind = if rng.random_bool(0.5) { b'S' } else { b'P' };
+                    let mut body = vec![kind];
+                    body.extend_from_slice(pick(&mut rng, &names).as_bytes());
+                    body.push(0);
+                    message(b'D', &body)
+                }
+                7 => {
+                    let kind = if rng.random_bool(0.5) { b'S' } else { b'P' };
+                    let mut body = vec![kind];
+                    body.extend_from_slice(pick(&mut rng, &names).as_bytes());
+                    body.push(0);
+                    message(b'C', &body)
+                }
+                8 => sync(),
+                9 => message(b'H', b""),
+                10 => query(pick(&mut rng, &queries).as_bytes()),
+                11 => match rng.random_range(0..3) {
+                    0 => message(b'c', b""),
+                    1 => message(b'f', b"stop\0"),
+                    _ => message(b'd', b"x\n"),
+                },
+                12 => {
+                    // FunctionCall of pg_backend_pid() (OID 2026), no arguments, text result.
+                    let mut body = 2026u32.to_be_bytes().to_vec();
+                    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+                    message(b'F', &body)
+                }
+                _ => sync(),
+            };
+            batch.push(m);
+        }
+        // End the round where the server certainly answers: a Sync, then a sentinel query.
+        batch.push(sync());
+        let sentinel = format!("ROLLBACK; SELECT 'end-{round}'");
+        batch.push(query(sentinel.as_bytes()));
+        let mut bytes = Vec::new();
+        for m in &batch {
+            if let Action::Replace(_) = state.on_frontend(&ctx, m[0], m) {
+                mismatches += 1;
+            }
+            bytes.extend_from_slice(m);
+            sent += 1;
+        }
+        raw.send(&bytes).await;
+        let want = format!("end-{round}");
+        let mut seen = false;
+        let mut got = Vec::new();
+        loop {
+            let Some((tag, body)) = raw.recv().await else {
+                let sent: Vec<String> = batch
+                    .iter()
+                    .map(|m| format!("{}{:?}", m[0] as char, String::from_utf8_lossy(&m[5..])))
+                    .collect();
+                panic!(
+                    "round {round}: the server closed the connection\ngot {got:?}\nsent {sent:?}"
+                );
+            };
+            got.push(match tag {
+                b'E' => format!("E[{}]", common::raw::field(&body, b'M').unwrap_or_default()),
+                t => (t as char).to_string(),
+            });
+            if let Action::Replace(_) = state.on_backend(&ctx, tag, &message(tag, &body)) {
+                mismatches += 1;
+            }
+            if tag == b'D' && String::from_utf8_lossy(&body).contains(&want) {
+                seen = true;
+            }
+            if tag == b'Z' && seen {
+                break;
+            }
+        }
+        if state.expected_replies() != 0 {
+            mismatches += 1;
+            let sent: Vec<String> = batch
+                .iter()
+                .map(|m| format!("{}{:?}", m[0] as char, String::from_utf8_lossy(&m[5..])))
+                .collect();
+            panic!(
+                "round {round} (seed {seed}): the model still expects {} replies\nsent {sent:?}\ngot {got:?}",
+                state.expected_replies()
+            );
+        }
+    }
+    assert_eq!(mismatches, 0, "seed {seed}");
+    eprintln!("{sent} messages in {round} rounds, 0 mismatches");
+}

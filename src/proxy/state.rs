@@ -170,6 +170,8 @@ enum Expect {
         name: Vec<u8>,
     },
     Sync,
+    /// Describe: answered by RowDescription or NoData (a statement's ParameterDescription comes first).
+    Describe,
     FunctionCall {
         refused: Option<ErrorReply>,
     },
@@ -504,15 +506,24 @@ impl SessionState {
     pub fn inspects_frontend(tag: u8) -> bool {
         matches!(
             tag,
-            b'Q' | b'P' | b'B' | b'E' | b'C' | b'S' | b'F' | b'c' | b'f'
+            b'Q' | b'P' | b'B' | b'E' | b'C' | b'S' | b'F' | b'c' | b'f' | b'D'
         )
+    }
+
+    /// How many server replies the session still expects (ParseComplete, ReadyForQuery, …): zero once the
+    /// server has answered everything sent. For tests that hold the model against a real server.
+    pub fn expected_replies(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|e| !matches!(e, Expect::CopyEnd))
+            .count()
     }
 
     /// Backend message tags the gate must see whole.
     pub fn inspects_backend(tag: u8) -> bool {
         matches!(
             tag,
-            b'1' | b'2' | b'3' | b'C' | b'I' | b's' | b'E' | b'Z' | b'S' | b'G'
+            b'1' | b'2' | b'3' | b'C' | b'I' | b's' | b'E' | b'Z' | b'S' | b'G' | b'T' | b'n'
         )
     }
 
@@ -558,6 +569,23 @@ impl SessionState {
         }
         let body = msg.get(5..).unwrap_or(&[]);
         match tag {
+            // After an error in an extended-protocol message the server skips everything up to Sync, Query
+            // and FunctionCall included. They are still judged (a refusal replaces them as usual), but no
+            // reply will come, so nothing is left expected and what was reserved is given back.
+            b'Q' | b'F' if self.skip_until_sync => {
+                let before = self.queue.len();
+                let action = if tag == b'Q' {
+                    self.on_query(ctx, body)
+                } else {
+                    self.on_function_call(ctx, body)
+                };
+                while self.queue.len() > before {
+                    if let Some(e) = self.queue.pop_back() {
+                        self.abandon(ctx, e, "skipped by the server until Sync");
+                    }
+                }
+                action
+            }
             b'Q' => self.on_query(ctx, body),
             // In copy-in mode the server ignores Sync (and Flush): no answer will come.
             b'S' if self.copy_in => Action::Forward,
@@ -568,6 +596,10 @@ impl SessionState {
                 Action::Forward
             }
             _ if self.skip_until_sync => Action::Forward,
+            b'D' => {
+                self.queue.push_back(Expect::Describe);
+                Action::Forward
+            }
             b'P' => self.on_parse(ctx, body),
             b'B' => self.on_bind(body),
             b'E' => self.on_execute(ctx, body),
@@ -1603,6 +1635,11 @@ impl SessionState {
             self.copy_in = false;
         }
         match tag {
+            b'T' | b'n' => {
+                // RowDescription/NoData answer a Describe; a simple Query's RowDescription belongs to it.
+                self.pop_if(|e| matches!(e, Expect::Describe));
+                return Action::Forward;
+            }
             b'G' => {
                 // CopyInResponse for the statement at the front: the server is in copy-in mode. Syncs the
                 // client sent after that statement, up to its CopyDone/CopyFail, get no answer.
@@ -1754,13 +1791,13 @@ impl SessionState {
                     }
                     _ => None,
                 };
+                // Query and FunctionCall messages sent before the Sync are skipped too.
                 let mut first = true;
-                while self.queue.front().is_some_and(|e| {
-                    !matches!(
-                        e,
-                        Expect::Sync | Expect::Query { .. } | Expect::FunctionCall { .. }
-                    )
-                }) {
+                while self
+                    .queue
+                    .front()
+                    .is_some_and(|e| !matches!(e, Expect::Sync))
+                {
                     match self.queue.pop_front() {
                         // The message that failed may have begun running; the rest were skipped.
                         Some(Expect::Execute { reservations, .. }) if first => {
