@@ -152,6 +152,9 @@ struct RawRule {
     /// Longest time from a signature to the token's not-after. [1h]
     #[serde(default, deserialize_with = "de_duration")]
     max_token_lifetime: Option<Duration>,
+    /// Tokens may list only statements whose tables and other objects are schema-qualified (an
+    /// unqualified name resolves through the session's search_path when it runs). [false]
+    require_qualified_names: Option<bool>,
 }
 
 /// Which statements are guarded for a database and user.
@@ -164,6 +167,8 @@ pub struct Rule {
     pub signatures: usize,
     /// Longest time from a signature to the token's not-after.
     pub max_token_lifetime: Duration,
+    /// Tokens may list only statements with schema-qualified object names.
+    pub require_qualified_names: bool,
 }
 
 /// Default `max_token_lifetime` of a rule.
@@ -177,6 +182,7 @@ impl Default for Rule {
             guard: Class::DEFAULT_GUARDED.to_vec(),
             signatures: 1,
             max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
+            require_qualified_names: false,
         }
     }
 }
@@ -333,6 +339,7 @@ impl Config {
                     guard: r.guard.unwrap_or_else(|| Class::DEFAULT_GUARDED.to_vec()),
                     signatures: r.signatures.unwrap_or(1),
                     max_token_lifetime: r.max_token_lifetime.unwrap_or(DEFAULT_MAX_TOKEN_LIFETIME),
+                    require_qualified_names: r.require_qualified_names.unwrap_or(false),
                 })
                 .collect(),
             instance: raw.instance,

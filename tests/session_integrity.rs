@@ -754,3 +754,37 @@ async fn the_reply_model_matches_a_real_server_message_for_message() {
     assert_eq!(mismatches, 0, "seed {seed}");
     eprintln!("{sent} messages in {round} rounds, 0 mismatches");
 }
+
+/// A rule can demand schema-qualified names in signed statements: a token that lists `DROP TABLE t` is
+/// refused when set (an unqualified name resolves through the session's search_path), one that lists
+/// `DROP TABLE public.t` works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_can_require_schema_qualified_names() {
+    let direct = setup("si_qualified").await;
+    let g = gate_with(|c| {
+        policy(c);
+        for r in &mut c.rules {
+            r.require_qualified_names = true;
+        }
+    })
+    .await;
+    let c = g.client("si_qualified").await;
+    let loose = sign(&payload("si_qualified", &["DROP TABLE t"]), &["alice"]);
+    let detail = rejected(
+        &c.batch_execute(&set_token(&loose)).await.unwrap_err(),
+        "malformed",
+    );
+    assert!(
+        detail.contains("require_qualified_names") && detail.contains("t"),
+        "{detail}"
+    );
+    held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
+    assert!(exists(&direct, "t").await);
+    let strict = sign(
+        &payload("si_qualified", &["DROP TABLE public.t"]),
+        &["alice"],
+    );
+    c.batch_execute(&set_token(&strict)).await.unwrap();
+    c.batch_execute("DROP TABLE public.t").await.unwrap();
+    assert!(!exists(&direct, "t").await);
+}

@@ -422,6 +422,24 @@ impl Classifier {
     }
 }
 
+/// The tables, views, sequences and dropped objects `sql` names without a schema: they resolve through the
+/// session's `search_path` when the statement runs ([`tree::unqualified_names`]). A statement PostgreSQL
+/// cannot parse yields `["(unparsable)"]`.
+pub fn unqualified_names(sql: &str) -> Vec<String> {
+    match tree::parse(sql, true) {
+        Ok(stmts) => {
+            let mut names: Vec<String> = stmts
+                .iter()
+                .flat_map(|(_, _, t)| tree::unqualified_names(t))
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        }
+        Err(_) => vec!["(unparsable)".into()],
+    }
+}
+
 /// True when an error or a rollback provably undoes everything `sql` did: every statement in it parses and
 /// runs transactionally ([`tree::non_transactional`] finds nothing).
 pub fn undone_by_rollback(sql: &str) -> bool {

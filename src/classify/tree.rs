@@ -121,7 +121,7 @@ pub fn mentions_stepgate(tree: &Value) -> bool {
     fn walk(v: &Value) -> bool {
         match v {
             Value::Object(map) => map.iter().any(|(k, val)| match k.as_str() {
-                "VariableSetStmt" | "VariableShowStmt" => {
+                "VariableSetStmt" | "VariableShowStmt" | "setstmt" => {
                     val.get("name")
                         .and_then(Value::as_str)
                         .is_some_and(|n| n.to_ascii_lowercase().starts_with("stepgate."))
@@ -193,6 +193,51 @@ pub fn non_transactional(tree: &Value) -> bool {
     walk(tree)
 }
 
+/// Relations (RangeVar) without a schema, and DROP/COMMENT objects named by one word, in a statement tree.
+pub fn unqualified_names(tree: &Value) -> Vec<String> {
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(map) => {
+                // A RangeVar, wrapped in a Node or stored directly (`relation` fields).
+                if let (Some(schema), Some(rel)) = (
+                    map.get("schemaname").and_then(Value::as_str),
+                    map.get("relname").and_then(Value::as_str),
+                ) {
+                    if schema.is_empty() {
+                        out.push(rel.to_string());
+                    }
+                }
+                for (k, val) in map {
+                    match k.as_str() {
+                        "DropStmt" => {
+                            for obj in val
+                                .get("objects")
+                                .and_then(Value::as_array)
+                                .into_iter()
+                                .flatten()
+                            {
+                                if let Some(("List", l)) = unwrap_node(obj) {
+                                    let parts = names(l, "items");
+                                    if parts.len() == 1 {
+                                        out.push(parts[0].clone());
+                                    }
+                                }
+                            }
+                            walk(val, out);
+                        }
+                        _ => walk(val, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(tree, &mut out);
+    out
+}
+
 /// The portal a FETCH or MOVE runs.
 pub fn fetch_portal(tree: &Value) -> Option<String> {
     let (kind, body) = unwrap_node(tree)?;
@@ -220,6 +265,21 @@ struct Judge<'a> {
     class: Class,
     reason: String,
     literal_sensitive: bool,
+}
+
+/// A field whose value is a node of a fixed kind stored without the `{"<Kind>": …}` wrapper (protobuf
+/// message fields that are not `Node`): the arms of a set operation, CALL's function call, the SET of
+/// ALTER ROLE/DATABASE/SYSTEM.
+fn direct_node(field: &str, val: &Value) -> Option<&'static str> {
+    if !val.is_object() {
+        return None;
+    }
+    match field {
+        "larg" | "rarg" => Some("SelectStmt"),
+        "funccall" => Some("FuncCall"),
+        "setstmt" => Some("VariableSetStmt"),
+        _ => None,
+    }
 }
 
 /// The node of a `{"node": {"<Kind>": body}}` wrapper.
@@ -287,6 +347,8 @@ impl Judge<'_> {
                 for (k, val) in map {
                     if k.starts_with(|c: char| c.is_ascii_uppercase()) {
                         self.node(k, val, runs);
+                    } else if let Some(kind) = direct_node(k, val) {
+                        self.node(kind, val, runs);
                     } else {
                         self.walk(val, runs);
                     }
@@ -1056,10 +1118,32 @@ mod tests {
             ("PREPARE p AS DELETE FROM t", Destructive),
             ("TABLE t", Read),
             ("COMMIT PREPARED 'x'", Session),
+            ("SELECT 1 AS a INTO newt UNION SELECT 2", Ddl),
+            ("SELECT 1 UNION (SELECT * FROM t FOR UPDATE)", Write),
         ] {
             let (got, why) = class(sql);
             assert_eq!(got, want, "{sql}: {why}");
         }
+    }
+
+    #[test]
+    fn unqualified_names_are_found() {
+        let names = |sql: &str| -> Vec<String> {
+            parse(sql, true)
+                .unwrap()
+                .iter()
+                .flat_map(|(_, _, t)| unqualified_names(t))
+                .collect()
+        };
+        assert_eq!(names("DROP TABLE orders"), ["orders"]);
+        assert!(names("DROP TABLE sales.orders").is_empty());
+        assert_eq!(names("TRUNCATE a, s.b"), ["a"]);
+        assert_eq!(names("ALTER TABLE t DROP COLUMN c"), ["t"]);
+        assert!(names("ALTER TABLE s.t DROP COLUMN c").is_empty());
+        assert_eq!(
+            names("DELETE FROM s.t WHERE id IN (SELECT id FROM u)"),
+            ["u"]
+        );
     }
 
     #[test]

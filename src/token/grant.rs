@@ -77,7 +77,20 @@ impl Policy {
             max_token_lifetime: rule.max_token_lifetime,
             classifier,
         };
-        verify_token(token, &policy, database, user, now)
+        let auth = verify_token(token, &policy, database, user, now)?;
+        if rule.require_qualified_names {
+            for (i, st) in auth.payload.statements.iter().enumerate() {
+                let names = crate::classify::unqualified_names(&st.sql);
+                if !names.is_empty() {
+                    return Err(Reason::Malformed(format!(
+                        "statement {} names {} without a schema; the rule for this database requires schema-qualified names (require_qualified_names)",
+                        i + 1,
+                        names.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(auth)
     }
 }
 
