@@ -57,7 +57,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let classifier = Classifier::default();
     let settings = LexSettings::default();
-    let ours = classifier.analyze(sql, &settings);
+    // As the gate reads a query string: decoded in the session encoding first (which may refuse it).
+    let ours = stepgate::classify::decode(sql.as_bytes(), &settings)
+        .and_then(|_| classifier.analyze(sql, &settings));
     let theirs = pg_query::parse(sql, 0);
     match (&ours, &theirs) {
         (Err(_), _) => {} // unreadable: held as unparsed by the gate
