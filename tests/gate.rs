@@ -483,58 +483,68 @@ async fn stepgate_settings_through_the_extended_protocol() {
 
 #[tokio::test]
 async fn other_spellings_of_stepgate_settings_are_refused_and_never_forwarded() {
-    let g = gate().await;
-    let c = g.client("postgres").await;
-    for sql in [
-        "SET \"stepgate\".token = 'x'",
-        "SET StepGate.token = 'x'",
-        "SET SESSION stepgate.token = 'x'",
-        "SET LOCAL stepgate.token = 'x'",
-        "SELECT set_config('stepgate.token', 'x', false)",
-        "SELECT set_config(E'stepgate\\x2etoken', 'x', false)",
-        "ALTER ROLE postgres SET stepgate.token = 'x'",
-        "ALTER DATABASE postgres SET stepgate.token = 'x'",
-        "SET stepgate.token = 'a', 'b'",
-        // Spellings only PostgreSQL's own decoding reveals (issue 15).
-        "SET U&\"st\\0065pgate\".token = 'x'",
-        "SET U&\"st!0065pgate\" UESCAPE '!' .token = 'x'",
-        "SELECT set_config(E'\\x73tepgate.token', 'x', false)",
-        "SELECT set_config(U&'st!0065pgate.token' UESCAPE '!', 'x', false)",
-        "SELECT set_config(U&'st\\0065pgate.token', 'x', false)",
-        "SELECT current_setting(E'\\x73tepgate.token', true)",
-        "RESET U&\"st\\0065pgate\".token",
-        "SHOW U&\"st!0065pgate\" UESCAPE '!' .token",
-    ] {
-        let e = c.simple_query(sql).await.unwrap_err();
-        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
-        assert_eq!(db.code().code(), "42501", "{sql}");
-        // A U&'…' literal with a backslash reads two ways (an error with standard_conforming_strings
-        // off): held as unparsed, which forwards nothing either.
-        assert!(
-            db.message().contains("names a stepgate setting")
-                || db
-                    .message()
-                    .starts_with("stepgate: statement held (unparsed)"),
-            "{sql}: {}",
-            db.message()
-        );
-    }
-    // Nothing reached the server: the placeholder does not exist, no role or database setting was stored.
-    let e = c.simple_query("SHOW stepgate.token").await.unwrap_err();
-    assert_eq!(sqlstate(&e).as_deref(), Some("42704"));
-    let direct = pg().direct().await;
-    let n: i64 = direct
+    for options in relays() {
+        let g = gate_with_options(|_| {}, options).await;
+        let c = g.client("postgres").await;
+        for sql in [
+            "SET \"stepgate\".token = 'x'",
+            "SET StepGate.token = 'x'",
+            "SET SESSION stepgate.token = 'x'",
+            "SET LOCAL stepgate.token = 'x'",
+            "SELECT set_config('stepgate.token', 'x', false)",
+            "SELECT set_config(E'stepgate\\x2etoken', 'x', false)",
+            "ALTER ROLE postgres SET stepgate.token = 'x'",
+            "ALTER DATABASE postgres SET stepgate.token = 'x'",
+            "SET stepgate.token = 'a', 'b'",
+            // Spellings only PostgreSQL's own decoding reveals (issue 15).
+            "SET U&\"st\\0065pgate\".token = 'x'",
+            "SET U&\"st!0065pgate\" UESCAPE '!' .token = 'x'",
+            "SELECT set_config(E'\\x73tepgate.token', 'x', false)",
+            "SELECT set_config(U&'st!0065pgate.token' UESCAPE '!', 'x', false)",
+            "SELECT set_config(U&'st\\0065pgate.token', 'x', false)",
+            "SELECT current_setting(E'\\x73tepgate.token', true)",
+            "RESET U&\"st\\0065pgate\".token",
+            "SHOW U&\"st!0065pgate\" UESCAPE '!' .token",
+        ] {
+            let e = c.simple_query(sql).await.unwrap_err();
+            let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+            assert_eq!(db.code().code(), "42501", "{sql}");
+            // A U&'…' literal with a backslash reads two ways (an error with standard_conforming_strings
+            // off): held as unparsed, which forwards nothing either.
+            assert!(
+                db.message().contains("names a stepgate setting")
+                    || db
+                        .message()
+                        .starts_with("stepgate: statement held (unparsed)"),
+                "{sql}: {}",
+                db.message()
+            );
+        }
+        // Nothing reached the server: the placeholder does not exist, no role or database setting was stored.
+        let e = c.simple_query("SHOW stepgate.token").await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42704"));
+        let direct = pg().direct().await;
+        let n: i64 = direct
         .query_one("SELECT count(*) FROM pg_db_role_setting WHERE array_to_string(setconfig, ',') LIKE '%stepgate%'", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 0);
-    // Through the extended protocol too.
-    let e = c
-        .query("SELECT set_config('stepgate.token', $1, false)", &[&"x"])
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+        assert_eq!(n, 0);
+        // Through the extended protocol too.
+        let e = c
+            .query("SELECT set_config('stepgate.token', $1, false)", &[&"x"])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+        // And the decoded spellings through the extended protocol.
+        for sql in [
+            "SELECT set_config(E'\\x73tepgate.token', $1, false)",
+            "SELECT set_config(U&'st!0065pgate.token' UESCAPE '!', $1, false)",
+        ] {
+            let e = c.query(sql, &[&"x"]).await.unwrap_err();
+            assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -7,17 +7,6 @@ use common::raw::{msg, query, Raw};
 use common::tokens::*;
 use common::*;
 use stepgate::config::Rule;
-use stepgate::proxy::ServeOptions;
-
-fn relays() -> [ServeOptions; 2] {
-    [
-        ServeOptions::default(),
-        ServeOptions {
-            workers: Some(0),
-            ..Default::default()
-        },
-    ]
-}
 
 /// A query pipelined behind the startup packet (trust login) never reaches the server: the session is
 /// refused with FATAL 08P01 and the table is still there.
@@ -84,32 +73,37 @@ async fn a_query_pipelined_behind_the_password_is_refused() {
 /// the console sees `app` (not an admin) and refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_user_cannot_open_the_console_as_another_user() {
-    let g = gate_with(|c| {
-        c.admin = Some(stepgate::config::AdminConfig {
-            users: vec!["dba".into()],
-            listen: None,
-            auth_database: "postgres".into(),
-        })
-    })
-    .await;
-    let mut raw = Raw::connect(g.addr).await;
-    raw.send(&common::raw::startup_packet(&[
-        ("user", b"dba"),
-        ("database", b"stepgate"),
-        ("user", pg().user.as_bytes()),
-    ]))
-    .await;
-    let msgs = raw.until_closed().await;
-    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("28000"), "{msgs:?}");
-    let m = Raw::error_message(&msgs).unwrap();
-    assert!(m.contains(&format!("\"{}\"", pg().user)), "{m}");
-    assert!(!msgs.iter().any(|(t, _)| *t == b'Z'), "{msgs:?}");
-    assert!(
-        !g.audit()
-            .iter()
-            .any(|r| r["user"] == "dba" && r["outcome"] == "ok"),
-        "the audit log names dba"
-    );
+    for options in relays() {
+        let g = gate_with_options(
+            |c| {
+                c.admin = Some(stepgate::config::AdminConfig {
+                    users: vec!["dba".into()],
+                    listen: None,
+                    auth_database: "postgres".into(),
+                })
+            },
+            options,
+        )
+        .await;
+        let mut raw = Raw::connect(g.addr).await;
+        raw.send(&common::raw::startup_packet(&[
+            ("user", b"dba"),
+            ("database", b"stepgate"),
+            ("user", pg().user.as_bytes()),
+        ]))
+        .await;
+        let msgs = raw.until_closed().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("28000"), "{msgs:?}");
+        let m = Raw::error_message(&msgs).unwrap();
+        assert!(m.contains(&format!("\"{}\"", pg().user)), "{m}");
+        assert!(!msgs.iter().any(|(t, _)| *t == b'Z'), "{msgs:?}");
+        assert!(
+            !g.audit()
+                .iter()
+                .any(|r| r["user"] == "dba" && r["outcome"] == "ok"),
+            "the audit log names dba"
+        );
+    }
 }
 
 /// A lax rule for one user name cannot be picked by naming that user first and logging in as another.
@@ -193,29 +187,31 @@ async fn the_database_defaults_to_the_user_name_for_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_user_cannot_satisfy_a_tokens_user_line() {
     let direct = setup("si_tokuser").await;
-    let g = gate_with(policy).await;
-    let mut p = payload("si_tokuser", &["DROP TABLE t"]);
-    p.user = Some("migrator".into());
-    let token = sign(&p, &["alice"]);
-    let mut raw = Raw::connect(g.addr).await;
-    raw.send(&common::raw::startup_packet(&[
-        ("user", b"migrator"),
-        ("database", b"si_tokuser"),
-        ("user", pg().user.as_bytes()),
-    ]))
-    .await;
-    raw.until_ready().await;
-    raw.send(&query(set_token(&token).as_bytes())).await;
-    let msgs = raw.until_ready().await;
-    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("28000"), "{msgs:?}");
-    assert!(
-        Raw::error_message(&msgs).unwrap().contains("wrong_user"),
-        "{msgs:?}"
-    );
-    raw.send(&query(b"DROP TABLE t")).await;
-    let msgs = raw.until_ready().await;
-    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
-    assert!(exists(&direct, "t").await);
+    for options in relays() {
+        let g = gate_with_options(policy, options).await;
+        let mut p = payload("si_tokuser", &["DROP TABLE t"]);
+        p.user = Some("migrator".into());
+        let token = sign(&p, &["alice"]);
+        let mut raw = Raw::connect(g.addr).await;
+        raw.send(&common::raw::startup_packet(&[
+            ("user", b"migrator"),
+            ("database", b"si_tokuser"),
+            ("user", pg().user.as_bytes()),
+        ]))
+        .await;
+        raw.until_ready().await;
+        raw.send(&query(set_token(&token).as_bytes())).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("28000"), "{msgs:?}");
+        assert!(
+            Raw::error_message(&msgs).unwrap().contains("wrong_user"),
+            "{msgs:?}"
+        );
+        raw.send(&query(b"DROP TABLE t")).await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        assert!(exists(&direct, "t").await);
+    }
 }
 
 /// A change of standard_conforming_strings or client_encoding in flight: the SET and a statement whose
@@ -462,52 +458,54 @@ async fn a_refusal_cannot_be_planted_or_read() {
 async fn a_failing_privileged_statement_runs_at_most_once() {
     let direct = setup("si_once").await;
     direct.batch_execute("CREATE SEQUENCE c").await.unwrap();
-    let g = gate_with(policy).await;
-    let proof = format!("/tmp/stepgate-once-{}", std::process::id());
-    let _ = std::fs::remove_file(&proof);
-    let copy = format!("COPY (SELECT 1) TO PROGRAM 'echo ran >> {proof}; exit 1'");
-    let timed = "SELECT nextval('c'), pg_reload_conf(), pg_sleep(1)";
-    let token = sign(&payload("si_once", &[timed, &copy]), &["alice"]);
-    let c = g.client("si_once").await;
-    c.batch_execute(&set_token(&token)).await.unwrap();
-    c.batch_execute("SET statement_timeout = '300ms'")
-        .await
-        .unwrap();
-    let spent = |e: &tokio_postgres::Error| {
-        let db = e.as_db_error().unwrap();
-        db.code().code() == "42501" && db.detail().unwrap_or("").contains("already_used")
-    };
-    for attempt in 0..3 {
-        let e = c.batch_execute(timed).await.unwrap_err();
-        if attempt == 0 {
-            assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
-        } else {
-            assert!(spent(&e), "attempt {attempt}: {e:?}");
+    for (round, options) in relays().into_iter().enumerate() {
+        let g = gate_with_options(policy, options).await;
+        let proof = format!("/tmp/stepgate-once-{}", std::process::id());
+        let _ = std::fs::remove_file(&proof);
+        let copy = format!("COPY (SELECT 1) TO PROGRAM 'echo ran >> {proof}; exit 1'");
+        let timed = "SELECT nextval('c'), pg_reload_conf(), pg_sleep(1)";
+        let token = sign(&payload("si_once", &[timed, &copy]), &["alice"]);
+        let c = g.client("si_once").await;
+        c.batch_execute(&set_token(&token)).await.unwrap();
+        c.batch_execute("SET statement_timeout = '300ms'")
+            .await
+            .unwrap();
+        let spent = |e: &tokio_postgres::Error| {
+            let db = e.as_db_error().unwrap();
+            db.code().code() == "42501" && db.detail().unwrap_or("").contains("already_used")
+        };
+        for attempt in 0..3 {
+            let e = c.batch_execute(timed).await.unwrap_err();
+            if attempt == 0 {
+                assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e:?}");
+            } else {
+                assert!(spent(&e), "attempt {attempt}: {e:?}");
+            }
+            let e = c.batch_execute(&copy).await.unwrap_err();
+            if attempt == 0 {
+                assert!(
+                    !spent(&e) && sqlstate(&e).as_deref() != Some("42501"),
+                    "{e:?}"
+                );
+            } else {
+                assert!(spent(&e), "attempt {attempt}: {e:?}");
+            }
         }
-        let e = c.batch_execute(&copy).await.unwrap_err();
-        if attempt == 0 {
-            assert!(
-                !spent(&e) && sqlstate(&e).as_deref() != Some("42501"),
-                "{e:?}"
-            );
-        } else {
-            assert!(spent(&e), "attempt {attempt}: {e:?}");
-        }
+        let last: i64 = direct
+            .query_one("SELECT last_value FROM c", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(last, round as i64 + 1, "nextval ran more than once");
+        let ran = std::fs::read_to_string(&proof).unwrap_or_default();
+        assert_eq!(
+            ran.lines().count(),
+            1,
+            "the program ran {} times",
+            ran.lines().count()
+        );
+        let _ = std::fs::remove_file(&proof);
     }
-    let last: i64 = direct
-        .query_one("SELECT last_value FROM c", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(last, 1, "nextval ran more than once");
-    let ran = std::fs::read_to_string(&proof).unwrap_or_default();
-    assert_eq!(
-        ran.lines().count(),
-        1,
-        "the program ran {} times",
-        ran.lines().count()
-    );
-    let _ = std::fs::remove_file(&proof);
 }
 
 /// CopyDone and CopyFail outside COPY are ignored by the server, which still answers the Syncs around them:

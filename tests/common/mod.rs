@@ -157,6 +157,17 @@ pub async fn gate_with(tweak: impl FnOnce(&mut Config)) -> Gate {
     launch(config, Default::default(), state).await
 }
 
+/// Both relays: the epoll relay (the default) and the async relay (`--workers 0`).
+pub fn relays() -> [stepgate::proxy::ServeOptions; 2] {
+    [
+        stepgate::proxy::ServeOptions::default(),
+        stepgate::proxy::ServeOptions {
+            workers: Some(0),
+            ..Default::default()
+        },
+    ]
+}
+
 /// Like [`gate_with`], with server options (e.g. `workers: Some(0)` for the async relay).
 pub async fn gate_with_options(
     tweak: impl FnOnce(&mut Config),
