@@ -222,6 +222,10 @@ pub struct SessionState {
     copy_in: bool,
     /// Transaction status from the last ReadyForQuery (`I`, `T` or `E`).
     pub txn_status: u8,
+    /// `session_authorization` as the server reported it during the login.
+    server_user: Option<String>,
+    /// The login completed (the first ReadyForQuery).
+    login_done: bool,
     /// Policy generation `rule` was chosen under; a reload makes the session choose again.
     generation: u64,
     /// The session's verified token.
@@ -470,6 +474,8 @@ impl SessionState {
             skip_until_sync: false,
             copy_in: false,
             txn_status: b'I',
+            server_user: None,
+            login_done: false,
             span: tracing::Span::current(),
         }
     }
@@ -481,6 +487,22 @@ impl SessionState {
     /// Called when the upstream has accepted the login: verifies a token from the startup packet. An error
     /// is the FATAL to send before closing the session.
     pub fn on_login(&mut self, ctx: &GateContext) -> Result<(), ErrorReply> {
+        // The console, the rule, a token's user line and the audit all use the user stepgate read from the
+        // startup packet; the server's own report must agree, or the session does not go on.
+        self.login_done = true;
+        if let Some(server_user) = self.server_user.take() {
+            if server_user != self.session.user {
+                let _log = self.span.enter();
+                tracing::warn!(server_user = %server_user, user = %self.session.user, "the server logged in another user than the startup packet names");
+                return Err(ErrorReply::fatal(
+                    "28000",
+                    format!(
+                        "stepgate: the server logged in \"{server_user}\", not the user the startup packet names (\"{}\")",
+                        self.session.user
+                    ),
+                ));
+            }
+        }
         let Some(raw) = self.startup_token.take() else {
             return Ok(());
         };
@@ -1741,6 +1763,10 @@ impl SessionState {
                         b"standard_conforming_strings" => {
                             self.lex.standard_conforming_strings = value == "on"
                         }
+                        b"session_authorization" if !self.login_done => {
+                            // Reported during the login: the user the server actually logged in.
+                            self.server_user = Some(value)
+                        }
                         _ => {}
                     }
                 }
@@ -1850,6 +1876,26 @@ mod tests {
 
     fn be(s: &mut SessionState, tag: u8, body: &[u8]) -> Action {
         s.on_backend(&ctx(), tag, &message(tag, body))
+    }
+
+    #[test]
+    fn the_server_must_confirm_the_user() {
+        // What a real server cannot be made to do through the startup packet (it reports the user it
+        // logged in): a session_authorization that differs from the user stepgate read ends the login.
+        let c = ctx();
+        let fields = SessionFields {
+            user: "app".into(),
+            ..Default::default()
+        };
+        let mut s = SessionState::new(fields.clone(), Rule::default(), Vec::new());
+        be(&mut s, b'S', b"session_authorization\0dba\0");
+        let err = s.on_login(&c).unwrap_err();
+        assert!(err.message.contains("logged in \"dba\""), "{}", err.message);
+        let mut s = SessionState::new(fields, Rule::default(), Vec::new());
+        be(&mut s, b'S', b"session_authorization\0app\0");
+        assert!(s.on_login(&c).is_ok());
+        // Later changes (SET SESSION AUTHORIZATION) are the session's own business.
+        be(&mut s, b'S', b"session_authorization\0dba\0");
     }
 
     fn syncs(s: &SessionState) -> usize {
