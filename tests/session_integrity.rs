@@ -8,6 +8,21 @@ use common::tokens::*;
 use common::*;
 use stepgate::config::Rule;
 
+/// A raw connection that has sent its startup packet with these parameters.
+async fn started(addr: std::net::SocketAddr, params: &[(&str, &[u8])]) -> Raw {
+    let mut raw = Raw::connect(addr).await;
+    raw.send(&common::raw::startup_packet(params)).await;
+    raw
+}
+
+/// Sends one Query on a logged-in raw connection and asserts stepgate held it (42501); returns the replies.
+async fn held_query(raw: &mut Raw, sql: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    raw.send(&query(sql)).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+    msgs
+}
+
 /// A query pipelined behind the startup packet (trust login) never reaches the server: the session is
 /// refused with FATAL 08P01 and the table is still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,11 +65,13 @@ async fn a_query_pipelined_behind_the_password_is_refused() {
         .unwrap();
     for options in relays() {
         let g = gate_with_options(|_| {}, options).await;
-        let mut raw = Raw::connect(g.addr).await;
-        raw.send(&common::raw::startup_packet(&[
-            ("user", CLEARTEXT_USER.as_bytes()),
-            ("database", b"si_prelogin_pw"),
-        ]))
+        let mut raw = started(
+            g.addr,
+            &[
+                ("user", CLEARTEXT_USER.as_bytes()),
+                ("database", b"si_prelogin_pw"),
+            ],
+        )
         .await;
         let (tag, body) = raw.recv().await.unwrap();
         assert_eq!((tag, &body[..4]), (b'R', &3u32.to_be_bytes()[..]));
@@ -85,12 +102,14 @@ async fn a_repeated_user_cannot_open_the_console_as_another_user() {
             options,
         )
         .await;
-        let mut raw = Raw::connect(g.addr).await;
-        raw.send(&common::raw::startup_packet(&[
-            ("user", b"dba"),
-            ("database", b"stepgate"),
-            ("user", pg().user.as_bytes()),
-        ]))
+        let mut raw = started(
+            g.addr,
+            &[
+                ("user", b"dba"),
+                ("database", b"stepgate"),
+                ("user", pg().user.as_bytes()),
+            ],
+        )
         .await;
         let msgs = raw.until_closed().await;
         assert_eq!(Raw::error_code(&msgs).as_deref(), Some("28000"), "{msgs:?}");
@@ -125,17 +144,17 @@ async fn a_repeated_user_cannot_pick_a_laxer_rule() {
             options,
         )
         .await;
-        let mut raw = Raw::connect(g.addr).await;
-        raw.send(&common::raw::startup_packet(&[
-            ("user", b"lax"),
-            ("database", b"si_rule"),
-            ("user", pg().user.as_bytes()),
-        ]))
+        let mut raw = started(
+            g.addr,
+            &[
+                ("user", b"lax"),
+                ("database", b"si_rule"),
+                ("user", pg().user.as_bytes()),
+            ],
+        )
         .await;
         raw.until_ready().await;
-        raw.send(&query(b"DROP TABLE t")).await;
-        let msgs = raw.until_ready().await;
-        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        held_query(&mut raw, b"DROP TABLE t").await;
         assert!(
             exists(&direct, "t").await,
             "the DROP ran under the lax rule"
@@ -172,14 +191,10 @@ async fn the_database_defaults_to_the_user_name_for_rules() {
         ]
     })
     .await;
-    let mut raw = Raw::connect(g.addr).await;
-    raw.send(&common::raw::startup_packet(&[("user", user.as_bytes())]))
-        .await;
+    let mut raw = started(g.addr, &[("user", user.as_bytes())]).await;
     let login = raw.until_ready().await;
     assert!(login.iter().any(|(t, _)| *t == b'Z'), "{login:?}");
-    raw.send(&query(b"DROP TABLE t3")).await;
-    let msgs = raw.until_ready().await;
-    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+    held_query(&mut raw, b"DROP TABLE t3").await;
     assert!(exists(&direct, "t3").await, "the DROP ran");
 }
 
@@ -192,12 +207,14 @@ async fn a_repeated_user_cannot_satisfy_a_tokens_user_line() {
         let mut p = payload("si_tokuser", &["DROP TABLE t"]);
         p.user = Some("migrator".into());
         let token = sign(&p, &["alice"]);
-        let mut raw = Raw::connect(g.addr).await;
-        raw.send(&common::raw::startup_packet(&[
-            ("user", b"migrator"),
-            ("database", b"si_tokuser"),
-            ("user", pg().user.as_bytes()),
-        ]))
+        let mut raw = started(
+            g.addr,
+            &[
+                ("user", b"migrator"),
+                ("database", b"si_tokuser"),
+                ("user", pg().user.as_bytes()),
+            ],
+        )
         .await;
         raw.until_ready().await;
         raw.send(&query(set_token(&token).as_bytes())).await;
@@ -207,9 +224,7 @@ async fn a_repeated_user_cannot_satisfy_a_tokens_user_line() {
             Raw::error_message(&msgs).unwrap().contains("wrong_user"),
             "{msgs:?}"
         );
-        raw.send(&query(b"DROP TABLE t")).await;
-        let msgs = raw.until_ready().await;
-        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        held_query(&mut raw, b"DROP TABLE t").await;
         assert!(exists(&direct, "t").await);
     }
 }
@@ -529,9 +544,7 @@ async fn copy_messages_outside_copy_keep_the_session_in_step() {
                 let msgs = raw.until_ready().await;
                 assert_eq!(Raw::error_code(&msgs), None, "{msgs:?}");
             }
-            raw.send(&query(b"DELETE FROM t")).await;
-            let msgs = raw.until_ready().await;
-            assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+            held_query(&mut raw, b"DELETE FROM t").await;
             let mut b = parse(b"", b"DELETE FROM t");
             b.extend(bind(b"", b""));
             b.extend(execute(b""));
@@ -553,9 +566,7 @@ async fn copy_messages_outside_copy_keep_the_session_in_step() {
         raw.send(&b).await;
         let msgs = raw.until_ready().await;
         assert_eq!(Raw::error_code(&msgs), None, "{msgs:?}");
-        raw.send(&query(b"DELETE FROM t")).await;
-        let msgs = raw.until_ready().await;
-        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42501"), "{msgs:?}");
+        held_query(&mut raw, b"DELETE FROM t").await;
         raw.send(&query(b"SELECT 1")).await;
         let msgs = raw.until_ready().await;
         assert_eq!(Raw::error_code(&msgs), None, "{msgs:?}");

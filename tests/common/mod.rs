@@ -146,15 +146,7 @@ pub struct Gate {
 
 /// Starts stepgate in front of [`pg`] with the defaults, after `tweak` has adjusted the config.
 pub async fn gate_with(tweak: impl FnOnce(&mut Config)) -> Gate {
-    let state = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        listen: "127.0.0.1:0".into(),
-        upstream: pg().addr(),
-        state_dir: state.path().join("state"),
-        ..Config::default()
-    };
-    tweak(&mut config);
-    launch(config, Default::default(), state).await
+    gate_with_options(tweak, Default::default()).await
 }
 
 /// Both relays: the epoll relay (the default) and the async relay (`--workers 0`).
