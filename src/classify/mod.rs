@@ -467,7 +467,8 @@ pub fn mentions_stepgate_text(text: &str) -> bool {
 }
 
 /// True when a statement needs more than its class to be judged by the gate: it manages prepared
-/// statements (PREPARE, EXECUTE, DEALLOCATE, DISCARD), is a SET/RESET/SHOW, or mentions a stepgate setting.
+/// statements (PREPARE, EXECUTE, DEALLOCATE, DISCARD), runs a portal (FETCH, MOVE), is a SET/RESET/SHOW, or
+/// mentions a stepgate setting (the tree-based [`tree::mentions_stepgate`] adds the decoded spellings).
 pub fn needs_attention(tokens: &[Token<'_>]) -> bool {
     let first = tokens
         .first()
