@@ -266,28 +266,38 @@ impl Classifier {
             )
             .into_iter()
             .collect()),
-            Ok(stmts) => Ok(stmts
-                .into_iter()
-                .enumerate()
-                .filter_map(|(i, (from, to, t))| {
-                    let toks = significant(from, to);
-                    let (mut verdict, mut reason) = self.judge_tree(&t, &toks);
-                    if let Some((_, _, t2)) = other.as_ref().and_then(|o| o.get(i)) {
-                        let (v2, r2) = self.judge_tree(t2, &toks);
-                        verdict.literal_sensitive |= v2.literal_sensitive;
-                        if v2.class > verdict.class {
-                            verdict.class = v2.class;
-                            reason = r2;
+            Ok(stmts) => {
+                // Every statement PostgreSQL found must have tokens of its own; if the scanner and the
+                // parser disagree on where it is, nobody can say what it is.
+                if stmts
+                    .iter()
+                    .any(|(from, to, _)| significant(*from, *to).is_empty())
+                {
+                    return Err(ReadError::Ambiguous);
+                }
+                Ok(stmts
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(i, (from, to, t))| {
+                        let toks = significant(from, to);
+                        let (mut verdict, mut reason) = self.judge_tree(&t, &toks);
+                        if let Some((_, _, t2)) = other.as_ref().and_then(|o| o.get(i)) {
+                            let (v2, r2) = self.judge_tree(t2, &toks);
+                            verdict.literal_sensitive |= v2.literal_sensitive;
+                            if v2.class > verdict.class {
+                                verdict.class = v2.class;
+                                reason = r2;
+                            }
                         }
-                    }
-                    let mentions = tree::mentions_stepgate(&t)
-                        || other
-                            .as_ref()
-                            .and_then(|o| o.get(i))
-                            .is_some_and(|(_, _, t2)| tree::mentions_stepgate(t2));
-                    statement(toks, verdict, reason, tree::fetch_portal(&t), mentions)
-                })
-                .collect()),
+                        let mentions = tree::mentions_stepgate(&t)
+                            || other
+                                .as_ref()
+                                .and_then(|o| o.get(i))
+                                .is_some_and(|(_, _, t2)| tree::mentions_stepgate(t2));
+                        statement(toks, verdict, reason, tree::fetch_portal(&t), mentions)
+                    })
+                    .collect())
+            }
         }
     }
 

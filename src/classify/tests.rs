@@ -439,3 +439,23 @@ fn the_uescape_literal_is_part_of_the_shape() {
         Class::Privileged
     );
 }
+
+/// Found by the differential fuzzer: libpg_query left standard_conforming_strings off on its thread after a
+/// failed parse with it off, and later scans read backslashes as escapes. Whatever came before, the same
+/// text is judged the same way.
+#[test]
+fn a_failed_parse_with_standard_conforming_strings_off_leaves_no_trace() {
+    let c = Classifier::default();
+    let settings = LexSettings::default();
+    let probe = "SELECT 'a\\' AS x";
+    let before = c.analyze(probe, &settings).map(|v| v.len());
+    // Fails with standard_conforming_strings off (U& strings are not allowed then).
+    assert!(c.analyze("SELECT U&'\\0061'", &settings).is_err());
+    assert_eq!(c.analyze(probe, &settings).map(|v| v.len()), before);
+    let tokens: Vec<_> = lex::lex(probe, true)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.text)
+        .collect();
+    assert_eq!(tokens, ["SELECT", "'a\\'", "AS", "x"]);
+}

@@ -50,7 +50,14 @@ pub fn parse(
     } else {
         pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
     };
-    let parsed = pg_query::parse(sql, options).map_err(|e| match e {
+    let parsed = pg_query::parse(sql, options);
+    if !standard_conforming_strings {
+        // libpg_query sets its (thread-local) standard_conforming_strings from the options, and puts it
+        // back only when the parse succeeds: after a failed parse with it off, every later scan on this
+        // thread would read backslashes as escapes. A parse with the default options puts it back.
+        let _ = pg_query::parse(";", pg_query::ParserOptions::DEFAULT);
+    }
+    let parsed = parsed.map_err(|e| match e {
         pg_query::Error::Parse(m) => m,
         pg_query::Error::Decode(_) => {
             "the statement nests deeper than stepgate's parse budget".to_string()
