@@ -114,7 +114,11 @@ fuzz_target!(|data: &[u8]| {
     }
     // The cache never disagrees with a fresh analysis.
     let fresh = match &ours {
-        Ok(stmts) => stmts.iter().map(|s| s.verdict.class).max().unwrap_or(Class::Read),
+        Ok(stmts) => stmts
+            .iter()
+            .map(|s| s.verdict.class)
+            .max()
+            .unwrap_or(Class::Read),
         Err(_) => Class::Unparsed,
     };
     let cached = cache().lookup(sql.as_bytes(), &settings, 1).max;
