@@ -340,7 +340,7 @@ fn app_traffic_false_hold_rate() {
     }
     let rate = held.len() as f64 / total as f64;
     println!(
-        "app traffic: {total} statements in {} files, {} false holds ({:.2} %), {fallback} judged by the lexical fallback",
+        "app traffic: {total} statements in {} files, {} false holds ({:.2} %), {fallback} sqlparser could not parse (PostgreSQL's tree alone judged them)",
         files.len(),
         held.len(),
         rate * 100.0
