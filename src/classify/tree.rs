@@ -295,15 +295,11 @@ fn unwrap_node(v: &Value) -> Option<(&str, &Value)> {
     Some((k.as_str(), body))
 }
 
-fn list(v: &Value, field: &str) -> Vec<(String, Value)> {
+/// The nodes of a list field, as (kind, body), borrowed.
+fn list<'a>(v: &'a Value, field: &str) -> Vec<(&'a str, &'a Value)> {
     v.get(field)
         .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(unwrap_node)
-                .map(|(k, b)| (k.to_string(), b.clone()))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(unwrap_node).collect())
         .unwrap_or_default()
 }
 
@@ -311,7 +307,7 @@ fn list(v: &Value, field: &str) -> Vec<(String, Value)> {
 fn names(v: &Value, field: &str) -> Vec<String> {
     list(v, field)
         .into_iter()
-        .filter(|(k, _)| k == "String")
+        .filter(|(k, _)| *k == "String")
         .filter_map(|(_, b)| b.get("sval").and_then(Value::as_str).map(str::to_string))
         .collect()
 }
@@ -462,7 +458,7 @@ impl Judge<'_> {
         }
         if let Some(&(_, arg)) = SQL_EXECUTING_BUILTINS.iter().find(|(n, _)| *n == name) {
             let args = list(body, "args");
-            let text = args.get(arg).and_then(|(k, b)| match k.as_str() {
+            let text = args.get(arg).and_then(|(k, b)| match *k {
                 "AConst" => aconst_string(b),
                 _ => None,
             });
@@ -554,7 +550,7 @@ impl Judge<'_> {
             }
             "VacuumStmt" => {
                 let full = list(body, "options").iter().any(|(k, o)| {
-                    k == "DefElem" && o.get("defname").and_then(Value::as_str) == Some("full")
+                    *k == "DefElem" && o.get("defname").and_then(Value::as_str) == Some("full")
                 });
                 if full {
                     self.raise(Class::Privileged, || "VACUUM FULL".into());
@@ -637,9 +633,8 @@ impl Judge<'_> {
                     if k != "AlterTableCmd" {
                         continue;
                     }
-                    let sub = enum_name(int(&cmd, "subtype"), |e: pb::AlterTableType| {
-                        e.as_str_name()
-                    });
+                    let sub =
+                        enum_name(int(cmd, "subtype"), |e: pb::AlterTableType| e.as_str_name());
                     match sub {
                         "AT_DropColumn"
                         | "AT_DropConstraint"
@@ -708,7 +703,7 @@ impl Judge<'_> {
             if k != "MergeWhenClause" {
                 continue;
             }
-            let cmd = enum_name(int(&clause, "command_type"), |e: pb::CmdType| {
+            let cmd = enum_name(int(clause, "command_type"), |e: pb::CmdType| {
                 e.as_str_name()
             });
             if cmd != "CMD_DELETE" && cmd != "CMD_UPDATE" {
@@ -890,11 +885,11 @@ impl Target {
         match k {
             "BoolExpr" => {
                 let op = enum_name(int(b, "boolop"), |e: pb::BoolExprType| e.as_str_name());
-                let args: Vec<Value> = b
+                let args: &[Value] = b
                     .get("args")
                     .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
                 match op {
                     "OR_EXPR" => args.iter().any(|a| {
                         self.tautology(a) || !self.references(a, false) && !is_literal_false(a)
@@ -922,8 +917,8 @@ impl Target {
                                 .and_then(|n| n.get("List"))
                                 .and_then(|l| l.get("items"))
                                 .and_then(Value::as_array)
-                                .cloned()
-                                .unwrap_or_default();
+                                .map(Vec::as_slice)
+                                .unwrap_or(&[]);
                             let nl = self.norm(l);
                             items.iter().any(|i| self.norm(i) == nl)
                         }
