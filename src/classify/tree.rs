@@ -709,7 +709,7 @@ impl Judge<'_> {
             if cmd != "CMD_DELETE" && cmd != "CMD_UPDATE" {
                 continue;
             }
-            let kind = enum_name(int(&clause, "match_kind"), |e: pb::MergeMatchKind| {
+            let kind = enum_name(int(clause, "match_kind"), |e: pb::MergeMatchKind| {
                 e.as_str_name()
             });
             let cond = match clause.get("condition").filter(|w| !w.is_null()) {
