@@ -900,13 +900,9 @@ impl Target {
                 }
             }
             "AExpr" => {
-                let kind = enum_name(int(b, "kind"), |e: pb::AExprKind| e.as_str_name());
-                let op = names(b, "name").last().cloned().unwrap_or_default();
+                let (kind, op) = aexpr_kind_op(b);
                 let (l, r) = (b.get("lexpr"), b.get("rexpr"));
-                let same = || match (l, r) {
-                    (Some(l), Some(r)) => self.norm(l) == self.norm(r),
-                    _ => false,
-                };
+                let same = || self.same_sides(b);
                 match kind {
                     "AEXPR_OP" => matches!(op.as_str(), "=" | ">=" | "<=") && same(),
                     "AEXPR_NOT_DISTINCT" => same(),
@@ -938,12 +934,8 @@ impl Target {
         };
         match k {
             "AExpr" => {
-                let kind = enum_name(int(b, "kind"), |e: pb::AExprKind| e.as_str_name());
-                let op = names(b, "name").last().cloned().unwrap_or_default();
-                let same = match (b.get("lexpr"), b.get("rexpr")) {
-                    (Some(l), Some(r)) => self.norm(l) == self.norm(r),
-                    _ => false,
-                };
+                let (kind, op) = aexpr_kind_op(b);
+                let same = self.same_sides(b);
                 same && (kind == "AEXPR_DISTINCT"
                     || kind == "AEXPR_OP" && matches!(op.as_str(), "<>" | "!=" | "<" | ">"))
             }
@@ -955,6 +947,14 @@ impl Target {
                         .and_then(|a| a.first())
                         .is_some_and(|a| self.tautology(a))
             }
+            _ => false,
+        }
+    }
+
+    /// Both sides of an A_Expr are the same expression (see [`Target::norm`]).
+    fn same_sides(&self, b: &Value) -> bool {
+        match (b.get("lexpr"), b.get("rexpr")) {
+            (Some(l), Some(r)) => self.norm(l) == self.norm(r),
             _ => false,
         }
     }
@@ -997,6 +997,12 @@ impl Target {
             other => other.clone(),
         }
     }
+}
+
+/// An A_Expr's kind (`AEXPR_OP`, …) and operator name.
+fn aexpr_kind_op(b: &Value) -> (&'static str, String) {
+    let kind = enum_name(int(b, "kind"), |e: pb::AExprKind| e.as_str_name());
+    (kind, names(b, "name").last().cloned().unwrap_or_default())
 }
 
 fn is_literal_false(c: &Value) -> bool {
