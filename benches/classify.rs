@@ -109,7 +109,7 @@ fn frames(c: &mut Criterion) {
 fn session_round_trip(c: &mut Criterion) {
     use stepgate::config::{Config, Rule};
     use stepgate::gate::{Registry, SessionFields};
-    use stepgate::proxy::state::{GateContext, SessionState};
+    use stepgate::proxy::gate::{GateContext, SessionState};
     use stepgate::wire::build;
     let complete = build::message(b'C', b"SELECT 1\0");
     let ready = build::message(b'Z', b"I");

@@ -15,7 +15,7 @@ use stepgate::classify::{Class, Classifier};
 use stepgate::config::{Config, Rule};
 use stepgate::gate::{Registry, SessionFields};
 use stepgate::proxy::authz::Grant;
-use stepgate::proxy::state::GateContext;
+use stepgate::proxy::gate::GateContext;
 use stepgate::token::payload::{fingerprint_of, Payload, StatementGrant};
 use stepgate::token::signed::{sign_cleartext, sign_inline, Keyring};
 use stepgate::token::{ActiveToken, Policy, SignerPolicy};

@@ -582,7 +582,7 @@ async fn copy_messages_outside_copy_keep_the_session_in_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reply_model_matches_a_real_server_message_for_message() {
     use rand::{Rng, SeedableRng};
-    use stepgate::proxy::state::{Action, GateContext, SessionState};
+    use stepgate::proxy::gate::{Action, GateContext, SessionState};
     use stepgate::wire::build::{bind, execute, message, parse, sync};
     let _ = setup("si_model").await;
     let mut config = stepgate::config::Config::default();

@@ -15,6 +15,7 @@ pub mod ast;
 pub mod cache;
 pub mod class;
 pub mod lex;
+pub mod session_cmd;
 pub mod split;
 pub mod tree;
 

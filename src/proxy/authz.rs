@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value};
 
-use super::state::GateContext;
+use super::gate::context::GateContext;
 use crate::classify::Class;
 use crate::config::Rule;
 use crate::gate::{redact, SessionFields};

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use thiserror::Error;
 
-use super::state::{Action, GateContext, SessionState};
+use super::gate::{Action, GateContext, SessionState};
 use super::Shared;
 use crate::wire::frame::{self, FrameError, FrameScanner, Step};
 

@@ -12,10 +12,10 @@
 pub mod authz;
 mod console;
 mod flow;
+pub mod gate;
 mod judge;
 mod relay;
 mod session;
-pub mod state;
 mod stream;
 pub mod tls;
 mod upstream;
@@ -163,7 +163,7 @@ pub(crate) struct Shared {
     pub force_close: CancellationToken,
     pub next_session: AtomicU64,
     /// The policy in force; a reload swaps it while sessions run.
-    pub gate: arc_swap::ArcSwap<state::GateContext>,
+    pub gate: arc_swap::ArcSwap<gate::GateContext>,
     pub options: ServeOptions,
     /// Open client sessions, for the console's SHOW SESSIONS.
     pub sessions: DashMap<u64, SessionSummary>,
@@ -219,7 +219,7 @@ impl ServerHandle {
                 warn!(keys = ?restart, "reload: these settings take effect only after a restart");
             }
             let mut ctx =
-                state::GateContext::with_registry(config, old.registry.clone(), old.disabled);
+                gate::GateContext::with_registry(config, old.registry.clone(), old.disabled);
             ctx.generation = old.generation + 1;
             ctx.policy = policy;
             ctx.ledger = old.ledger.clone();
@@ -301,7 +301,7 @@ impl Server {
             );
             audit.append("gate_disabled", f, true)?;
         }
-        let gate = state::GateContext::new(config.clone(), registry, options.unsafe_no_gate)
+        let gate = gate::GateContext::new(config.clone(), registry, options.unsafe_no_gate)
             .with_tokens(policy, ledger, audit);
         let tls_acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let upstream_tls = match config.upstream_tls {

@@ -27,8 +27,8 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use super::flow::{Backend, Flags, Frontend, FrontendError};
+use super::gate::SessionState;
 use super::session::{BackendEnd, Ending, FrontendEnd};
-use super::state::SessionState;
 use super::Shared;
 
 /// Bytes asked of the kernel per read.

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::flow::{Backend, Flags, Frontend, FrontendError};
-use super::state::SessionState;
+use super::gate::SessionState;
 use super::stream::{ClientStream, MaybeTls};
 use super::{console, relay, upstream, SessionSummary, Shared};
 use crate::gate::SessionFields;

@@ -1,0 +1,67 @@
+//! What every session of a server shares: the config, the classification cache, the held registry, the token
+//! policy, the ledger of spent uses, the audit log and the metrics. Rebuilt by a reload (keeping the registry,
+//! the ledger and the metrics) and swapped in atomically; a session picks the new one at its next message.
+
+use std::sync::Arc;
+
+use crate::audit::AuditLog;
+use crate::classify::cache::CachedClassifier;
+use crate::config::Config;
+use crate::gate::{Mode, Registry};
+use crate::token::{Ledger, Policy};
+
+/// Shared by every session of a server.
+pub struct GateContext {
+    pub config: Config,
+    pub cache: CachedClassifier,
+    pub registry: Arc<Registry>,
+    pub mode: Mode,
+    /// `serve --unsafe-no-gate`: nothing is classified or held (for measuring the gate's cost).
+    pub disabled: bool,
+    /// Policy generation, part of every cache key.
+    pub generation: u64,
+    /// Keyring and signers tokens are verified against.
+    pub policy: Policy,
+    /// Spent token uses, shared by every session (and kept across reloads).
+    pub ledger: Arc<Ledger>,
+    /// Where token events are recorded (None only in unit tests).
+    pub audit: Option<Arc<AuditLog>>,
+    /// Counters for `/metrics`, kept across reloads.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl GateContext {
+    pub fn new(config: Config, registry: Registry, disabled: bool) -> GateContext {
+        Self::with_registry(config, Arc::new(registry), disabled)
+    }
+
+    /// A context sharing an existing registry (a reload keeps what was held).
+    pub fn with_registry(config: Config, registry: Arc<Registry>, disabled: bool) -> GateContext {
+        let classifier = config.classifier();
+        GateContext {
+            mode: config.mode,
+            config,
+            cache: CachedClassifier::new(classifier, 50_000),
+            registry,
+            disabled,
+            generation: 1,
+            policy: Policy::default(),
+            ledger: Arc::new(Ledger::default()),
+            audit: None,
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Adds the token policy, the ledger of spent uses and the audit log.
+    pub fn with_tokens(
+        mut self,
+        policy: Policy,
+        ledger: Arc<Ledger>,
+        audit: Arc<AuditLog>,
+    ) -> Self {
+        self.policy = policy;
+        self.ledger = ledger;
+        self.audit = Some(audit);
+        self
+    }
+}

@@ -1,0 +1,123 @@
+//! Held entries and the errors a client sees for them.
+
+use super::expect::StmtInfo;
+use super::refusal::{audit_unavailable, sanitize, REFUSAL_SQL};
+use super::{Action, GateContext, SessionState};
+use crate::classify::Class;
+use crate::gate::HeldStatus;
+use crate::proxy::authz::Denied;
+use crate::wire::build;
+use crate::wire::reply::ErrorReply;
+
+impl SessionState {
+    /// Records a held/observed entry; returns the error to send for a refusal.
+    pub(super) fn hold(
+        &self,
+        ctx: &GateContext,
+        sql: &str,
+        info: &StmtInfo,
+        status: HeldStatus,
+        denied: Option<&Denied>,
+        because: Option<&str>,
+    ) -> ErrorReply {
+        if let Some(Denied::AuditUnavailable) = denied {
+            return audit_unavailable();
+        }
+        let _log = self.span.enter();
+        let why = denied.and_then(Denied::describe);
+        let statements = if info.statements.is_empty() {
+            vec![(String::new(), sql.to_string())]
+        } else {
+            info.statements.clone()
+        };
+        let mut reason = format!(
+            "{} is guarded for database {:?}, user {:?}",
+            info.class, self.session.database, self.session.user
+        );
+        if let Some(why) = &why {
+            reason = format!("{reason}; {why}");
+        }
+        match ctx
+            .registry
+            .record(&self.session, sql, statements, info.class, &reason, status)
+        {
+            Ok(entry) => {
+                let fps: Vec<&str> = entry
+                    .fingerprints
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|f| !f.is_empty())
+                    .collect();
+                if status == HeldStatus::Observed {
+                    tracing::warn!(held_id = %entry.id, class = %info.class, user = %self.session.user, database = %self.session.database, sql = %entry.sql, "would hold (observe mode)");
+                } else {
+                    tracing::warn!(held_id = %entry.id, class = %info.class, user = %self.session.user, database = %self.session.database, sql = %entry.sql, "statement held");
+                }
+                // A statement PostgreSQL cannot parse reads like the typo it usually is.
+                let message = match because.and_then(|b| b.strip_prefix("PostgreSQL: ")) {
+                    Some(parser) if info.class == Class::Unparsed => {
+                        format!("stepgate: statement held ({}): {parser}", info.class)
+                    }
+                    _ => format!("stepgate: statement held ({})", info.class),
+                };
+                ErrorReply::error("42501", message)
+                    .with_detail(format!(
+                        "held id {}; fingerprint {}{}{}",
+                        entry.id,
+                        if fps.is_empty() { "(none)".to_string() } else { fps.join(", ") },
+                        because.map(|b| format!("; {b}")).unwrap_or_default(),
+                        why.as_deref().map(|w| format!("; {w}")).unwrap_or_default()
+                    ))
+                    .with_hint(format!(
+                        "stepgate token new --held {id} | gpg --clearsign, then SET stepgate.token (or SHOW HELD {id} in the stepgate console)",
+                        id = entry.id
+                    ))
+            }
+            Err(e) => {
+                ctx.metrics
+                    .audit_write_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(error = %e, "audit log unavailable: guarded statement refused");
+                audit_unavailable()
+            }
+        }
+    }
+
+    pub(super) fn mention_refusal(&self) -> ErrorReply {
+        let _log = self.span.enter();
+        tracing::warn!("refused a statement that names a stepgate setting");
+        ErrorReply::error("42501", "stepgate: statement refused: it names a stepgate setting")
+            .with_detail("stepgate settings are changed only with SET stepgate.<name> = '…', RESET stepgate.<name> and SHOW stepgate.<name>; other spellings never reach the server")
+    }
+
+    pub(super) fn refuse_query(&mut self, refusal: ErrorReply) -> Action {
+        self.expect_query(Vec::new(), Some(refusal), Vec::new());
+        Action::Replace(build::query(REFUSAL_SQL))
+    }
+
+    pub(super) fn status_text(&self, ctx: &GateContext, settings: &[String]) -> String {
+        let guard: Vec<&str> = self.rule.guard.iter().map(|c| c.as_str()).collect();
+        let mut settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        settings.sort();
+        sanitize(&format!(
+            "mode={}; rule=database:{},user:{},guard:{},signatures:{}; unparsed_guarded={}; settings={}; {}",
+            ctx.mode.as_str(),
+            self.rule.database,
+            self.rule.user,
+            if guard.is_empty() { "-".to_string() } else { guard.join("+") },
+            self.rule.signatures,
+            !ctx.config.allow_unparsed,
+            if settings.is_empty() { "-".to_string() } else { settings.join("+") },
+            match &self.token {
+                None => "token=none".to_string(),
+                Some(t) => format!(
+                    "token={}; signers={}; not_after={}; statements={}",
+                    t.id(),
+                    t.auth.signers.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join("+"),
+                    humantime::format_rfc3339_seconds(t.auth.payload.not_after),
+                    t.auth.payload.statements.len()
+                ),
+            }
+        ))
+    }
+}

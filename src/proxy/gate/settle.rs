@@ -1,0 +1,128 @@
+//! The life of a reserved token use after the server answers: confirmed (`executed`) and settled with its
+//! transaction, or given back (`released`) when the server did not run the statement.
+
+use super::expect::{Effect, Expect};
+use super::{GateContext, SessionState};
+use crate::classify::Class;
+use crate::proxy::authz::Reservation;
+use crate::wire::frame::cstr;
+
+impl SessionState {
+    pub(super) fn apply(&mut self, ctx: &GateContext, effect: Effect) {
+        match effect {
+            Effect::None => {}
+            Effect::SetStepgate { name, value, token } => {
+                if let Some(tok) = token {
+                    let _log = self.span.enter();
+                    ctx.token_activated(&self.session, &tok);
+                    self.token = Some(tok);
+                }
+                self.stepgate.insert(name, value);
+            }
+            Effect::ResetStepgate(Some(name)) => {
+                if name == "stepgate.token" {
+                    self.token = None;
+                }
+                self.stepgate.remove(&name);
+            }
+            Effect::ResetStepgate(None) => {
+                self.token = None;
+                self.stepgate.clear()
+            }
+            Effect::DiscardAll => {
+                self.token = None;
+                self.stepgate.clear();
+                self.prepared.clear();
+                self.portals.clear();
+            }
+            Effect::Deallocate(Some(name)) => {
+                self.prepared.remove(&name);
+            }
+            Effect::Deallocate(None) => self.prepared.clear(),
+            Effect::Prepare { name, info } => {
+                self.prepared.insert(name, *info);
+            }
+        }
+    }
+
+    /// Confirms the reservations of a statement the server completed; their transaction's outcome follows.
+    pub(super) fn confirm(
+        &mut self,
+        ctx: &GateContext,
+        reservations: Vec<Reservation>,
+        body: &[u8],
+    ) {
+        if reservations.is_empty() {
+            return;
+        }
+        let _log = self.span.enter();
+        let tag = cstr(body)
+            .map(|(t, _)| String::from_utf8_lossy(t).into_owned())
+            .unwrap_or_default();
+        for r in reservations {
+            ctx.executed(&self.session, &r, &tag);
+            self.outcome_pending.push(r);
+        }
+    }
+
+    /// Records how the transaction of the authorized statements that ran in it ended.
+    pub(super) fn settle(&mut self, ctx: &GateContext, committed: bool) {
+        if self.outcome_pending.is_empty() {
+            return;
+        }
+        let _log = self.span.enter();
+        for r in std::mem::take(&mut self.outcome_pending) {
+            ctx.outcome(&self.session, &r, committed);
+        }
+    }
+
+    /// The session is over: a transaction still open is rolled back by the server.
+    pub fn on_session_end(&mut self, ctx: &GateContext) {
+        let committed = self.txn_status == b'I' && !self.txn_failed;
+        self.settle(ctx, committed);
+    }
+
+    /// Gives back the reservations of statements the server did not run.
+    pub(super) fn release(&self, ctx: &GateContext, reservations: Vec<Reservation>, why: &str) {
+        if reservations.is_empty() {
+            return;
+        }
+        let _log = self.span.enter();
+        for r in reservations {
+            ctx.released(&self.session, &r, why);
+        }
+    }
+
+    /// The server reported an error for the statements these reservations were for, so it may have begun
+    /// running them. A use is given back only where PostgreSQL provably undid the statement: `ddl` and
+    /// `destructive` statements that run transactionally (no CONCURRENTLY, no sequence functions, no
+    /// database, tablespace or system commands), which an error rolls back. Every other use stays spent.
+    pub(super) fn release_failed(
+        &self,
+        ctx: &GateContext,
+        reservations: Vec<Reservation>,
+        why: &str,
+    ) {
+        let (undone, spent): (Vec<_>, Vec<_>) = reservations.into_iter().partition(|r| {
+            matches!(r.class, Class::Ddl | Class::Destructive)
+                && crate::classify::undone_by_rollback(&r.sql)
+        });
+        self.release(ctx, undone, why);
+        if !spent.is_empty() {
+            let _log = self.span.enter();
+            for r in spent {
+                tracing::warn!(token_id = %r.token.id(), fingerprint = %r.fingerprint, class = %r.class, reason = why, "the server failed a statement that may have had effects before it failed: its use stays spent");
+            }
+        }
+    }
+
+    /// Releases what an expectation that will never be answered had reserved.
+    pub(super) fn abandon(&self, ctx: &GateContext, e: Expect, why: &str) {
+        match e {
+            Expect::Query { reservations, .. } | Expect::Execute { reservations, .. } => {
+                self.release(ctx, reservations, why)
+            }
+            _ => {}
+        }
+    }
+}

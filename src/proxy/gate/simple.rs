@@ -1,0 +1,90 @@
+//! The simple query protocol: one Query message, its statements judged together.
+
+use std::collections::HashMap;
+
+use super::analyze::Analysis;
+use super::refusal::{outcome, Refused};
+use super::{Action, GateContext, SessionState};
+use crate::classify::Class;
+use crate::gate::{decide, Decision, HeldStatus};
+use crate::metrics::Outcome;
+use crate::wire::build;
+
+impl SessionState {
+    pub(super) fn on_query(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
+        let bytes = body.strip_suffix(&[0]).unwrap_or(body);
+        if ctx.disabled {
+            self.expect_query(Vec::new(), None, Vec::new());
+            return Action::Forward;
+        }
+        let entry = ctx.cache.lookup(bytes, &self.lex, ctx.generation);
+        if !entry.attention && !self.guarded(ctx, entry.max) {
+            ctx.metrics.statement(entry.max, Outcome::Pass);
+            self.expect_query(Vec::new(), None, Vec::new());
+            return Action::Forward;
+        }
+        let mut local = HashMap::new();
+        // The message's SQL, redacted, is only needed for a held entry.
+        let sql = || crate::gate::redact(&String::from_utf8_lossy(bytes));
+        let started = std::time::Instant::now();
+        let analysis = self.analyze(ctx, bytes, &mut local);
+        ctx.metrics.classified(started.elapsed());
+        match analysis {
+            Err(Refused::Mention) => {
+                ctx.metrics.statement(Class::Privileged, Outcome::Held);
+                self.refuse_query(self.mention_refusal())
+            }
+            Err(Refused::Token(err)) => {
+                ctx.metrics.statement(Class::Session, Outcome::Held);
+                self.refuse_query(err)
+            }
+            Err(Refused::Hold(info)) => {
+                ctx.metrics.statement(info.class, Outcome::Held);
+                let err = self.hold(ctx, &sql(), &info, HeldStatus::Held, None, None);
+                self.refuse_query(err)
+            }
+            Ok(Analysis {
+                info,
+                reason,
+                effects,
+                rewritten,
+                grants,
+            }) => {
+                let guarded = !info.statements.is_empty() || self.guarded(ctx, info.class);
+                let (reservations, denied) = self.authorize(ctx, guarded, &grants, info.class);
+                let decision = decide(guarded, ctx.mode, denied.is_none());
+                ctx.metrics
+                    .statement(info.class, outcome(decision, &reservations));
+                match decision {
+                    Decision::Refuse => {
+                        let err = self.hold(
+                            ctx,
+                            &sql(),
+                            &info,
+                            HeldStatus::Held,
+                            denied.as_ref(),
+                            reason.as_deref(),
+                        );
+                        return self.refuse_query(err);
+                    }
+                    Decision::Observe => {
+                        self.hold(
+                            ctx,
+                            &sql(),
+                            &info,
+                            HeldStatus::Observed,
+                            denied.as_ref(),
+                            reason.as_deref(),
+                        );
+                    }
+                    Decision::Pass => {}
+                }
+                self.expect_query(effects, None, reservations);
+                match rewritten {
+                    Some(text) => Action::Replace(build::query(text.as_bytes())),
+                    None => Action::Forward,
+                }
+            }
+        }
+    }
+}
