@@ -330,7 +330,13 @@ mod tests {
 
     fn check(text: &str) -> Vec<Finding> {
         let c = Config::default();
-        check_text("m.sql", text, &c, &c.rule_for("app", "u"), &c.classifier())
+        check_text(
+            "m.sql",
+            text,
+            &c,
+            &c.rule_for("app", "u"),
+            &crate::classify::Classifier::for_config(&c),
+        )
     }
 
     fn classes(text: &str) -> Vec<(Class, String)> {

@@ -16,25 +16,7 @@ use crate::audit::AuditLog;
 use crate::classify::lex::{self, Kind};
 use crate::classify::Class;
 
-/// `enforce` holds guarded statements; `observe` lets them run and records what would have been held.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default, clap::ValueEnum, Serialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    #[default]
-    Enforce,
-    Observe,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Enforce => "enforce",
-            Mode::Observe => "observe",
-        }
-    }
-}
+pub use crate::config::Mode;
 
 /// What the gate does with one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

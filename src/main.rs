@@ -57,7 +57,7 @@ enum Cmd {
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
         /// enforce holds guarded statements; observe lets them run and records them [default: enforce].
-        #[arg(long, value_enum)]
+        #[arg(long, value_parser = mode_parser())]
         mode: Option<stepgate::gate::Mode>,
         /// Run sessions on N workers (each a single-threaded runtime for startup, login and TLS, plus an
         /// epoll relay thread for plain-TCP sessions), connections handed out in turn; 0 = every session as
@@ -492,7 +492,7 @@ fn check(
     use stepgate::check::{check_text, read_source};
     let config = Config::load(config.as_deref(), &Overrides::default())?;
     let rule = config.rule_for(database, user);
-    let classifier = config.classifier();
+    let classifier = stepgate::classify::Classifier::for_config(&config);
     let mut findings = Vec::new();
     // A file that cannot be read or decoded is an error for that file only: the others are still checked
     // and printed, and the exit status is 2.
@@ -604,4 +604,11 @@ async fn stop_on_signal(token: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     token.cancel();
+}
+
+/// `--mode`: the two modes, listed in `--help` and completed, parsed into the config's type.
+fn mode_parser() -> impl clap::builder::TypedValueParser<Value = stepgate::gate::Mode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["enforce", "observe"])
+        .map(|s| s.parse::<stepgate::gate::Mode>().unwrap_or_default())
 }

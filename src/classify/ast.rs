@@ -13,7 +13,7 @@ use sqlparser::ast::{
     Visitor,
 };
 
-use super::class::Class;
+use crate::config::Class;
 
 /// Facts gathered while classifying.
 #[derive(Debug, Default, Clone, Copy)]

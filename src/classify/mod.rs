@@ -13,7 +13,6 @@
 
 pub mod ast;
 pub mod cache;
-pub mod class;
 pub mod lex;
 pub mod session_cmd;
 pub mod split;
@@ -26,7 +25,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use thiserror::Error;
 
-pub use class::Class;
+pub use crate::config::Class;
 use lex::{Kind, Token};
 
 /// The built-in dangerous-function list, one name or `*` pattern per line with a comment per group
@@ -135,6 +134,14 @@ impl Default for Classifier {
 }
 
 impl Classifier {
+    /// The classifier with a configuration's dangerous-function list.
+    pub fn for_config(config: &crate::config::Config) -> Classifier {
+        match &config.dangerous_functions {
+            Some(list) => Classifier::new(list.iter().cloned()),
+            None => Classifier::default(),
+        }
+    }
+
     /// A classifier with this dangerous-function list (names case-folded; `*` is a wildcard).
     pub fn new(functions: impl IntoIterator<Item = String>) -> Self {
         let mut exact = HashSet::new();

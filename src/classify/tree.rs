@@ -15,7 +15,7 @@
 use pg_query::protobuf as pb;
 use serde_json::Value;
 
-use super::class::Class;
+use crate::config::Class;
 
 /// The built-ins that execute a string argument as SQL (PostgreSQL 13–18): the name and which argument.
 pub const SQL_EXECUTING_BUILTINS: &[(&str, usize)] = &[

@@ -57,7 +57,7 @@ pub fn new_uuid() -> String {
 
 /// Makes the payload to sign: only the statements the rule for the database and user guards.
 pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
-    let classifier = o.config.classifier();
+    let classifier = crate::classify::Classifier::for_config(o.config);
     let (database, user, statements) = match &o.source {
         Source::Held(id) => {
             let path = o.config.state_dir.join("audit.jsonl");
@@ -373,7 +373,7 @@ pub fn inspect(token: &[u8], config: &Config) -> Result<(String, bool)> {
     let verdict = policy.verify(
         token,
         &rule,
-        &config.classifier(),
+        &crate::classify::Classifier::for_config(config),
         &payload.database,
         &user,
         now,

@@ -15,16 +15,7 @@ use super::payload::{Payload, PayloadError};
 use super::signed::{self, Keyring, SignatureError, SignerInfo};
 use crate::classify::{lex, Class, Classifier};
 
-/// A key allowed to sign, and for what.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignerPolicy {
-    pub name: String,
-    /// Primary key fingerprint, uppercase hex without spaces.
-    pub fingerprint: String,
-    /// Database names or patterns (`*`, `prefix*`).
-    pub databases: Vec<String>,
-    pub classes: Vec<Class>,
-}
+pub use crate::config::SignerPolicy;
 
 /// What the session's rule and the config demand of a token.
 pub struct TokenPolicy<'a> {

@@ -37,7 +37,7 @@ impl GateContext {
 
     /// A context sharing an existing registry (a reload keeps what was held).
     pub fn with_registry(config: Config, registry: Arc<Registry>, disabled: bool) -> GateContext {
-        let classifier = config.classifier();
+        let classifier = crate::classify::Classifier::for_config(&config);
         GateContext {
             mode: config.mode,
             config,

@@ -11,9 +11,13 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
-use crate::classify::{Class, Classifier};
-use crate::gate::Mode;
-use crate::token::SignerPolicy;
+pub mod class;
+pub mod mode;
+pub mod signer;
+
+pub use class::Class;
+pub use mode::Mode;
+pub use signer::SignerPolicy;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
 pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:5432";
@@ -385,14 +389,6 @@ impl Config {
         rule.guard.contains(&class) || (class == Class::Unparsed && !self.allow_unparsed)
     }
 
-    /// The classifier with this configuration's dangerous-function list.
-    pub fn classifier(&self) -> Classifier {
-        match &self.dangerous_functions {
-            Some(list) => Classifier::new(list.iter().cloned()),
-            None => Classifier::default(),
-        }
-    }
-
     fn with_overrides(mut self, o: &Overrides) -> Result<Config, ConfigError> {
         if let Some(v) = &o.listen {
             self.listen = v.clone();
@@ -589,5 +585,4 @@ pub fn parse_size(s: &str) -> Option<usize> {
 }
 
 #[cfg(test)]
-#[path = "config_tests.rs"]
 mod tests;
