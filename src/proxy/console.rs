@@ -17,8 +17,10 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
 
+use super::reload::ServerHandle;
+use super::shared::Shared;
 use super::stream::ClientStream;
-use super::{upstream, ServerHandle, Shared};
+use super::upstream;
 use crate::wire::build::message;
 use crate::wire::frame::{self, cstr};
 use crate::wire::reply::ErrorReply;
@@ -583,9 +585,7 @@ pub(crate) async fn run(
     let user = startup.user();
     let console = Console {
         shared,
-        handle: ServerHandle {
-            shared: shared.clone(),
-        },
+        handle: ServerHandle::new(shared.clone()),
         user: user.clone(),
         client_addr: peer.ip().to_string(),
     };
@@ -594,7 +594,7 @@ pub(crate) async fn run(
             "3D000",
             "stepgate: the console is not enabled (no [admin] users)",
         );
-        super::session::send_and_close(&mut client, &e).await;
+        super::stream::send_and_close(&mut client, &e).await;
         return;
     };
     if !admin.users.contains(&user) {
@@ -605,7 +605,7 @@ pub(crate) async fn run(
             format!("stepgate: user \"{user}\" may not open the stepgate console"),
         )
         .with_hint("[admin] users in stepgate.toml lists who may");
-        super::session::send_and_close(&mut client, &e).await;
+        super::stream::send_and_close(&mut client, &e).await;
         return;
     }
     match login(
@@ -621,7 +621,7 @@ pub(crate) async fn run(
         Err(LoginError::Refused(e)) => {
             console.audit("login", &format!("refused: {}", e.message), &[]);
             warn!(%user, reason = e.message, "console login refused");
-            super::session::send_and_close(&mut client, &e).await;
+            super::stream::send_and_close(&mut client, &e).await;
             return;
         }
         Err(LoginError::Forwarded) => {

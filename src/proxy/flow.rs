@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use super::gate::{Action, GateContext, SessionState};
-use super::Shared;
+use super::shared::Shared;
 use crate::wire::frame::{self, FrameError, FrameScanner, Step};
 
 /// Largest frontend message before login (password, SASL): 64 KiB.
@@ -350,6 +350,29 @@ fn is_fatal(body: &[u8]) -> bool {
     }
     false
 }
+
+/// How a session ended.
+pub(super) enum FrontendEnd {
+    Terminate,
+    Eof,
+}
+
+pub(super) enum BackendEnd {
+    Eof,
+    LoginFailed,
+}
+
+pub(super) enum Ending {
+    Frontend(Result<FrontendEnd, FrontendError>),
+    Backend(Result<BackendEnd, std::io::Error>),
+    LoginTimeout,
+    Shutdown,
+    /// A bug in stepgate (a panic while relaying): this session ends, the others go on.
+    Internal,
+}
+
+/// How much to ask the kernel for per read.
+pub(super) const READ_CHUNK: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {

@@ -9,13 +9,18 @@
 //! login, TLS sessions, the console) plus an epoll relay thread that carries its plain-TCP sessions
 //! ([`ServeOptions::workers`], [`default_workers`]).
 
+mod accept;
+mod async_relay;
 pub mod authz;
 mod console;
+mod ending;
+mod epoll_relay;
 mod flow;
 pub mod gate;
 mod judge;
-mod relay;
+mod reload;
 mod session;
+mod shared;
 mod stream;
 pub mod tls;
 mod upstream;
@@ -28,12 +33,14 @@ use dashmap::DashMap;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, UpstreamTls};
+pub use reload::ServerHandle;
+pub use shared::ServeOptions;
+use shared::Shared;
 
 pub use upstream::UpstreamError;
 
@@ -64,24 +71,6 @@ pub enum ServeError {
     Judges(std::io::Error),
 }
 
-/// Options of `serve` that are deliberately not in the config file.
-#[derive(Debug, Clone, Default)]
-pub struct ServeOptions {
-    /// Classify and hold nothing (`--unsafe-no-gate`, for measuring the gate's own cost).
-    pub unsafe_no_gate: bool,
-    /// The config file a reload re-reads (None: defaults and flags only; the keyring is still re-read).
-    pub config_path: Option<std::path::PathBuf>,
-    /// Command-line flags, applied again on every reload.
-    pub overrides: crate::config::Overrides,
-    /// Run sessions on this many workers, connections handed out in turn. A worker is a single-threaded
-    /// runtime plus an epoll relay thread: the runtime negotiates startup and login and runs TLS sessions,
-    /// the relay carries plain-TCP sessions. None (the default): [`default_workers`]. `Some(0)`: every session as an
-    /// async task on the runtime that calls [`Server::run`] (a multi-threaded one under `stepgate serve`),
-    /// which measured slower: per round trip the runtime's wake-ups cost more CPU than the relaying itself
-    /// (README "Performance").
-    pub workers: Option<usize>,
-}
-
 /// The default worker count: one per two CPUs, at least one. A relay thread carries tens of thousands of
 /// round trips a second; more of them than that on a machine the proxy shares with its clients or the
 /// database costs CPU per round trip (each sleeps and is woken apart, fewer events per `epoll_wait`): on
@@ -95,7 +84,7 @@ pub fn default_workers() -> usize {
 struct Workers {
     handles: Vec<tokio::runtime::Handle>,
     /// One epoll relay beside each runtime: plain-TCP sessions of runtime `i` run on relay `i`.
-    relays: Vec<relay::Handle>,
+    relays: Vec<epoll_relay::Handle>,
     stop: CancellationToken,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -115,7 +104,7 @@ impl Workers {
         let mut threads = Vec::with_capacity(2 * n);
         let mut relays = Vec::with_capacity(n);
         for i in 0..n.max(1) {
-            let (relay, thread) = relay::Handle::start(format!("stepgate-relay-{i}"))?;
+            let (relay, thread) = epoll_relay::Handle::start(format!("stepgate-relay-{i}"))?;
             relays.push(relay);
             threads.push(thread);
             let (tx, rx) = std::sync::mpsc::channel();
@@ -149,118 +138,6 @@ impl Workers {
             stop,
             threads,
         })
-    }
-}
-
-/// State shared by every session of one server.
-pub(crate) struct Shared {
-    pub config: Config,
-    pub tls_acceptor: Option<TlsAcceptor>,
-    pub upstream_tls: Option<TlsConnector>,
-    /// BackendKeyData of open sessions: a CancelRequest is relayed only for a key stepgate handed out.
-    pub cancel_keys: DashMap<(i32, i32), ()>,
-    /// Cancelled when open sessions must end (after `shutdown_timeout`).
-    pub force_close: CancellationToken,
-    pub next_session: AtomicU64,
-    /// The policy in force; a reload swaps it while sessions run.
-    pub gate: arc_swap::ArcSwap<gate::GateContext>,
-    pub options: ServeOptions,
-    /// Open client sessions, for the console's SHOW SESSIONS.
-    pub sessions: DashMap<u64, SessionSummary>,
-    /// Where large, uncached query strings are judged (off the relay threads).
-    pub judges: judge::JudgePool,
-}
-
-/// What the console shows of an open session.
-#[derive(Debug, Clone)]
-pub(crate) struct SessionSummary {
-    pub user: String,
-    pub database: String,
-    pub client_addr: String,
-    pub application_name: String,
-    pub tls: bool,
-    pub connected: String,
-}
-
-/// Controls a running server: reload its policy.
-#[derive(Clone)]
-pub struct ServerHandle {
-    shared: Arc<Shared>,
-}
-
-impl ServerHandle {
-    /// Re-reads the config file and the keyring and swaps the policy in; open sessions continue under the new
-    /// one (their rule is chosen again, a token is re-verified before its next use). A broken file or
-    /// keyring is rejected with its error and the old policy stays. Either way the attempt is audited.
-    pub fn reload(&self) -> Result<u64, String> {
-        let shared = &self.shared;
-        let old = shared.gate.load_full();
-        let attempt = (|| {
-            let config = Config::load(
-                shared.options.config_path.as_deref(),
-                &shared.options.overrides,
-            )
-            .map_err(|e| e.to_string())?;
-            let policy = crate::token::Policy::load(&config)?;
-            let restart: Vec<&str> = [
-                ("listen", config.listen != shared.config.listen),
-                ("upstream", config.upstream != shared.config.upstream),
-                ("state_dir", config.state_dir != shared.config.state_dir),
-                ("tls", config.tls != shared.config.tls),
-                (
-                    "max_connections",
-                    config.max_connections != shared.config.max_connections,
-                ),
-            ]
-            .into_iter()
-            .filter_map(|(k, changed)| changed.then_some(k))
-            .collect();
-            if !restart.is_empty() {
-                warn!(keys = ?restart, "reload: these settings take effect only after a restart");
-            }
-            let mut ctx =
-                gate::GateContext::with_registry(config, old.registry.clone(), old.disabled);
-            ctx.generation = old.generation + 1;
-            ctx.policy = policy;
-            ctx.ledger = old.ledger.clone();
-            ctx.metrics = old.metrics.clone();
-            ctx.audit = old.audit.clone();
-            Ok::<_, String>(ctx)
-        })();
-        let source = shared
-            .options
-            .config_path
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "(flags only)".into());
-        let mut f = serde_json::Map::new();
-        f.insert("config".into(), source.clone().into());
-        old.metrics
-            .reloads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let result = match attempt {
-            Ok(ctx) => {
-                let generation = ctx.generation;
-                f.insert("outcome".into(), "applied".into());
-                f.insert("generation".into(), generation.into());
-                f.insert("signers".into(), ctx.policy.signers.len().into());
-                shared.gate.store(Arc::new(ctx));
-                info!(config = %source, generation, "policy reloaded");
-                Ok(generation)
-            }
-            Err(e) => {
-                f.insert("outcome".into(), "rejected".into());
-                f.insert("error".into(), e.clone().into());
-                warn!(config = %source, error = %e, "reload rejected; the old policy stays");
-                Err(e)
-            }
-        };
-        if let Some(audit) = &old.audit {
-            if let Err(e) = audit.append("policy_reloaded", f, true) {
-                warn!(error = %e, "audit log write failed");
-            }
-        }
-        result
     }
 }
 
@@ -359,9 +236,7 @@ impl Server {
 
     /// A handle to reload the policy while the server runs.
     pub fn handle(&self) -> ServerHandle {
-        ServerHandle {
-            shared: self.shared.clone(),
-        }
+        ServerHandle::new(self.shared.clone())
     }
 
     /// Where `/metrics` is served, when `metrics_listen` is set.
@@ -450,8 +325,7 @@ impl Server {
                         async move {
                             match tokio::net::TcpStream::from_std(std_tcp) {
                                 Ok(tcp) => {
-                                    session::run(shared, tcp, peer, permit, admin, Some(relay))
-                                        .await
+                                    accept::run(shared, tcp, peer, permit, admin, Some(relay)).await
                                 }
                                 Err(e) => warn!(error = %e, "cannot hand a connection to a worker"),
                             }
@@ -460,7 +334,7 @@ impl Server {
                     );
                 }
                 None => {
-                    tracker.spawn(session::run(shared.clone(), tcp, peer, permit, admin, None));
+                    tracker.spawn(accept::run(shared.clone(), tcp, peer, permit, admin, None));
                 }
             }
         }

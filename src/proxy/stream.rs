@@ -4,7 +4,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use crate::wire::reply::ErrorReply;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Plain TCP or TLS over TCP. `S` is the TLS stream type of the leg (server side for clients, client side
@@ -80,3 +81,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
 
 pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 pub type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Writes a last error and closes the connection (errors ignored: the peer may be gone).
+pub(super) async fn send_and_close<W: AsyncWrite + Unpin>(w: &mut W, err: &ErrorReply) {
+    let _ = w.write_all(&err.to_bytes()).await;
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}

@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::stream::{MaybeTls, UpstreamStream};
-use super::Shared;
+use super::shared::Shared;
 use crate::config::{split_host_port, UpstreamTls};
 use crate::wire::startup::SSL_REQUEST_CODE;
 

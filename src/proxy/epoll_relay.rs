@@ -27,9 +27,9 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use super::flow::{Backend, Flags, Frontend, FrontendError};
+use super::flow::{BackendEnd, Ending, FrontendEnd};
 use super::gate::SessionState;
-use super::session::{BackendEnd, Ending, FrontendEnd};
-use super::Shared;
+use super::shared::Shared;
 
 /// Bytes asked of the kernel per read.
 const READ_CHUNK: usize = 64 * 1024;
