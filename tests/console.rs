@@ -201,3 +201,109 @@ async fn the_console_on_its_own_address() {
     let e = connect_err(cfg.dbname("postgres").to_owned()).await;
     assert_eq!(sqlstate(&e).as_deref(), Some("3D000"), "{e:?}");
 }
+
+/// The admin list is policy: a RELOAD that removes a user closes that user's open console session at once
+/// (idle, between commands) and refuses the next login; SHOW CONFIG shows the list that is enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_admin_by_reload_locks_them_out_at_once() {
+    if pg().devdb().is_none() {
+        return; // DATABASE_URL: the password roles are the throwaway server's
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = console_config(dir.path(), "");
+    let g = gate_from_file(&path).await;
+    let admin_cfg = |user: &str, password: &str| {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(g.addr.port())
+            .user(user)
+            .password(password)
+            .dbname("stepgate");
+        cfg
+    };
+    let scram = connect(admin_cfg(SCRAM_USER, SCRAM_PASSWORD))
+        .await
+        .unwrap();
+    let md5 = connect(admin_cfg(MD5_USER, MD5_PASSWORD)).await.unwrap();
+    let users = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
+        rows.into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("admin_users") => {
+                    r.get(1).map(str::to_string)
+                }
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert!(users(scram.simple_query("SHOW CONFIG").await.unwrap()).contains(SCRAM_USER));
+
+    // The file no longer names the SCRAM admin; another admin reloads.
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir = \"state\"\n{}[admin]\nusers = [\"{MD5_USER}\"]\n",
+            policy_toml()
+        ),
+    )
+    .unwrap();
+    md5.batch_execute("RELOAD").await.unwrap();
+
+    // The removed admin's idle session was closed by the server with its reason.
+    for _ in 0..100 {
+        if scram.is_closed() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        scram.is_closed(),
+        "the removed admin's console session is still open"
+    );
+    let err = scram.simple_query("SHOW HELD").await.unwrap_err();
+    assert!(err.is_closed(), "{err}");
+    // A new login is refused; the remaining admin sees the list in force.
+    let err = connect_err(admin_cfg(SCRAM_USER, SCRAM_PASSWORD)).await;
+    assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{err}");
+    assert!(
+        format!("{err:?}").contains("may not open the stepgate console"),
+        "{err}"
+    );
+    let shown = users(md5.simple_query("SHOW CONFIG").await.unwrap());
+    assert_eq!(shown, MD5_USER);
+    let audit = g.audit();
+    assert!(
+        audit.iter().any(|r| r["event"] == "admin_action"
+            && r["user"] == SCRAM_USER
+            && r["outcome"] == "closed: no longer an admin user"),
+        "no audit record of the closed session"
+    );
+}
+
+/// Console errors carry their SQLSTATE: an unknown command is a syntax error, a bad argument an invalid
+/// value, a held id that does not exist an undefined object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_errors_carry_their_sqlstate() {
+    if pg().devdb().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let g = gate_from_file(&console_config(dir.path(), "")).await;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(g.addr.port())
+        .user(SCRAM_USER)
+        .password(SCRAM_PASSWORD)
+        .dbname("stepgate");
+    let admin = connect(cfg).await.unwrap();
+    for (sql, code, words) in [
+        ("DROP TABLE t", "42601", "unknown command"),
+        ("SHOW AUDIT lots", "22023", "is not a number of records"),
+        ("DISMISS nothere", "22023", "is not a held id"),
+        ("DISMISS abcd1234", "42704", "no held statement abcd1234"),
+        ("SHOW HELD abcd1234", "42704", "no held statement abcd1234"),
+    ] {
+        let err = admin.simple_query(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some(code), "{sql}: {err}");
+        assert!(format!("{:?}", err).contains(words), "{sql}: {err:?}");
+    }
+}

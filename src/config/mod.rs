@@ -383,6 +383,62 @@ impl Config {
             .unwrap_or_default()
     }
 
+    /// The settings a reload cannot change, by name, that differ between the running `self` and `new`. The
+    /// listener reads them once (addresses, upstream, TLS, limits, timeouts, the state directory); everything
+    /// else is policy and takes effect at the reload. Destructured field by field, so a new setting has to be
+    /// sorted into one kind or the other before this compiles.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let Config {
+            listen,
+            upstream,
+            upstream_tls,
+            state_dir,
+            max_connections,
+            startup_timeout,
+            shutdown_timeout,
+            max_message_size,
+            log_format,
+            tls,
+            metrics_listen,
+            admin,
+            // Policy: reloaded.
+            mode: _,
+            allow_unparsed: _,
+            dangerous_functions: _,
+            rules: _,
+            instance: _,
+            keyring: _,
+            signers: _,
+        } = self;
+        let admin_listen = |a: &Option<AdminConfig>| a.as_ref().and_then(|a| a.listen.clone());
+        [
+            ("listen", *listen != new.listen),
+            ("upstream", *upstream != new.upstream),
+            ("upstream_tls", *upstream_tls != new.upstream_tls),
+            ("state_dir", *state_dir != new.state_dir),
+            ("max_connections", *max_connections != new.max_connections),
+            ("startup_timeout", *startup_timeout != new.startup_timeout),
+            (
+                "shutdown_timeout",
+                *shutdown_timeout != new.shutdown_timeout,
+            ),
+            (
+                "max_message_size",
+                *max_message_size != new.max_message_size,
+            ),
+            ("log_format", *log_format != new.log_format),
+            ("tls", *tls != new.tls),
+            ("metrics_listen", *metrics_listen != new.metrics_listen),
+            (
+                "admin.listen",
+                admin_listen(admin) != admin_listen(&new.admin),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(k, changed)| changed.then_some(k))
+        .collect()
+    }
+
     /// Whether `class` is held under `rule`. `unparsed` stays guarded even when the rule omits it, unless
     /// `allow_unparsed = true`.
     pub fn is_guarded(&self, rule: &Rule, class: Class) -> bool {

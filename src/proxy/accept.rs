@@ -99,11 +99,10 @@ pub(crate) async fn run(
                     );
                     send_and_close(&mut client, &err).await;
                 } else if console
-                    && shared
-                        .config
-                        .admin
-                        .as_ref()
-                        .is_some_and(|a| a.listen.is_none() || admin_address)
+                    // Whether there is a console is policy (a reload may add `[admin]`); where it listens is not.
+                    && shared.gate.load().config.admin.is_some()
+                    && (admin_address
+                        || shared.config.admin.as_ref().is_none_or(|a| a.listen.is_none()))
                 {
                     console::run(&shared, client, startup, leftover, peer).await;
                 } else {

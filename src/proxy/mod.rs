@@ -225,6 +225,7 @@ impl Server {
                 options,
                 sessions: DashMap::new(),
                 judges: judge::JudgePool::start(2).map_err(ServeError::Judges)?,
+                reloaded: tokio::sync::watch::Sender::new(1),
             }),
         })
     }

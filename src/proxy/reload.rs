@@ -36,19 +36,7 @@ impl ServerHandle {
             )
             .map_err(|e| e.to_string())?;
             let policy = crate::token::Policy::load(&config)?;
-            let restart: Vec<&str> = [
-                ("listen", config.listen != shared.config.listen),
-                ("upstream", config.upstream != shared.config.upstream),
-                ("state_dir", config.state_dir != shared.config.state_dir),
-                ("tls", config.tls != shared.config.tls),
-                (
-                    "max_connections",
-                    config.max_connections != shared.config.max_connections,
-                ),
-            ]
-            .into_iter()
-            .filter_map(|(k, changed)| changed.then_some(k))
-            .collect();
+            let restart = shared.config.restart_only_changes(&config);
             if !restart.is_empty() {
                 warn!(keys = ?restart, "reload: these settings take effect only after a restart");
             }
@@ -78,6 +66,7 @@ impl ServerHandle {
                 f.insert("generation".into(), generation.into());
                 f.insert("signers".into(), ctx.policy.signers.len().into());
                 shared.gate.store(Arc::new(ctx));
+                shared.reloaded.send_replace(generation);
                 info!(config = %source, generation, "policy reloaded");
                 Ok(generation)
             }

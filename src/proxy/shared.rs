@@ -13,6 +13,9 @@ use crate::config::Config;
 
 /// State shared by every session of one server.
 pub struct Shared {
+    /// The settings read once at start (listen address, upstream, TLS, limits): what the listener runs with.
+    /// The policy (rules, signers, admin users, mode…) is `gate.config`, which a reload replaces; the two
+    /// differ only in the restart-only keys a reload warns about ([`Config::restart_only_changes`]).
     pub config: Config,
     pub tls_acceptor: Option<TlsAcceptor>,
     pub upstream_tls: Option<TlsConnector>,
@@ -28,6 +31,8 @@ pub struct Shared {
     pub sessions: DashMap<u64, SessionSummary>,
     /// Where large, uncached query strings are judged (off the relay threads).
     pub judges: judge::JudgePool,
+    /// The policy generation, sent after every applied reload (console sessions re-check their admin).
+    pub reloaded: tokio::sync::watch::Sender<u64>,
 }
 
 /// What the console shows of an open session.

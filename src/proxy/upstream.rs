@@ -6,8 +6,8 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::stream::{MaybeTls, UpstreamStream};
 use super::shared::Shared;
+use super::stream::{MaybeTls, UpstreamStream};
 use crate::config::{split_host_port, UpstreamTls};
 use crate::wire::startup::SSL_REQUEST_CODE;
 

@@ -10,12 +10,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
 use sequoia_openpgp::cert::CertParser;
 use sequoia_openpgp::parse::Parse;
-use sequoia_openpgp::policy::StandardPolicy;
-use sequoia_openpgp::types::RevocationStatus;
 use sequoia_openpgp::Cert;
 
-use super::payload::{fingerprint_of, Payload, StatementGrant};
+use super::payload::{Payload, StatementGrant};
 use super::signed::{self, Keyring};
+pub use super::signers::{signer_rows, SignerRow};
 use super::{Ledger, Policy};
 use crate::audit::AuditLog;
 use crate::config::Config;
@@ -39,21 +38,7 @@ pub struct NewToken<'a> {
     pub source: Source,
 }
 
-/// A fresh random (version 4) UUID.
-pub fn new_uuid() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
+pub use super::new_uuid;
 
 /// Makes the payload to sign: only the statements the rule for the database and user guards.
 pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
@@ -69,31 +54,10 @@ pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
                     path.display()
                 )
             })?;
-            if let Some(db) = &o.database {
-                if *db != entry.session.database {
-                    bail!(
-                        "held statement {id} was sent to database {:?}, not {db:?}",
-                        entry.session.database
-                    );
-                }
-            }
-            let mut out = Vec::new();
-            for (i, (fp, sql)) in entry.fingerprints.iter().zip(&entry.statements).enumerate() {
-                if fingerprint_of(sql).as_deref() != Some(fp.as_str()) {
-                    bail!(
-                        "statement {} of held {id} cannot be listed from the held entry (its text was redacted or it could not be read: {sql:?}); make the token with --sql or --file",
-                        i + 1
-                    );
-                }
-                out.push(StatementGrant {
-                    fingerprint: fp.clone(),
-                    class: super::verify::class_of(&classifier, sql)
-                        .map_err(|e| anyhow!("statement {} of held {id}: {e}", i + 1))?,
-                    sql: sql.clone(),
-                });
-            }
+            let statements =
+                super::held::statements_of(&entry, o.database.as_deref(), &classifier)?;
             let user = o.user.clone().or(Some(entry.session.user.clone()));
-            (entry.session.database.clone(), user, out)
+            (entry.session.database.clone(), user, statements)
         }
         Source::File(_) | Source::Sql(_) => {
             let (name, text) = match &o.source {
@@ -399,111 +363,6 @@ pub fn inspect(token: &[u8], config: &Config) -> Result<(String, bool)> {
         }
     };
     Ok((out, ok))
-}
-
-fn key_state(cert: &Cert, now: SystemTime) -> (String, String) {
-    let policy = StandardPolicy::new();
-    match cert.with_policy(&policy, now) {
-        Ok(vc) => {
-            let expires = vc
-                .primary_key()
-                .key_expiration_time()
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-                .unwrap_or_else(|| "never".into());
-            let state = if let RevocationStatus::Revoked(_) = vc.revocation_status() {
-                "REVOKED"
-            } else if vc.alive().is_err() {
-                "EXPIRED"
-            } else {
-                "valid"
-            };
-            (expires, state.into())
-        }
-        Err(e) => {
-            let text = e.to_string();
-            let state = if text.contains("revoked") {
-                "REVOKED"
-            } else {
-                "EXPIRED"
-            };
-            ("-".into(), format!("{state} ({text})"))
-        }
-    }
-}
-
-fn user_id(cert: &Cert) -> String {
-    cert.userids()
-        .next()
-        .map(|u| String::from_utf8_lossy(u.userid().value()).into_owned())
-        .unwrap_or_default()
-}
-
-/// One signer (or an unnamed key of the keyring) and its key's state now.
-#[derive(Debug, Clone)]
-pub struct SignerRow {
-    /// `(none)` for a key no `[[signer]]` names.
-    pub name: String,
-    pub fingerprint: String,
-    /// `valid`, `EXPIRED`, `REVOKED` or `MISSING` (not in the keyring).
-    pub state: String,
-    pub expires: String,
-    pub databases: String,
-    pub classes: String,
-    pub user_id: String,
-}
-
-/// The signers of `config` with their keys in `keyring`, then keys no signer names.
-pub fn signer_rows(config: &Config, keyring: &Keyring) -> Vec<SignerRow> {
-    let now = SystemTime::now();
-    let mut rows = Vec::new();
-    for s in &config.signers {
-        let cert = keyring.certs.iter().find(|c| {
-            c.fingerprint()
-                .to_hex()
-                .eq_ignore_ascii_case(&s.fingerprint)
-        });
-        let (expires, state, uid) = match cert {
-            Some(c) => {
-                let (e, st) = key_state(c, now);
-                (e, st, user_id(c))
-            }
-            None => ("-".into(), "MISSING".into(), "(not in the keyring)".into()),
-        };
-        rows.push(SignerRow {
-            name: s.name.clone(),
-            fingerprint: s.fingerprint.clone(),
-            state,
-            expires,
-            databases: s.databases.join(","),
-            classes: s
-                .classes
-                .iter()
-                .map(|c| c.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-            user_id: uid,
-        });
-    }
-    for c in &keyring.certs {
-        let fp = c.fingerprint().to_hex();
-        if !config
-            .signers
-            .iter()
-            .any(|s| s.fingerprint.eq_ignore_ascii_case(&fp))
-        {
-            let (expires, state) = key_state(c, now);
-            rows.push(SignerRow {
-                name: "(none)".into(),
-                fingerprint: fp,
-                state,
-                expires,
-                databases: "-".into(),
-                classes: "-".into(),
-                user_id: user_id(c),
-            });
-        }
-    }
-    rows
 }
 
 /// `stepgate keys`: every signer with its key's state, then keys in the keyring no signer names.

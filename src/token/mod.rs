@@ -4,10 +4,28 @@
 
 pub mod cli;
 pub mod grant;
+pub mod held;
 pub mod payload;
 pub mod signed;
+pub mod signers;
 pub mod verify;
 
 pub use grant::{ActiveToken, Ledger, Policy};
 pub use payload::{Payload, PayloadError, StatementGrant};
 pub use verify::{Authorization, Reason, SignerPolicy};
+
+/// A fresh random (version 4) UUID.
+pub fn new_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}

@@ -1,0 +1,40 @@
+//! `DISMISS <id>`: mark a held statement as dismissed.
+
+use serde_json::Value;
+
+use crate::proxy::console::command::{held_id, Command, Ctx};
+use crate::proxy::console::result::{ConsoleError, Table};
+
+pub struct Dismiss;
+pub(crate) static COMMAND: Dismiss = Dismiss;
+
+impl Command for Dismiss {
+    fn words(&self) -> &'static [&'static str] {
+        &["DISMISS"]
+    }
+    fn usage(&self) -> &'static str {
+        "<id>"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn help(&self) -> &'static str {
+        "mark a held statement as dismissed"
+    }
+    fn order(&self) -> u32 {
+        80
+    }
+    fn columns(&self, _: &[String]) -> &'static [&'static str] {
+        &[]
+    }
+    fn audit_fields(&self, args: &[String]) -> Vec<(&'static str, Value)> {
+        args.first().and_then(|a| held_id(a).ok()).map(|id| vec![("held_id", id.into())]).unwrap_or_default()
+    }
+    fn run(&self, cx: &Ctx<'_>, args: &[String]) -> Result<Table, ConsoleError> {
+        let id = held_id(&args[0])?;
+        if !cx.gate.registry.dismiss(&id) {
+            return Err(ConsoleError::not_found(format!("no held statement {id}")));
+        }
+        Ok(Table { tag: "DISMISS".into(), ..Table::default() })
+    }
+}

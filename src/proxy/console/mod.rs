@@ -1,0 +1,192 @@
+//! The DBA console: the virtual database `stepgate`, as pgbouncer's console is `pgbouncer`.
+//!
+//! `psql -h <stepgate> -p 6432 -U <admin> stepgate`. Only `[admin] users` get in, and only with a password
+//! the upstream checked ([`login`]). After the login the upstream connection is closed; stepgate answers every
+//! command itself, with proper rows, over the simple and the extended protocol ([`protocol`]). Each command
+//! is one file of [`commands`] ([`command::Command`]); errors carry their SQLSTATE ([`result::ConsoleError`]).
+//! Every command is audited (`admin_action`). Tokens are never shown (their id and a hash only) and password
+//! literals stay redacted. The admin list is policy: a RELOAD that removes a user closes that user's
+//! console sessions at once.
+
+pub mod command;
+pub mod commands;
+mod login;
+mod protocol;
+pub mod result;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use serde_json::{Map, Value};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use super::reload::ServerHandle;
+use super::shared::Shared;
+use super::stream::{send_and_close, ClientStream};
+use crate::wire::build::message;
+use crate::wire::reply::ErrorReply;
+use crate::wire::startup::StartupMessage;
+use command::{Ctx, Invocation};
+use result::{ConsoleError, Table};
+
+/// The console's database name.
+pub const CONSOLE_DB: &str = "stepgate";
+
+/// The console session of one admin.
+struct Console<'a> {
+    shared: &'a Shared,
+    handle: ServerHandle,
+    user: String,
+    client_addr: String,
+}
+
+impl Console<'_> {
+    fn audit(&self, command: &str, outcome: &str, extra: &[(&str, Value)]) {
+        let gate = self.shared.gate.load();
+        if let Some(log) = &gate.audit {
+            let mut f = Map::new();
+            f.insert("user".into(), self.user.clone().into());
+            f.insert("client_addr".into(), self.client_addr.clone().into());
+            f.insert("command".into(), command.into());
+            f.insert("outcome".into(), outcome.into());
+            for (k, v) in extra {
+                f.insert((*k).into(), v.clone());
+            }
+            if let Err(e) = log.append("admin_action", f, false) {
+                warn!(error = %e, "audit log write failed");
+            }
+        }
+    }
+
+    /// The FATAL to end the session with if the policy in force no longer lists this user as an admin.
+    fn revoked(&self) -> Option<ErrorReply> {
+        let gate = self.shared.gate.load();
+        let admin = gate
+            .config
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.users.contains(&self.user));
+        if admin {
+            return None;
+        }
+        self.audit("session", "closed: no longer an admin user", &[]);
+        warn!(user = %self.user, "console session closed: the user was removed from [admin] users");
+        Some(protocol::revoked_fatal(&self.user))
+    }
+
+    fn run(&self, inv: &Invocation, text: &str) -> Result<Table, ConsoleError> {
+        let Some(cmd) = inv.command else {
+            return Ok(Table::default());
+        };
+        let gate = self.shared.gate.load();
+        let cx = Ctx {
+            shared: self.shared,
+            gate: &gate,
+            handle: &self.handle,
+            commands: commands::ALL,
+        };
+        let mut result = cmd.run(&cx, &inv.args);
+        if let Ok(t) = &mut result {
+            if t.tag.is_empty() {
+                t.tag = format!("SHOW {}", t.rows.len());
+            }
+        }
+        let extra = cmd.audit_fields(&inv.args);
+        match &result {
+            Ok(_) => self.audit(text.trim(), "ok", &extra),
+            Err(e) => self.audit(text.trim(), &format!("error: {e}"), &extra),
+        }
+        result
+    }
+}
+
+/// Runs a console connection from login to Terminate.
+pub(crate) async fn run(
+    shared: &Arc<Shared>,
+    mut client: ClientStream,
+    startup: StartupMessage,
+    leftover: BytesMut,
+    peer: SocketAddr,
+) {
+    let user = startup.user();
+    let console = Console {
+        shared,
+        handle: ServerHandle::new(shared.clone()),
+        user: user.clone(),
+        client_addr: peer.ip().to_string(),
+    };
+    // The admin list is policy: read from the configuration in force (a reload changes it at once).
+    let Some(admin) = shared.gate.load().config.admin.clone() else {
+        let e = ErrorReply::fatal(
+            "3D000",
+            "stepgate: the console is not enabled (no [admin] users)",
+        );
+        send_and_close(&mut client, &e).await;
+        return;
+    };
+    if !admin.users.contains(&user) {
+        console.audit("login", "refused: not an admin user", &[]);
+        warn!(%user, "console login refused: not in [admin] users");
+        let e = ErrorReply::fatal(
+            "28000",
+            format!("stepgate: user \"{user}\" may not open the stepgate console"),
+        )
+        .with_hint("[admin] users in stepgate.toml lists who may");
+        send_and_close(&mut client, &e).await;
+        return;
+    }
+    match login::login(
+        shared,
+        &mut client,
+        &startup,
+        &leftover,
+        &admin.auth_database,
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(login::LoginError::Refused(e)) => {
+            console.audit("login", &format!("refused: {}", e.message), &[]);
+            warn!(%user, reason = e.message, "console login refused");
+            send_and_close(&mut client, &e).await;
+            return;
+        }
+        Err(login::LoginError::Forwarded) => {
+            console.audit("login", "refused by the upstream", &[]);
+            let _ = client.shutdown().await;
+            return;
+        }
+        Err(login::LoginError::Io) => return,
+    }
+    console.audit("login", "ok", &[]);
+    info!(%user, "console session opened");
+    let mut greeting = Vec::new();
+    for (k, v) in [
+        ("server_version", "15.0 (stepgate console)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", ""),
+    ] {
+        let mut b = k.as_bytes().to_vec();
+        b.push(0);
+        b.extend_from_slice(v.as_bytes());
+        b.push(0);
+        greeting.extend(message(b'S', &b));
+    }
+    let mut key = [0u8; 8];
+    key[..4].copy_from_slice(&(rand::random::<u32>() >> 1).to_be_bytes());
+    key[4..].copy_from_slice(&rand::random::<i32>().to_be_bytes());
+    greeting.extend(message(b'K', &key));
+    greeting.extend(message(b'Z', b"I"));
+    if client.write_all(&greeting).await.is_err() {
+        return;
+    }
+    let _ = client.flush().await;
+    let _ = protocol::serve(&console, &mut client).await;
+    info!(%user, "console session closed");
+}
