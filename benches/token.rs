@@ -162,23 +162,30 @@ fn authorize(c: &mut Criterion) {
 fn audit_append(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let log = stepgate::audit::AuditLog::open(dir.path()).unwrap();
-    let fields = || {
-        let mut f = serde_json::Map::new();
-        f.insert("user".into(), "app".into());
-        f.insert("database".into(), "prod".into());
-        f.insert("fingerprint".into(), fingerprint_of(SQL).unwrap().into());
-        f.insert("token".into(), "0385576231f44ba6a92d50d234d69153".into());
-        f.insert("signers".into(), serde_json::json!(["alice"]));
-        f.insert("sql".into(), SQL.into());
-        f
-    };
+    use stepgate::audit::event::{AuditEvent, Signer, Use};
+    let event = AuditEvent::Authorized(Use {
+        session: stepgate::audit::SessionFields {
+            user: "app".into(),
+            database: "prod".into(),
+            ..Default::default()
+        },
+        sql: SQL.into(),
+        fingerprint: fingerprint_of(SQL).unwrap(),
+        class: stepgate::classify::Class::Destructive,
+        token_id: "0385576231f44ba6a92d50d234d69153".into(),
+        signers: vec![Signer {
+            fingerprint: "0B7F3C".into(),
+            user_id: "Alice <alice@example.com>".into(),
+            name: "alice".into(),
+        }],
+    });
     let mut g = c.benchmark_group("audit append");
     g.bench_function("without fsync", |b| {
-        b.iter(|| log.append("authorized", fields(), false).unwrap())
+        b.iter(|| log.write(&event, false).unwrap())
     });
     g.sample_size(20);
     g.bench_function("with fsync", |b| {
-        b.iter(|| log.append("authorized", fields(), true).unwrap())
+        b.iter(|| log.write(&event, true).unwrap())
     });
     g.finish();
 }

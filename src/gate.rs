@@ -10,9 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditEvent, AuditLog};
 use crate::classify::lex::{self, Kind};
 use crate::classify::Class;
 
@@ -46,15 +46,7 @@ pub enum HeldStatus {
     Dismissed,
 }
 
-/// Who sent a statement.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SessionFields {
-    pub user: String,
-    pub database: String,
-    pub client_addr: String,
-    pub application_name: String,
-    pub session_id: u64,
-}
+pub use crate::audit::SessionFields;
 
 /// One refused (or, in observe mode, observed) message.
 #[derive(Debug, Clone, Serialize)]
@@ -132,52 +124,22 @@ impl Registry {
             created: Some(SystemTime::now()),
         };
         if let Some(audit) = &self.audit {
-            let mut f = Map::new();
-            f.insert("user".into(), entry.session.user.clone().into());
-            f.insert("database".into(), entry.session.database.clone().into());
-            f.insert(
-                "client_addr".into(),
-                entry.session.client_addr.clone().into(),
-            );
-            f.insert(
-                "application_name".into(),
-                entry.session.application_name.clone().into(),
-            );
-            f.insert("session_id".into(), entry.session.session_id.into());
-            f.insert("held_id".into(), entry.id.clone().into());
-            f.insert("sql".into(), entry.sql.clone().into());
-            f.insert(
-                "fingerprint".into(),
-                entry
-                    .fingerprints
-                    .first()
-                    .cloned()
-                    .unwrap_or_default()
-                    .into(),
-            );
-            f.insert(
-                "fingerprints".into(),
-                Value::Array(
-                    entry
-                        .fingerprints
-                        .iter()
-                        .cloned()
-                        .map(Value::from)
-                        .collect(),
-                ),
-            );
-            f.insert(
-                "statements".into(),
-                Value::Array(entry.statements.iter().cloned().map(Value::from).collect()),
-            );
-            f.insert("class".into(), class.as_str().into());
-            f.insert("reason".into(), reason.into());
-            let event = if status == HeldStatus::Observed {
-                "observed"
-            } else {
-                "held"
+            let held = crate::audit::event::Held {
+                session: entry.session.clone(),
+                held_id: entry.id.clone(),
+                sql: entry.sql.clone(),
+                fingerprint: entry.fingerprints.first().cloned().unwrap_or_default(),
+                fingerprints: entry.fingerprints.clone(),
+                statements: entry.statements.clone(),
+                class,
+                reason: reason.to_string(),
             };
-            audit.append(event, f, false)?;
+            let event = if status == HeldStatus::Observed {
+                AuditEvent::Observed(held)
+            } else {
+                AuditEvent::Held(held)
+            };
+            audit.write(&event, false)?;
         }
         if self.entries.len() >= self.capacity {
             if let Some(oldest) = self

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::audit::ReasonCode;
 use crate::classify::Class;
 
 /// What the gate did with a message.
@@ -28,25 +29,6 @@ const OUTCOMES: [(Outcome, &str); 4] = [
     (Outcome::Authorized, "authorized"),
 ];
 
-/// Reason codes a token can be rejected with (DESIGN.md "Tokens").
-pub const REASONS: [&str; 15] = [
-    "malformed",
-    "bad_signature",
-    "unknown_key",
-    "key_expired",
-    "key_revoked",
-    "signature_too_old",
-    "signer_not_allowed",
-    "not_enough_signers",
-    "token_expired",
-    "token_not_yet_valid",
-    "wrong_instance",
-    "wrong_database",
-    "wrong_user",
-    "statement_not_listed",
-    "already_used",
-];
-
 /// Upper bounds of the classification histogram, in microseconds.
 const BUCKETS_US: [u64; 8] = [1, 5, 10, 50, 100, 500, 1000, 10_000];
 
@@ -55,7 +37,7 @@ pub struct Metrics {
     pub sessions_open: AtomicI64,
     pub sessions_total: AtomicU64,
     statements: [[AtomicU64; 4]; 7],
-    token_rejections: [AtomicU64; 15],
+    token_rejections: [AtomicU64; ReasonCode::ALL.len()],
     pub audit_write_failures: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
     pub reloads: AtomicU64,
@@ -80,10 +62,8 @@ impl Metrics {
         self.statements[class_index(class)][o].fetch_add(1, Relaxed);
     }
 
-    pub fn token_rejected(&self, code: &str) {
-        if let Some(i) = REASONS.iter().position(|r| *r == code) {
-            self.token_rejections[i].fetch_add(1, Relaxed);
-        }
+    pub fn token_rejected(&self, code: ReasonCode) {
+        self.token_rejections[code.index()].fetch_add(1, Relaxed);
     }
 
     /// Time spent classifying a message that was not already cached.
@@ -164,13 +144,12 @@ impl Metrics {
             "stepgate_token_rejections_total",
             "counter",
             "Tokens or uses refused, by reason code.",
-            REASONS
+            ReasonCode::ALL
                 .iter()
-                .enumerate()
-                .map(|(i, r)| {
+                .map(|r| {
                     (
                         format!("{{reason=\"{r}\"}}"),
-                        self.token_rejections[i].load(Relaxed),
+                        self.token_rejections[r.index()].load(Relaxed),
                     )
                 })
                 .collect(),

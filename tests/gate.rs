@@ -520,6 +520,16 @@ async fn other_spellings_of_stepgate_settings_are_refused_and_never_forwarded() 
                 db.message()
             );
         }
+        // Each refusal is in the audit log as `refused`, with the start of the statement only.
+        let refused: Vec<_> = g
+            .audit()
+            .into_iter()
+            .filter(|r| r["event"] == "refused")
+            .collect();
+        assert!(refused.len() >= 10, "{refused:?}");
+        assert!(refused
+            .iter()
+            .any(|r| r["sql"] == "ALTER ROLE postgres SET stepgate.token = '********'"));
         // Nothing reached the server: the placeholder does not exist, no role or database setting was stored.
         let e = c.simple_query("SHOW stepgate.token").await.unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("42704"));

@@ -48,7 +48,7 @@ async fn reload_changes_the_policy_of_open_sessions_and_a_broken_file_changes_no
     // A broken file: the reload says why, and the policy in force stays.
     std::fs::write(&path, "state_dir = \"x\"\n[[rule]\nguard = [\n").unwrap();
     let err = g.handle().reload().unwrap_err();
-    assert!(err.contains("line 2"), "{err}");
+    assert!(err.to_string().contains("line 2"), "{err}");
     held(
         &c.batch_execute("CREATE INDEX t2_c ON t2 (a)")
             .await
@@ -60,7 +60,7 @@ async fn reload_changes_the_policy_of_open_sessions_and_a_broken_file_changes_no
         + "[[signer]]\nname = \"ghost\"\nfingerprint = \"0000000000000000000000000000000000000000\"\n";
     std::fs::write(&path, text).unwrap();
     let err = g.handle().reload().unwrap_err();
-    assert!(err.contains("not in the keyring"), "{err}");
+    assert!(err.to_string().contains("not in the keyring"), "{err}");
     held(&c.batch_execute("DROP TABLE t3").await.unwrap_err());
     assert!(exists(&direct, "t3").await);
 

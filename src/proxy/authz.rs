@@ -6,9 +6,8 @@
 
 use std::time::SystemTime;
 
-use serde_json::{Map, Value};
-
 use super::gate::context::GateContext;
+use crate::audit::event::{AuditEvent, ReasonCode, Use};
 use crate::classify::Class;
 use crate::config::Rule;
 use crate::gate::{redact, SessionFields};
@@ -58,12 +57,12 @@ pub enum Denied {
 
 impl Denied {
     /// The reason code, when a token was involved.
-    pub fn code(&self) -> Option<&'static str> {
+    pub fn code(&self) -> Option<ReasonCode> {
         match self {
             Denied::NoToken | Denied::AuditUnavailable => None,
             Denied::Token { reason, .. } => Some(reason.code()),
-            Denied::NotListed { .. } => Some("statement_not_listed"),
-            Denied::AlreadyUsed { .. } => Some("already_used"),
+            Denied::NotListed { .. } => Some(ReasonCode::StatementNotListed),
+            Denied::AlreadyUsed { .. } => Some(ReasonCode::AlreadyUsed),
         }
     }
 
@@ -82,13 +81,6 @@ impl Denied {
     }
 }
 
-fn session_map(s: &SessionFields) -> Map<String, Value> {
-    match serde_json::to_value(s) {
-        Ok(Value::Object(m)) => m,
-        _ => Map::new(),
-    }
-}
-
 /// A short, non-reversible reference to a token for logs: its length and a hash prefix.
 pub fn token_ref(raw: &[u8]) -> String {
     let h = crate::audit::hash_line(raw);
@@ -96,25 +88,23 @@ pub fn token_ref(raw: &[u8]) -> String {
 }
 
 impl GateContext {
-    /// Appends a record whose fields are built only when there is a log to write to.
-    fn audit_with(
-        &self,
-        event: &str,
-        fields: impl FnOnce() -> Map<String, Value>,
-        sync: bool,
-    ) -> bool {
+    /// Appends an event built only when there is a log to write to.
+    fn audit_with(&self, event: impl FnOnce() -> AuditEvent, sync: bool) -> bool {
         match &self.audit {
             None => true,
-            Some(log) => match log.append(event, fields(), sync) {
-                Ok(_) => true,
-                Err(e) => {
-                    self.metrics
-                        .audit_write_failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(error = %e, event, "audit log write failed");
-                    false
+            Some(log) => {
+                let event = event();
+                match log.write(&event, sync) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        self.metrics
+                            .audit_write_failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::error!(error = %e, event = event.name(), "audit log write failed");
+                        false
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -142,12 +132,16 @@ impl GateContext {
             ))),
             Err(reason) => {
                 self.metrics.token_rejected(reason.code());
-                tracing::warn!(user = %session.user, database = %session.database, code = reason.code(), reason = %reason, token = %token_ref(raw), "token rejected");
-                let mut f = session_map(session);
-                f.insert("reason".into(), reason.code().into());
-                f.insert("detail".into(), reason.to_string().into());
-                f.insert("token_sha256".into(), crate::audit::hash_line(raw).into());
-                self.audit_with("token_rejected", || f, false);
+                tracing::warn!(user = %session.user, database = %session.database, code = %reason.code(), reason = %reason, token = %token_ref(raw), "token rejected");
+                self.audit_with(
+                    || AuditEvent::TokenRejected {
+                        session: session.clone(),
+                        reason: reason.code(),
+                        detail: reason.to_string(),
+                        token_sha256: crate::audit::hash_line(raw),
+                    },
+                    false,
+                );
                 Err(reason)
             }
         }
@@ -155,20 +149,17 @@ impl GateContext {
 
     /// Records a token becoming the session's active token (the record keeps the token: it is the evidence).
     pub fn token_activated(&self, session: &SessionFields, token: &ActiveToken) {
-        let mut f = session_map(session);
-        f.insert("token_id".into(), token.id().into());
-        f.insert("signers".into(), token.signers_json());
-        f.insert(
-            "not_after".into(),
-            humantime::format_rfc3339_seconds(token.auth.payload.not_after)
-                .to_string()
-                .into(),
+        self.audit_with(
+            || AuditEvent::TokenSet {
+                session: session.clone(),
+                token_id: token.id().to_string(),
+                signers: token.signers(),
+                not_after: humantime::format_rfc3339_seconds(token.auth.payload.not_after)
+                    .to_string(),
+                token: String::from_utf8_lossy(&token.raw).into_owned(),
+            },
+            false,
         );
-        f.insert(
-            "token".into(),
-            String::from_utf8_lossy(&token.raw).into_owned().into(),
-        );
-        self.audit_with("token_set", || f, false);
         tracing::info!(user = %session.user, database = %session.database, token_id = token.id(), signers = token.auth.signers.len(), "token set");
     }
 
@@ -235,7 +226,10 @@ impl GateContext {
         }
         let last = taken.len() - 1;
         for (i, r) in taken.iter().enumerate() {
-            if !self.audit_with("authorized", || self.use_fields(session, r), i == last) {
+            if !self.audit_with(
+                || AuditEvent::Authorized(self.use_of(session, r)),
+                i == last,
+            ) {
                 undo(&taken);
                 return Err(Denied::AuditUnavailable);
             }
@@ -246,57 +240,54 @@ impl GateContext {
         Ok(taken)
     }
 
-    fn use_fields(&self, session: &SessionFields, r: &Reservation) -> Map<String, Value> {
-        let mut f = session_map(session);
-        f.insert("sql".into(), redact(&r.sql).into());
-        f.insert("fingerprint".into(), r.fingerprint.clone().into());
-        f.insert("class".into(), r.class.as_str().into());
-        f.insert("token_id".into(), r.token.id().into());
-        f.insert("signers".into(), r.token.signers_json());
-        f
-    }
-
-    /// A record about one use: its fields plus one event-specific field.
-    fn use_record(
-        &self,
-        event: &str,
-        session: &SessionFields,
-        r: &Reservation,
-        extra: Option<(&str, &str)>,
-    ) {
-        self.audit_with(
-            event,
-            || {
-                let mut f = self.use_fields(session, r);
-                if let Some((k, v)) = extra {
-                    f.insert(k.into(), v.into());
-                }
-                f
-            },
-            false,
-        );
+    fn use_of(&self, session: &SessionFields, r: &Reservation) -> Use {
+        Use {
+            session: session.clone(),
+            sql: redact(&r.sql),
+            fingerprint: r.fingerprint.clone(),
+            class: r.class,
+            token_id: r.token.id().to_string(),
+            signers: r.token.signers(),
+        }
     }
 
     /// The server ran an authorized statement.
     pub fn executed(&self, session: &SessionFields, r: &Reservation, command_tag: &str) {
         self.registry.authorized(&session.database, &r.fingerprint);
-        self.use_record("executed", session, r, Some(("outcome", command_tag)));
+        self.audit_with(
+            || AuditEvent::Executed {
+                used: self.use_of(session, r),
+                outcome: command_tag.to_string(),
+            },
+            false,
+        );
     }
 
     /// How the transaction an authorized statement ran in ended (`committed` / `rolled_back`).
     pub fn outcome(&self, session: &SessionFields, r: &Reservation, committed: bool) {
-        let event = if committed {
-            "committed"
-        } else {
-            "rolled_back"
-        };
-        self.use_record(event, session, r, None);
+        self.audit_with(
+            || {
+                let used = self.use_of(session, r);
+                if committed {
+                    AuditEvent::Committed(used)
+                } else {
+                    AuditEvent::RolledBack(used)
+                }
+            },
+            false,
+        );
     }
 
     /// The server refused an authorized statement: the use is given back.
     pub fn released(&self, session: &SessionFields, r: &Reservation, why: &str) {
         self.ledger.release(r.token.id(), &r.fingerprint);
-        self.use_record("released", session, r, Some(("reason", why)));
+        self.audit_with(
+            || AuditEvent::Released {
+                used: self.use_of(session, r),
+                reason: why.to_string(),
+            },
+            false,
+        );
     }
 }
 

@@ -171,12 +171,12 @@ impl Server {
         drop(records);
         if options.unsafe_no_gate {
             warn!("--unsafe-no-gate: NOTHING is classified or held; use this only to measure the gate's cost");
-            let mut f = serde_json::Map::new();
-            f.insert(
-                "reason".into(),
-                "serve --unsafe-no-gate: the gate is off".into(),
-            );
-            audit.append("gate_disabled", f, true)?;
+            audit.write(
+                &crate::audit::AuditEvent::GateDisabled {
+                    reason: "serve --unsafe-no-gate: the gate is off".into(),
+                },
+                true,
+            )?;
         }
         let gate = gate::GateContext::new(config.clone(), registry, options.unsafe_no_gate)
             .with_tokens(policy, ledger, audit);

@@ -8,6 +8,7 @@ use tracing::{info, warn};
 
 use super::gate::context::GateContext;
 use super::shared::Shared;
+use crate::audit::AuditEvent;
 use crate::config::Config;
 
 /// Controls a running server: reload its policy.
@@ -22,31 +23,35 @@ impl ServerHandle {
     }
 }
 
+/// Why a reload was rejected (the old policy stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Policy(String),
+}
+
 impl ServerHandle {
     /// Re-reads the config file and the keyring and swaps the policy in; open sessions continue under the new
-    /// one (their rule is chosen again, a token is re-verified before its next use). A broken file or
-    /// keyring is rejected with its error and the old policy stays. Either way the attempt is audited.
-    pub fn reload(&self) -> Result<u64, String> {
+    /// one (their rule is chosen again, a token is re-verified before its next use; a console session whose
+    /// user is no longer an admin is closed). A broken file or keyring is rejected with its error and the old
+    /// policy stays. Either way the attempt is audited.
+    pub fn reload(&self) -> Result<u64, ReloadError> {
         let shared = &self.shared;
         let old = shared.gate.load_full();
+        let mut restart_needed = Vec::new();
         let attempt = (|| {
             let config = Config::load(
                 shared.options.config_path.as_deref(),
                 &shared.options.overrides,
-            )
-            .map_err(|e| e.to_string())?;
-            let policy = crate::token::Policy::load(&config)?;
-            let restart = shared.config.restart_only_changes(&config);
-            if !restart.is_empty() {
-                warn!(keys = ?restart, "reload: these settings take effect only after a restart");
+            )?;
+            let policy = crate::token::Policy::load(&config).map_err(ReloadError::Policy)?;
+            restart_needed = shared.config.restart_only_changes(&config);
+            if !restart_needed.is_empty() {
+                warn!(keys = ?restart_needed, "reload: these settings take effect only after a restart");
             }
-            let mut ctx = GateContext::with_registry(config, old.registry.clone(), old.disabled);
-            ctx.generation = old.generation + 1;
-            ctx.policy = policy;
-            ctx.ledger = old.ledger.clone();
-            ctx.metrics = old.metrics.clone();
-            ctx.audit = old.audit.clone();
-            Ok::<_, String>(ctx)
+            Ok::<_, ReloadError>(GateContext::reload(&old, config, policy))
         })();
         let source = shared
             .options
@@ -54,31 +59,45 @@ impl ServerHandle {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "(flags only)".into());
-        let mut f = serde_json::Map::new();
-        f.insert("config".into(), source.clone().into());
         old.metrics
             .reloads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let result = match attempt {
+        let (event, result) = match attempt {
             Ok(ctx) => {
                 let generation = ctx.generation;
-                f.insert("outcome".into(), "applied".into());
-                f.insert("generation".into(), generation.into());
-                f.insert("signers".into(), ctx.policy.signers.len().into());
+                let signers = ctx.policy.signers.len();
                 shared.gate.store(Arc::new(ctx));
                 shared.reloaded.send_replace(generation);
                 info!(config = %source, generation, "policy reloaded");
-                Ok(generation)
+                (
+                    AuditEvent::PolicyReloaded {
+                        config: source,
+                        outcome: "applied".into(),
+                        generation: Some(generation),
+                        signers: Some(signers),
+                        restart_needed: restart_needed.iter().map(|k| k.to_string()).collect(),
+                        error: None,
+                    },
+                    Ok(generation),
+                )
             }
             Err(e) => {
-                f.insert("outcome".into(), "rejected".into());
-                f.insert("error".into(), e.clone().into());
                 warn!(config = %source, error = %e, "reload rejected; the old policy stays");
-                Err(e)
+                (
+                    AuditEvent::PolicyReloaded {
+                        config: source,
+                        outcome: "rejected".into(),
+                        generation: None,
+                        signers: None,
+                        restart_needed: Vec::new(),
+                        error: Some(e.to_string()),
+                    },
+                    Err(e),
+                )
             }
         };
         if let Some(audit) = &old.audit {
-            if let Err(e) = audit.append("policy_reloaded", f, true) {
+            if let Err(e) = audit.write(&event, true) {
                 warn!(error = %e, "audit log write failed");
             }
         }

@@ -138,6 +138,19 @@ impl ActiveToken {
     }
 
     /// The signers as audit fields: `[{fingerprint, user_id, name}]`.
+    /// The signers as the audit log keeps them.
+    pub fn signers(&self) -> Vec<crate::audit::event::Signer> {
+        self.auth
+            .signers
+            .iter()
+            .map(|(s, name)| crate::audit::event::Signer {
+                fingerprint: s.fingerprint.clone(),
+                user_id: s.user_id.clone(),
+                name: name.clone(),
+            })
+            .collect()
+    }
+
     pub fn signers_json(&self) -> Value {
         Value::Array(
             self.auth

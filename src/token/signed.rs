@@ -53,13 +53,14 @@ pub enum SignatureError {
 }
 
 impl SignatureError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> crate::audit::ReasonCode {
+        use crate::audit::ReasonCode;
         match self {
-            SignatureError::Malformed(_) => "malformed",
-            SignatureError::BadSignature(_) => "bad_signature",
-            SignatureError::UnknownKey => "unknown_key",
-            SignatureError::KeyExpired(_) => "key_expired",
-            SignatureError::KeyRevoked(_) => "key_revoked",
+            SignatureError::Malformed(_) => ReasonCode::Malformed,
+            SignatureError::BadSignature(_) => ReasonCode::BadSignature,
+            SignatureError::UnknownKey => ReasonCode::UnknownKey,
+            SignatureError::KeyExpired(_) => ReasonCode::KeyExpired,
+            SignatureError::KeyRevoked(_) => ReasonCode::KeyRevoked,
         }
     }
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 
+pub use crate::audit::ReasonCode;
+
 use super::payload::{Payload, PayloadError};
 use super::signed::{self, Keyring, SignatureError, SignerInfo};
 use crate::classify::{lex, Class, Classifier};
@@ -54,18 +56,18 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ReasonCode {
         match self {
             Reason::Signature(s) => s.code(),
-            Reason::Malformed(_) => "malformed",
-            Reason::SignatureTooOld { .. } => "signature_too_old",
-            Reason::SignerNotAllowed(_) => "signer_not_allowed",
-            Reason::NotEnoughSigners { .. } => "not_enough_signers",
-            Reason::TokenExpired => "token_expired",
-            Reason::TokenNotYetValid => "token_not_yet_valid",
-            Reason::WrongInstance(_) => "wrong_instance",
-            Reason::WrongDatabase(_) => "wrong_database",
-            Reason::WrongUser(_) => "wrong_user",
+            Reason::Malformed(_) => ReasonCode::Malformed,
+            Reason::SignatureTooOld { .. } => ReasonCode::SignatureTooOld,
+            Reason::SignerNotAllowed(_) => ReasonCode::SignerNotAllowed,
+            Reason::NotEnoughSigners { .. } => ReasonCode::NotEnoughSigners,
+            Reason::TokenExpired => ReasonCode::TokenExpired,
+            Reason::TokenNotYetValid => ReasonCode::TokenNotYetValid,
+            Reason::WrongInstance(_) => ReasonCode::WrongInstance,
+            Reason::WrongDatabase(_) => ReasonCode::WrongDatabase,
+            Reason::WrongUser(_) => ReasonCode::WrongUser,
         }
     }
 }
@@ -310,7 +312,7 @@ mod tests {
     fn code(r: Result<Authorization, Reason>) -> &'static str {
         match r {
             Ok(_) => "ok",
-            Err(e) => e.code(),
+            Err(e) => e.code().as_str(),
         }
     }
 

@@ -4,8 +4,6 @@
 //! [`Command`]; the build script lists the files, so adding a command is adding its file. HELP, the column
 //! lists a Describe answers and the parser are all derived from the commands themselves.
 
-use serde_json::Value;
-
 use super::result::{ConsoleError, Table};
 use crate::proxy::gate::context::GateContext;
 use crate::proxy::reload::ServerHandle;
@@ -39,9 +37,9 @@ pub trait Command: Sync {
     /// The result columns for these arguments (empty: the command returns no rows).
     fn columns(&self, args: &[String]) -> &'static [&'static str];
     fn run(&self, cx: &Ctx<'_>, args: &[String]) -> Result<Table, ConsoleError>;
-    /// What the `admin_action` audit record adds about the arguments (a held id).
-    fn audit_fields(&self, _args: &[String]) -> Vec<(&'static str, Value)> {
-        Vec::new()
+    /// The held id the arguments name, for the `admin_action` audit record.
+    fn held_id(&self, _args: &[String]) -> Option<String> {
+        None
     }
 }
 

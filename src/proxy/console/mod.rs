@@ -13,12 +13,12 @@ pub mod commands;
 mod login;
 mod protocol;
 pub mod result;
+mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use serde_json::{Map, Value};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
@@ -28,79 +28,10 @@ use super::stream::{send_and_close, ClientStream};
 use crate::wire::build::message;
 use crate::wire::reply::ErrorReply;
 use crate::wire::startup::StartupMessage;
-use command::{Ctx, Invocation};
-use result::{ConsoleError, Table};
+use session::Console;
 
 /// The console's database name.
 pub const CONSOLE_DB: &str = "stepgate";
-
-/// The console session of one admin.
-struct Console<'a> {
-    shared: &'a Shared,
-    handle: ServerHandle,
-    user: String,
-    client_addr: String,
-}
-
-impl Console<'_> {
-    fn audit(&self, command: &str, outcome: &str, extra: &[(&str, Value)]) {
-        let gate = self.shared.gate.load();
-        if let Some(log) = &gate.audit {
-            let mut f = Map::new();
-            f.insert("user".into(), self.user.clone().into());
-            f.insert("client_addr".into(), self.client_addr.clone().into());
-            f.insert("command".into(), command.into());
-            f.insert("outcome".into(), outcome.into());
-            for (k, v) in extra {
-                f.insert((*k).into(), v.clone());
-            }
-            if let Err(e) = log.append("admin_action", f, false) {
-                warn!(error = %e, "audit log write failed");
-            }
-        }
-    }
-
-    /// The FATAL to end the session with if the policy in force no longer lists this user as an admin.
-    fn revoked(&self) -> Option<ErrorReply> {
-        let gate = self.shared.gate.load();
-        let admin = gate
-            .config
-            .admin
-            .as_ref()
-            .is_some_and(|a| a.users.contains(&self.user));
-        if admin {
-            return None;
-        }
-        self.audit("session", "closed: no longer an admin user", &[]);
-        warn!(user = %self.user, "console session closed: the user was removed from [admin] users");
-        Some(protocol::revoked_fatal(&self.user))
-    }
-
-    fn run(&self, inv: &Invocation, text: &str) -> Result<Table, ConsoleError> {
-        let Some(cmd) = inv.command else {
-            return Ok(Table::default());
-        };
-        let gate = self.shared.gate.load();
-        let cx = Ctx {
-            shared: self.shared,
-            gate: &gate,
-            handle: &self.handle,
-            commands: commands::ALL,
-        };
-        let mut result = cmd.run(&cx, &inv.args);
-        if let Ok(t) = &mut result {
-            if t.tag.is_empty() {
-                t.tag = format!("SHOW {}", t.rows.len());
-            }
-        }
-        let extra = cmd.audit_fields(&inv.args);
-        match &result {
-            Ok(_) => self.audit(text.trim(), "ok", &extra),
-            Err(e) => self.audit(text.trim(), &format!("error: {e}"), &extra),
-        }
-        result
-    }
-}
 
 /// Runs a console connection from login to Terminate.
 pub(crate) async fn run(
@@ -127,7 +58,7 @@ pub(crate) async fn run(
         return;
     };
     if !admin.users.contains(&user) {
-        console.audit("login", "refused: not an admin user", &[]);
+        console.audit("login", "refused: not an admin user", None);
         warn!(%user, "console login refused: not in [admin] users");
         let e = ErrorReply::fatal(
             "28000",
@@ -148,19 +79,19 @@ pub(crate) async fn run(
     {
         Ok(()) => {}
         Err(login::LoginError::Refused(e)) => {
-            console.audit("login", &format!("refused: {}", e.message), &[]);
+            console.audit("login", &format!("refused: {}", e.message), None);
             warn!(%user, reason = e.message, "console login refused");
             send_and_close(&mut client, &e).await;
             return;
         }
         Err(login::LoginError::Forwarded) => {
-            console.audit("login", "refused by the upstream", &[]);
+            console.audit("login", "refused by the upstream", None);
             let _ = client.shutdown().await;
             return;
         }
         Err(login::LoginError::Io) => return,
     }
-    console.audit("login", "ok", &[]);
+    console.audit("login", "ok", None);
     info!(%user, "console session opened");
     let mut greeting = Vec::new();
     for (k, v) in [

@@ -10,9 +10,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::command::{parse, Invocation};
 use super::commands::ALL;
 use super::result::{self, ConsoleError};
-use super::Console;
+use super::session::Console;
 use crate::wire::frame::cstr;
-use crate::wire::reply::ErrorReply;
 
 /// Largest message accepted from a console client or during the login relay.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -127,7 +126,7 @@ where
                         Err(e) => e.encode(&mut out),
                     },
                     Err(e) => {
-                        console.audit(text.trim(), &format!("error: {e}"), &[]);
+                        console.audit(text.trim(), &format!("error: {e}"), None);
                         e.encode(&mut out);
                     }
                 }
@@ -224,12 +223,4 @@ where
             }
         }
     }
-}
-
-/// The FATAL a console session ends with when its user is no longer an admin.
-pub(super) fn revoked_fatal(user: &str) -> ErrorReply {
-    ErrorReply::fatal(
-        "28000",
-        format!("stepgate: user \"{user}\" is no longer in [admin] users; console session closed"),
-    )
 }

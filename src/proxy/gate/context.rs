@@ -52,6 +52,18 @@ impl GateContext {
         }
     }
 
+    /// The context after a reload: the new config and token policy, with what outlives a reload kept from
+    /// `old` (the held registry, the ledger of spent uses, the metrics, the audit log) and the next generation.
+    pub fn reload(old: &GateContext, config: Config, policy: Policy) -> GateContext {
+        let mut ctx = GateContext::with_registry(config, old.registry.clone(), old.disabled);
+        ctx.generation = old.generation + 1;
+        ctx.policy = policy;
+        ctx.ledger = old.ledger.clone();
+        ctx.metrics = old.metrics.clone();
+        ctx.audit = old.audit.clone();
+        ctx
+    }
+
     /// Adds the token policy, the ledger of spent uses and the audit log.
     pub fn with_tokens(
         mut self,

@@ -67,7 +67,7 @@ impl SessionState {
         match self.analyze(ctx, query, &mut local) {
             Err(Refused::Mention) => {
                 // Never forwarded: a Parse of invalid SQL makes the server fail here instead.
-                let refusal = self.mention_refusal();
+                let refusal = self.mention_refusal(ctx, query);
                 push(self, StmtInfo::unknown(""), Some(refusal));
                 Action::Replace(build::parse(&name, REFUSAL_SQL))
             }

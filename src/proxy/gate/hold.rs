@@ -83,9 +83,26 @@ impl SessionState {
         }
     }
 
-    pub(super) fn mention_refusal(&self) -> ErrorReply {
+    /// Refuses a statement that names a stepgate setting, and records a `refused` event. The record keeps
+    /// only the start of the statement (redacted): such a statement may carry a token, a bearer secret.
+    pub(super) fn mention_refusal(&self, ctx: &GateContext, sql: &[u8]) -> ErrorReply {
         let _log = self.span.enter();
         tracing::warn!("refused a statement that names a stepgate setting");
+        if let Some(audit) = &ctx.audit {
+            let start =
+                crate::check::first_line(&String::from_utf8_lossy(&sql[..sql.len().min(400)]), 60);
+            let event = crate::audit::AuditEvent::Refused {
+                session: self.session.clone(),
+                sql: crate::gate::redact(&start),
+                reason: "it names a stepgate setting".into(),
+            };
+            if let Err(e) = audit.write(&event, false) {
+                ctx.metrics
+                    .audit_write_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(error = %e, "audit log write failed");
+            }
+        }
         ErrorReply::error("42501", "stepgate: statement refused: it names a stepgate setting")
             .with_detail("stepgate settings are changed only with SET stepgate.<name> = '…', RESET stepgate.<name> and SHOW stepgate.<name>; other spellings never reach the server")
     }

@@ -32,7 +32,7 @@ impl SessionState {
         match analysis {
             Err(Refused::Mention) => {
                 ctx.metrics.statement(Class::Privileged, Outcome::Held);
-                self.refuse_query(self.mention_refusal())
+                self.refuse_query(self.mention_refusal(ctx, bytes))
             }
             Err(Refused::Token(err)) => {
                 ctx.metrics.statement(Class::Session, Outcome::Held);

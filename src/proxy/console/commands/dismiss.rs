@@ -1,7 +1,5 @@
 //! `DISMISS <id>`: mark a held statement as dismissed.
 
-use serde_json::Value;
-
 use crate::proxy::console::command::{held_id, Command, Ctx};
 use crate::proxy::console::result::{ConsoleError, Table};
 
@@ -27,8 +25,8 @@ impl Command for Dismiss {
     fn columns(&self, _: &[String]) -> &'static [&'static str] {
         &[]
     }
-    fn audit_fields(&self, args: &[String]) -> Vec<(&'static str, Value)> {
-        args.first().and_then(|a| held_id(a).ok()).map(|id| vec![("held_id", id.into())]).unwrap_or_default()
+    fn held_id(&self, args: &[String]) -> Option<String> {
+        args.first().and_then(|a| held_id(a).ok())
     }
     fn run(&self, cx: &Ctx<'_>, args: &[String]) -> Result<Table, ConsoleError> {
         let id = held_id(&args[0])?;

@@ -20,7 +20,7 @@ impl Command for Reload {
         &[]
     }
     fn run(&self, cx: &Ctx<'_>, _: &[String]) -> Result<Table, ConsoleError> {
-        let generation = cx.handle.reload().map_err(ConsoleError::config)?;
+        let generation = cx.handle.reload().map_err(|e| ConsoleError::config(e.to_string()))?;
         Ok(Table { tag: format!("RELOAD {generation}"), ..Table::default() })
     }
 }

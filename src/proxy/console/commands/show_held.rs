@@ -1,8 +1,6 @@
 //! `SHOW HELD [<id>]`: held statements, or one of them with the payload to sign (from the registry in
 //! memory; the audit log is not read).
 
-use serde_json::Value;
-
 use crate::proxy::console::command::{held_id, Command, Ctx};
 use crate::proxy::console::result::{ConsoleError, Table};
 
@@ -32,8 +30,8 @@ impl Command for ShowHeld {
             &["field", "value"]
         }
     }
-    fn audit_fields(&self, args: &[String]) -> Vec<(&'static str, Value)> {
-        args.first().and_then(|a| held_id(a).ok()).map(|id| vec![("held_id", id.into())]).unwrap_or_default()
+    fn held_id(&self, args: &[String]) -> Option<String> {
+        args.first().and_then(|a| held_id(a).ok())
     }
     fn run(&self, cx: &Ctx<'_>, args: &[String]) -> Result<Table, ConsoleError> {
         let status_of = |e: &crate::gate::HeldEntry| {

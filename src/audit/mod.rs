@@ -16,6 +16,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+pub mod event;
+
+pub use event::{AuditEvent, ReasonCode, SessionFields};
+
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -197,13 +201,13 @@ impl AuditLog {
             _lock: lock,
         };
         if torn > 0 {
-            let mut f = Map::new();
-            f.insert("bytes".into(), torn.into());
-            f.insert(
-                "reason".into(),
-                format!("the last record was cut short ({torn} bytes, no newline) and was removed at start-up").into(),
-            );
-            log.append("recovered", f, true)?;
+            log.write(
+                &AuditEvent::Recovered {
+                    bytes: torn,
+                    reason: format!("the last record was cut short ({torn} bytes, no newline) and was removed at start-up"),
+                },
+                true,
+            )?;
             tracing::warn!(bytes = torn, "audit log: a torn last record was cut");
         }
         Ok(log)
@@ -224,19 +228,35 @@ impl AuditLog {
         (tail.seq, tail.prev.clone())
     }
 
-    /// Appends one record with `event` and `fields`; returns its `seq`. `sync` also fsyncs it.
-    pub fn append(
+    /// Appends one event; returns its `seq`. `sync` also fsyncs it.
+    pub fn write(&self, event: &AuditEvent, sync: bool) -> Result<u64, AuditError> {
+        let fields = match serde_json::to_value(event) {
+            Ok(Value::Object(m)) => m,
+            // Every variant serialises to an object; anything else would be a bug, recorded as one.
+            _ => Map::from_iter([("event".to_string(), Value::from(event.name()))]),
+        };
+        self.append_record(fields, sync)
+    }
+
+    /// A record with any event name and fields: for tests that need records stepgate never writes.
+    #[cfg(test)]
+    pub(crate) fn append(
         &self,
         event: &str,
-        fields: Map<String, Value>,
+        mut fields: Map<String, Value>,
         sync: bool,
     ) -> Result<u64, AuditError> {
+        fields.insert("event".into(), event.into());
+        self.append_record(fields, sync)
+    }
+
+    /// Appends one record made of `fields` (with its `event`), numbered, timed and chained.
+    fn append_record(&self, fields: Map<String, Value>, sync: bool) -> Result<u64, AuditError> {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let seq = tail.seq + 1;
         let mut record = Map::new();
         record.insert("seq".into(), seq.into());
         record.insert("time".into(), now_rfc3339().into());
-        record.insert("event".into(), event.into());
         for (k, v) in fields {
             record.insert(k, v);
         }
@@ -342,5 +362,4 @@ impl AuditLog {
 }
 
 #[cfg(test)]
-#[path = "audit_tests.rs"]
 mod tests;
