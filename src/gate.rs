@@ -16,6 +16,43 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::classify::lex::{self, Kind};
 use crate::classify::Class;
 
+/// The time, injected: the gate reads the wall clock only through this, so token expiry is tested by
+/// moving a [`ManualClock`] instead of sleeping.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now(&self) -> SystemTime;
+}
+
+/// The real wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// A clock that stands still until moved (for tests).
+#[derive(Debug)]
+pub struct ManualClock(std::sync::Mutex<SystemTime>);
+
+impl ManualClock {
+    pub fn new(at: SystemTime) -> ManualClock {
+        ManualClock(std::sync::Mutex::new(at))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *t += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 pub use crate::config::Mode;
 
 /// What the gate does with one message.

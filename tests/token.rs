@@ -376,7 +376,15 @@ async fn two_person_rule_needs_two_distinct_signers() {
 #[tokio::test]
 async fn every_refusal_reason_and_the_statement_does_not_run() {
     let direct = setup("tok_reasons").await;
-    let g = gate_with(policy).await;
+    let clock = std::sync::Arc::new(stepgate::gate::ManualClock::new(SystemTime::now()));
+    let g = gate_with_options(
+        policy,
+        stepgate::proxy::ServeOptions {
+            clock: Some(clock.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
     let now = SystemTime::now();
     let drop = |f: &dyn Fn(&mut Payload)| {
         let mut p = payload("tok_reasons", &["DROP TABLE t"]);
@@ -486,13 +494,13 @@ async fn every_refusal_reason_and_the_statement_does_not_run() {
     );
     assert!(exists(&direct, "t").await);
 
-    // A token that expires while the session holds it.
+    // A token that expires while the session holds it: the server's clock is moved, nobody sleeps.
     let short = sign(
         &drop(&|p| p.not_after = SystemTime::now() + Duration::from_secs(2)),
         &["alice"],
     );
     c.batch_execute(&set_token(&short)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    clock.advance(Duration::from_secs(5));
     let (_, detail) = held(&c.batch_execute("DROP TABLE t").await.unwrap_err());
     assert!(detail.contains("token_expired"), "{detail}");
     assert!(exists(&direct, "t").await);

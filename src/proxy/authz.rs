@@ -4,8 +4,6 @@
 //! Every step is an audit record (DESIGN.md "Audit log"): `token_set`, `token_rejected`, `authorized`
 //! (written and fsync'd before the statement is forwarded), `executed`, `released`.
 
-use std::time::SystemTime;
-
 use super::gate::context::GateContext;
 use crate::audit::event::{AuditEvent, ReasonCode, Use};
 use crate::classify::Class;
@@ -115,7 +113,7 @@ impl GateContext {
         session: &SessionFields,
         rule: &Rule,
     ) -> Result<TokenRef, Reason> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let result = self.policy.verify(
             raw,
             rule,
@@ -174,7 +172,7 @@ impl GateContext {
         if grants.is_empty() {
             return Err(Denied::NoToken);
         }
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let mut taken: Vec<Reservation> = Vec::with_capacity(grants.len());
         let undo = |taken: &[Reservation]| {
             for r in taken {

@@ -178,8 +178,11 @@ impl Server {
                 true,
             )?;
         }
-        let gate = gate::GateContext::new(config.clone(), registry, options.unsafe_no_gate)
+        let mut gate = gate::GateContext::new(config.clone(), registry, options.unsafe_no_gate)
             .with_tokens(policy, ledger, audit);
+        if let Some(clock) = &options.clock {
+            gate.clock = clock.clone();
+        }
         let tls_acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let upstream_tls = match config.upstream_tls {
             UpstreamTls::Disable => None,

@@ -62,4 +62,6 @@ pub struct ServeOptions {
     /// which measured slower: per round trip the runtime's wake-ups cost more CPU than the relaying itself
     /// (README "Performance").
     pub workers: Option<usize>,
+    /// The clock tokens are judged at (None: the wall clock). Tests move a [`crate::gate::ManualClock`].
+    pub clock: Option<std::sync::Arc<dyn crate::gate::Clock>>,
 }

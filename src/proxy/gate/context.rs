@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::audit::AuditLog;
 use crate::classify::cache::CachedClassifier;
 use crate::config::Config;
-use crate::gate::{Mode, Registry};
+use crate::gate::{Clock, Mode, Registry, SystemClock};
 use crate::token::{Ledger, Policy};
 
 /// Shared by every session of a server.
@@ -28,6 +28,8 @@ pub struct GateContext {
     pub audit: Option<Arc<AuditLog>>,
     /// Counters for `/metrics`, kept across reloads.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The time tokens are judged at (kept across reloads).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl GateContext {
@@ -49,6 +51,7 @@ impl GateContext {
             ledger: Arc::new(Ledger::default()),
             audit: None,
             metrics: Arc::default(),
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -61,6 +64,7 @@ impl GateContext {
         ctx.ledger = old.ledger.clone();
         ctx.metrics = old.metrics.clone();
         ctx.audit = old.audit.clone();
+        ctx.clock = old.clock.clone();
         ctx
     }
 

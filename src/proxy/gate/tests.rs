@@ -206,3 +206,277 @@ fn short_function_call_is_forwarded_for_the_server_to_reject() {
     let mut s = st();
     assert_eq!(fe(&mut s, &c, &message(b'F', &[0, 1])), Action::Forward);
 }
+
+// ---- holds, tokens and names, driven message by message -------------------------------------------
+
+/// The server's answer to a simple Query that ran one statement.
+fn completes(s: &mut SessionState, c: &GateContext, tag: &str) {
+    let mut body = tag.as_bytes().to_vec();
+    body.push(0);
+    s.on_backend(c, b'C', &message(b'C', &body));
+    s.on_backend(c, b'Z', &message(b'Z', b"I"));
+}
+
+/// The server's answer to stepgate's refusal placeholder, and what the client gets instead.
+fn refused(s: &mut SessionState, c: &GateContext) -> crate::wire::reply::ErrorReply {
+    let server_error =
+        crate::wire::reply::ErrorReply::error("42601", "syntax error at or near \"stepgate\"");
+    let Action::Replace(to_client) = s.on_backend(c, b'E', &server_error.to_bytes()) else {
+        panic!("the placeholder's error is not rewritten");
+    };
+    s.on_backend(c, b'Z', &message(b'Z', b"I"));
+    let (code, message) = crate::wire::reply::error_fields(&to_client[5..]);
+    crate::wire::reply::ErrorReply::error(Box::leak(code.into_boxed_str()), message)
+}
+
+fn query(s: &mut SessionState, c: &GateContext, sql: &str) -> Action {
+    fe(s, c, &build::query(sql.as_bytes()))
+}
+
+fn app() -> SessionFields {
+    SessionFields {
+        user: "migrator".into(),
+        database: "app".into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_guarded_statement_is_held_and_a_read_passes() {
+    let c = ctx();
+    let mut s = SessionState::new(app(), Rule::default(), Vec::new());
+    assert_eq!(query(&mut s, &c, "SELECT 1"), Action::Forward);
+    completes(&mut s, &c, "SELECT 1");
+    let Action::Replace(sent) = query(&mut s, &c, "DROP TABLE t") else {
+        panic!("a DROP was forwarded");
+    };
+    assert_eq!(
+        sent,
+        build::query(refusal::REFUSAL_SQL),
+        "the server gets the placeholder only"
+    );
+    let err = refused(&mut s, &c);
+    assert_eq!(err.code, "42501");
+    assert_eq!(err.message, "stepgate: statement held (destructive)");
+    let held = c.registry.list();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].sql, "DROP TABLE t");
+    assert_eq!(held[0].session.database, "app");
+    assert_eq!(s.expected_replies(), 0);
+}
+
+mod tokens {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use sequoia_openpgp::cert::prelude::*;
+
+    use super::*;
+    use crate::config::{Class, SignerPolicy};
+    use crate::gate::ManualClock;
+    use crate::token::payload::{fingerprint_of, Payload, StatementGrant};
+    use crate::token::signed::{sign_cleartext, Keyring};
+    use crate::token::Policy;
+
+    struct Setup {
+        ctx: GateContext,
+        clock: Arc<ManualClock>,
+        key: Cert,
+    }
+
+    fn setup() -> Setup {
+        let start = SystemTime::now();
+        let key = CertBuilder::general_purpose(Some("alice <alice@example.com>"))
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_creation_time(start - Duration::from_secs(3600))
+            .generate()
+            .unwrap()
+            .0;
+        let clock = Arc::new(ManualClock::new(start));
+        let mut ctx = ctx();
+        ctx.policy = Policy {
+            keyring: Keyring {
+                certs: vec![key.clone().strip_secret_key_material()],
+            },
+            signers: vec![SignerPolicy {
+                name: "alice".into(),
+                fingerprint: key.fingerprint().to_hex(),
+                databases: vec!["*".into()],
+                classes: Class::DEFAULT_GUARDED.to_vec(),
+            }],
+            instance: None,
+        };
+        ctx.clock = clock.clone();
+        Setup { ctx, clock, key }
+    }
+
+    /// A token for database `app` listing `sqls`, valid for `ttl` from the injected clock's now.
+    fn token(t: &Setup, sqls: &[&str], ttl: Duration) -> String {
+        let now = t.clock.now();
+        let payload = Payload {
+            id: crate::token::new_uuid(),
+            instance: None,
+            database: "app".into(),
+            user: None,
+            not_before: None,
+            not_after: now + ttl,
+            statements: sqls
+                .iter()
+                .map(|sql| StatementGrant {
+                    fingerprint: fingerprint_of(sql).unwrap(),
+                    class: Class::Destructive,
+                    sql: sql.to_string(),
+                })
+                .collect(),
+            reason: None,
+        };
+        let signed = sign_cleartext(
+            payload.render().as_bytes(),
+            std::slice::from_ref(&t.key),
+            now,
+        )
+        .unwrap();
+        String::from_utf8(signed).unwrap()
+    }
+
+    fn set_token(s: &mut SessionState, t: &Setup, tok: &str) {
+        let Action::Replace(sent) = query(s, &t.ctx, &format!("SET stepgate.token = '{tok}'"))
+        else {
+            panic!("the token itself would reach the server");
+        };
+        let sent = String::from_utf8_lossy(&sent).into_owned();
+        assert!(
+            sent.contains("SET stepgate.token = '") && !sent.contains("BEGIN PGP"),
+            "{sent}"
+        );
+        completes(s, &t.ctx, "SET");
+        assert!(s.token().is_some());
+    }
+
+    use crate::gate::Clock as _;
+
+    #[test]
+    fn a_token_runs_its_statement_once() {
+        let t = setup();
+        let mut s = SessionState::new(app(), Rule::default(), Vec::new());
+        set_token(
+            &mut s,
+            &t,
+            &token(&t, &["DROP TABLE t"], Duration::from_secs(600)),
+        );
+        assert_eq!(query(&mut s, &t.ctx, "DROP TABLE t"), Action::Forward);
+        completes(&mut s, &t.ctx, "DROP TABLE");
+        // The use is spent: the same statement is held again, and says why.
+        assert!(matches!(
+            query(&mut s, &t.ctx, "DROP TABLE t"),
+            Action::Replace(_)
+        ));
+        let err = refused(&mut s, &t.ctx);
+        assert_eq!(err.code, "42501");
+        let held = t.ctx.registry.list();
+        assert!(
+            held.last().unwrap().reason.contains("already_used"),
+            "{:?}",
+            held
+        );
+        // A statement the token does not list is held too.
+        assert!(matches!(
+            query(&mut s, &t.ctx, "DROP TABLE u"),
+            Action::Replace(_)
+        ));
+        refused(&mut s, &t.ctx);
+        assert!(t
+            .ctx
+            .registry
+            .list()
+            .last()
+            .unwrap()
+            .reason
+            .contains("statement_not_listed"));
+    }
+
+    #[test]
+    fn a_token_expires_when_the_clock_says_so() {
+        let t = setup();
+        let mut s = SessionState::new(app(), Rule::default(), Vec::new());
+        set_token(
+            &mut s,
+            &t,
+            &token(
+                &t,
+                &["DROP TABLE t", "DROP TABLE u"],
+                Duration::from_secs(60),
+            ),
+        );
+        // Within its lifetime: authorized.
+        t.clock.advance(Duration::from_secs(59));
+        assert_eq!(query(&mut s, &t.ctx, "DROP TABLE u"), Action::Forward);
+        completes(&mut s, &t.ctx, "DROP TABLE");
+        // Past not-after: held with token_expired, no sleeping.
+        t.clock.advance(Duration::from_secs(2));
+        assert!(matches!(
+            query(&mut s, &t.ctx, "DROP TABLE t"),
+            Action::Replace(_)
+        ));
+        refused(&mut s, &t.ctx);
+        let reason = t.ctx.registry.list().last().unwrap().reason.clone();
+        assert!(reason.contains("token_expired"), "{reason}");
+    }
+
+    #[test]
+    fn a_token_set_and_used_in_one_string_is_verified_first() {
+        let t = setup();
+        let mut s = SessionState::new(app(), Rule::default(), Vec::new());
+        let tok = token(&t, &["DROP TABLE t"], Duration::from_secs(600));
+        let Action::Replace(sent) = query(
+            &mut s,
+            &t.ctx,
+            &format!("SET stepgate.token = '{tok}'; DROP TABLE t"),
+        ) else {
+            panic!("the token would reach the server");
+        };
+        let sent = String::from_utf8_lossy(&sent).into_owned();
+        assert!(sent.ends_with("; DROP TABLE t\0"), "{sent}");
+        // A token that does not verify fails the SET itself; nothing of the string runs.
+        let mut s = SessionState::new(app(), Rule::default(), Vec::new());
+        let forged = tok.replace("DROP TABLE t", "DROP TABLE x");
+        assert!(
+            matches!(query(&mut s, &t.ctx, &format!("SET stepgate.token = '{forged}'; DROP TABLE x")), Action::Replace(r) if r == build::query(refusal::REFUSAL_SQL))
+        );
+    }
+}
+
+#[test]
+fn sql_prepared_names_follow_what_the_server_confirmed() {
+    let c = ctx();
+    let mut s = SessionState::new(app(), Rule::default(), Vec::new());
+    // PREPARE of a DELETE without WHERE is session bookkeeping; EXECUTE runs the DELETE and is held.
+    assert_eq!(
+        query(&mut s, &c, "PREPARE p AS DELETE FROM t"),
+        Action::Forward
+    );
+    completes(&mut s, &c, "PREPARE");
+    assert!(matches!(query(&mut s, &c, "EXECUTE p"), Action::Replace(_)));
+    assert_eq!(
+        refused(&mut s, &c).message,
+        "stepgate: statement held (destructive)"
+    );
+    // A read prepared under another name passes.
+    assert_eq!(query(&mut s, &c, "PREPARE r AS SELECT 1"), Action::Forward);
+    completes(&mut s, &c, "PREPARE");
+    assert_eq!(query(&mut s, &c, "EXECUTE r"), Action::Forward);
+    completes(&mut s, &c, "SELECT 1");
+    // Once DEALLOCATE is confirmed the name is unknown: what it would run cannot be told, so it is held.
+    assert_eq!(query(&mut s, &c, "DEALLOCATE r"), Action::Forward);
+    completes(&mut s, &c, "DEALLOCATE");
+    assert!(matches!(query(&mut s, &c, "EXECUTE r"), Action::Replace(_)));
+    assert_eq!(
+        refused(&mut s, &c).message,
+        "stepgate: statement held (unparsed)"
+    );
+    // A protocol-level name: a Parse the server rejected never names anything.
+    for m in [parse("q", "DROP TABLE t"), build::sync()] {
+        fe(&mut s, &c, &m);
+    }
+    assert_eq!(s.expected_replies(), 2);
+}
