@@ -150,8 +150,14 @@ fn authorize(c: &mut Criterion) {
         "authorize one statement (verified token, no audit write)",
         |b| {
             b.iter(|| {
-                ctx.authorize(&session, &rule, black_box(&grants), Class::Destructive)
-                    .unwrap()
+                ctx.authorize(
+                    &session,
+                    &rule,
+                    black_box(&grants),
+                    Class::Destructive,
+                    None,
+                )
+                .unwrap()
             })
         },
     );

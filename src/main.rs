@@ -287,7 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     config_path,
                     overrides,
                     workers,
-                    clock: None,
+                    ..Default::default()
                 };
                 let server = stepgate::proxy::Server::bind_with(config, options).await?;
                 let shutdown = CancellationToken::new();

@@ -680,3 +680,58 @@ async fn sq_signatures_merge_with_an_inline_one_for_two_person_approval() {
     c.batch_execute("DROP TABLE t").await.unwrap();
     assert!(!exists(&direct, "t").await);
 }
+
+/// The fsync of an `authorized` record happens off the relay thread: on one epoll relay (one worker), with a
+/// disk that takes 1.5 s per fsync, another session's five round trips all run on the server before the
+/// authorized statement does. Checked on the server's clock: the authorized CREATE stores its own
+/// `clock_timestamp()`, each round trip returns one. (Deciding on the relay thread fails this: the other
+/// session waits for the disk, and the CREATE is forwarded before its queries.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorized_statements_fsync_does_not_stall_its_relay() {
+    let direct = setup("tok_slow_disk").await;
+    let g = gate_with_options(
+        policy,
+        stepgate::proxy::ServeOptions {
+            workers: Some(1),
+            audit_sync_delay: Some(Duration::from_millis(1500)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = g.client("tok_slow_disk").await;
+    let b = g.client("tok_slow_disk").await;
+    let create = "CREATE TABLE marker AS SELECT clock_timestamp() AS at";
+    let tok = sign(&payload("tok_slow_disk", &[create]), &["alice"]);
+    a.batch_execute(&set_token(&tok)).await.unwrap();
+    let authorized = tokio::spawn(async move { a.batch_execute(create).await });
+    // Let the CREATE reach stepgate and its authorization begin.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let row = b
+            .query_one("SELECT clock_timestamp()::text", &[])
+            .await
+            .unwrap();
+        times.push(row.get::<_, String>(0));
+    }
+    authorized.await.unwrap().unwrap();
+    let at: String = direct
+        .query_one("SELECT at::text FROM marker", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for t in &times {
+        assert!(
+            t < &at,
+            "a round trip ran at {t}, after the authorized CREATE ({at})"
+        );
+    }
+    // The evidence was written before the statement ran.
+    let audit = g.audit();
+    assert!(audit
+        .iter()
+        .any(|r| r["event"] == "authorized" && r["sql"] == create));
+    assert!(audit
+        .iter()
+        .any(|r| r["event"] == "executed" && r["sql"] == create));
+}

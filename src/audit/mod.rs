@@ -56,6 +56,8 @@ pub struct AuditLog {
     rotate_size: u64,
     tail: Mutex<Tail>,
     _lock: File,
+    /// Added to every fsync: a slow disk, simulated (tests).
+    sync_delay: std::time::Duration,
 }
 
 /// `sha256:` + lowercase hex of SHA-256 of `bytes`.
@@ -199,6 +201,7 @@ impl AuditLog {
                 next_rotation,
             }),
             _lock: lock,
+            sync_delay: std::time::Duration::ZERO,
         };
         if torn > 0 {
             log.write(
@@ -211,6 +214,12 @@ impl AuditLog {
             tracing::warn!(bytes = torn, "audit log: a torn last record was cut");
         }
         Ok(log)
+    }
+
+    /// Makes every fsync take `delay` longer, as a slow disk would (for tests of what waits for the disk).
+    pub fn with_sync_delay(mut self, delay: std::time::Duration) -> AuditLog {
+        self.sync_delay = delay;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -278,6 +287,9 @@ impl AuditLog {
         }
         tail.file.write_all(&line).map_err(err)?;
         if sync {
+            if !self.sync_delay.is_zero() {
+                std::thread::sleep(self.sync_delay);
+            }
             tail.file.sync_data().map_err(err)?;
         }
         tail.seq = seq;

@@ -26,7 +26,7 @@ pub(super) async fn relay<CR, CW, UR, UW>(
     leftover: BytesMut,
     deadline: Instant,
     client_tls: bool,
-    state: &std::sync::Mutex<SessionState>,
+    state: &std::sync::Arc<std::sync::Mutex<SessionState>>,
 ) where
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,
@@ -80,7 +80,7 @@ async fn frontend<R, W>(
     mut buf: BytesMut,
     flags: &Flags,
     shared: &Shared,
-    state: &std::sync::Mutex<SessionState>,
+    state: &std::sync::Arc<std::sync::Mutex<SessionState>>,
 ) -> Result<FrontendEnd, FrontendError>
 where
     R: AsyncRead + Unpin,
@@ -132,7 +132,7 @@ async fn backend<R, W>(
     flags: &Flags,
     shared: &Shared,
     flow: &mut Backend,
-    state: &std::sync::Mutex<SessionState>,
+    state: &std::sync::Arc<std::sync::Mutex<SessionState>>,
 ) -> Result<BackendEnd, std::io::Error>
 where
     R: AsyncRead + Unpin,

@@ -162,12 +162,17 @@ impl GateContext {
     }
 
     /// Reserves one use for every grant, durably; all or nothing.
+    ///
+    /// With `deferred`, the `authorized` records are handed back there instead of written: the caller writes
+    /// them with [`GateContext::write_durably`] (off the relay thread) before forwarding the statement, and
+    /// gives the uses back if that fails.
     pub fn authorize(
         &self,
         session: &SessionFields,
         rule: &Rule,
         grants: &[Grant],
         class: Class,
+        deferred: Option<&mut Vec<AuditEvent>>,
     ) -> Result<Vec<Reservation>, Denied> {
         if grants.is_empty() {
             return Err(Denied::NoToken);
@@ -222,6 +227,14 @@ impl GateContext {
                 class,
             });
         }
+        if let Some(out) = deferred {
+            out.extend(
+                taken
+                    .iter()
+                    .map(|r| AuditEvent::Authorized(self.use_of(session, r))),
+            );
+            return Ok(taken);
+        }
         let last = taken.len() - 1;
         for (i, r) in taken.iter().enumerate() {
             if !self.audit_with(
@@ -236,6 +249,23 @@ impl GateContext {
             tracing::info!(user = %session.user, database = %session.database, token_id = r.token.id(), fingerprint = %r.fingerprint, "authorized");
         }
         Ok(taken)
+    }
+
+    /// Writes `events` in order, the last one fsync'd: the evidence a deferred authorization needs before
+    /// its statement is forwarded. False if any write failed (counted and logged).
+    pub fn write_durably(&self, events: &[AuditEvent]) -> bool {
+        let last = events.len().saturating_sub(1);
+        events
+            .iter()
+            .enumerate()
+            .all(|(i, e)| self.audit_with(|| e.clone(), i == last))
+    }
+
+    /// Gives back uses reserved for records that were never written.
+    pub fn unreserve(&self, reservations: &[Reservation]) {
+        for r in reservations {
+            self.ledger.release(r.token.id(), &r.fingerprint);
+        }
     }
 
     fn use_of(&self, session: &SessionFields, r: &Reservation) -> Use {

@@ -54,7 +54,7 @@ pub(super) struct Conn {
     frontend: Frontend,
     pub backend: Backend,
     pub flags: Flags,
-    pub state: Mutex<SessionState>,
+    pub state: Arc<Mutex<SessionState>>,
     /// Until the login completes.
     deadline: Instant,
     /// Readiness as last reported and not yet used up: client/upstream readable/writable.
@@ -100,7 +100,7 @@ impl Conn {
             // Only plain-TCP clients come here.
             backend: Backend::new(false),
             flags: Flags::new(),
-            state: Mutex::new(state),
+            state: Arc::new(Mutex::new(state)),
             deadline,
             client_r: true,
             client_hup: false,

@@ -101,6 +101,9 @@ pub(super) struct Frontend {
     /// The message at the front was just judged elsewhere: the next Query/Parse is not offloaded again
     /// (its verdict may be cached under its shape rather than its exact bytes).
     just_judged: bool,
+    /// The message at the front was decided on a judge thread, its evidence written there
+    /// ([`SessionState::on_frontend_durably`]): (tag, length, action), used when it is fed again.
+    decided: std::sync::Arc<Mutex<Option<(u8, usize, Action)>>>,
 }
 
 impl Frontend {
@@ -110,6 +113,7 @@ impl Frontend {
             logged_in: false,
             pending: None,
             just_judged: false,
+            decided: Default::default(),
         }
     }
 
@@ -126,7 +130,7 @@ impl Frontend {
         data: &[u8],
         flags: &Flags,
         shared: &Shared,
-        state: &Mutex<SessionState>,
+        state: &std::sync::Arc<Mutex<SessionState>>,
         emit: &mut impl FnMut(&[u8]),
     ) -> Result<(usize, bool), FrontendError> {
         if !self.logged_in && flags.logged_in.load(Ordering::Acquire) {
@@ -162,7 +166,49 @@ impl Frontend {
                         b'p' if !logged_in => {}
                         _ if !logged_in => return Err(FrontendError::BeforeLogin(tag as char)),
                         _ => {
-                            let (state, ctx) = gate.get();
+                            let decided = self
+                                .decided
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .take()
+                                .filter(|(t, l, _)| *t == tag && *l == len);
+                            if let Some((_, _, action)) = decided {
+                                if let Action::Replace(replacement) = action {
+                                    ready = substitute(
+                                        emit,
+                                        data,
+                                        &mut start,
+                                        ready,
+                                        len,
+                                        &replacement,
+                                    );
+                                    continue;
+                                }
+                                ready += len;
+                                continue;
+                            }
+                            let (session, ctx) = gate.get();
+                            if matches!(tag, b'Q' | b'E')
+                                && session.needs_durable_write(ctx, tag, msg)
+                            {
+                                // Decided on a judge thread, where its fsync'd evidence is written; this
+                                // message is fed again afterwards and takes that decision.
+                                let (state, ctx, msg, slot) = (
+                                    state.clone(),
+                                    shared.gate.load_full(),
+                                    msg.to_vec(),
+                                    self.decided.clone(),
+                                );
+                                drop(gate);
+                                self.pending = Some(Box::new(move || {
+                                    let action =
+                                        SessionState::on_frontend_durably(&state, &ctx, tag, &msg);
+                                    *slot.lock().unwrap_or_else(|p| p.into_inner()) =
+                                        Some((tag, msg.len(), action));
+                                }));
+                                break;
+                            }
+                            let (state, ctx) = (session, ctx);
                             let offload = matches!(tag, b'Q' | b'P')
                                 && msg.len() >= super::judge::OFFLOAD_BYTES
                                 && !std::mem::take(&mut self.just_judged);

@@ -162,7 +162,10 @@ impl Server {
             source,
         })?;
         let policy = crate::token::Policy::load(&config).map_err(ServeError::Policy)?;
-        let audit = std::sync::Arc::new(crate::audit::AuditLog::open(&config.state_dir)?);
+        let audit = std::sync::Arc::new(
+            crate::audit::AuditLog::open(&config.state_dir)?
+                .with_sync_delay(options.audit_sync_delay.unwrap_or_default()),
+        );
         let registry = crate::gate::Registry::new(Some(audit.clone()));
         let records = crate::audit::AuditLog::read_dir(&config.state_dir)?;
         registry.restore(&records);

@@ -135,7 +135,7 @@ pub(super) async fn session(
             relayed(shared, relay, c, u, leftover, deadline, state, session_id).await
         }
         (MaybeTls::Plain(mut c), MaybeTls::Plain(mut u), None) => {
-            let state = std::sync::Mutex::new(state);
+            let state = Arc::new(std::sync::Mutex::new(state));
             let (mut cr, mut cw) = c.split();
             let (mut ur, mut uw) = u.split();
             async_relay::relay(
@@ -144,7 +144,7 @@ pub(super) async fn session(
             .await
         }
         (c, u, _) => {
-            let state = std::sync::Mutex::new(state);
+            let state = Arc::new(std::sync::Mutex::new(state));
             let (mut cr, mut cw) = tokio::io::split(c);
             let (mut ur, mut uw) = tokio::io::split(u);
             async_relay::relay(

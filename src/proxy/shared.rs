@@ -64,4 +64,6 @@ pub struct ServeOptions {
     pub workers: Option<usize>,
     /// The clock tokens are judged at (None: the wall clock). Tests move a [`crate::gate::ManualClock`].
     pub clock: Option<std::sync::Arc<dyn crate::gate::Clock>>,
+    /// Makes every fsync of the audit log take this much longer: a slow disk, simulated (tests).
+    pub audit_sync_delay: Option<std::time::Duration>,
 }

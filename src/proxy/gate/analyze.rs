@@ -274,7 +274,7 @@ impl SessionState {
     /// For a guarded message: reserve uses for its grants (see [`GateContext::authorize`]). Returns the
     /// reservations, or why it is not authorized.
     pub(super) fn authorize(
-        &self,
+        &mut self,
         ctx: &GateContext,
         guarded: bool,
         grants: &[Grant],
@@ -287,7 +287,13 @@ impl SessionState {
             return (Vec::new(), Some(Denied::NoToken));
         }
         let _log = self.span.enter();
-        match ctx.authorize(&self.session, &self.rule, grants, class) {
+        match ctx.authorize(
+            &self.session,
+            &self.rule,
+            grants,
+            class,
+            self.deferred.as_mut(),
+        ) {
             Ok(r) => (r, None),
             Err(d) => {
                 if let Some(code) = d.code() {

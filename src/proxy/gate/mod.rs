@@ -90,6 +90,9 @@ pub struct SessionState {
     /// wake-up (that would cost more than the gate's fast path): the paths that log or write audit records
     /// enter it themselves (`let _log = self.span.enter()`), so every log line still names its session.
     span: tracing::Span,
+    /// While a message is decided on a judge thread ([`SessionState::on_frontend_durably`]): the
+    /// `authorized` records its decision needs, written there before the message is forwarded.
+    deferred: Option<Vec<crate::audit::AuditEvent>>,
 }
 
 impl SessionState {
@@ -121,6 +124,7 @@ impl SessionState {
             server_user: None,
             login_done: false,
             span: tracing::Span::current(),
+            deferred: None,
         }
     }
 
@@ -222,6 +226,96 @@ impl SessionState {
         Some(Box::new(move || {
             ctx.cache.lookup(&sql, &lex, ctx.generation);
         }))
+    }
+
+    /// Whether deciding this message may need an fsync'd `authorized` record: a Query or Execute of a guarded
+    /// statement in a session that has a token, or a Query that sets one. Such a message is decided on a
+    /// judge thread ([`SessionState::on_frontend_durably`]) so the fsync never stalls the relay thread and
+    /// the other sessions on it. A cheap over-approximation: what it misses is decided here as before.
+    pub fn needs_durable_write(&self, ctx: &GateContext, tag: u8, msg: &[u8]) -> bool {
+        if ctx.disabled || ctx.audit.is_none() || self.skip_until_sync {
+            return false;
+        }
+        let body = msg.get(5..).unwrap_or(&[]);
+        match tag {
+            b'Q' => {
+                let bytes = body.strip_suffix(&[0]).unwrap_or(body);
+                let entry = ctx.cache.lookup(bytes, &self.lex, ctx.generation);
+                (self.token.is_some() && self.guarded(ctx, entry.max))
+                    || (entry.attention && self.guarded(ctx, entry.max))
+            }
+            b'E' => {
+                self.token.is_some()
+                    && cstr(body).is_some_and(|(portal, _)| {
+                        let portal = crate::classify::session_cmd::protocol_name(portal);
+                        self.guarded(ctx, self.lookup_portal(&portal).class)
+                    })
+            }
+            _ => false,
+        }
+    }
+
+    /// Decides a message whose decision may need fsync'd evidence, on a judge thread: the decision is made
+    /// under the session's lock with its `authorized` records held back, then the records are written and
+    /// fsync'd without the lock (the relay thread keeps serving this session's server replies and the other
+    /// sessions), and only then is the action returned for the relay to forward. If the records cannot be
+    /// written, the uses are given back and the message is refused (58030), as on the relay thread.
+    pub fn on_frontend_durably(
+        state: &std::sync::Mutex<SessionState>,
+        ctx: &GateContext,
+        tag: u8,
+        msg: &[u8],
+    ) -> Action {
+        let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+        let (action, records) = {
+            let mut s = lock();
+            s.deferred = Some(Vec::new());
+            let action = s.on_frontend(ctx, tag, msg);
+            (action, s.deferred.take().unwrap_or_default())
+        };
+        if records.is_empty() || ctx.write_durably(&records) {
+            return action;
+        }
+        lock().durable_write_failed(ctx)
+    }
+
+    /// The `authorized` records of the message just queued could not be written: its uses are given back
+    /// and it is refused instead of forwarded.
+    fn durable_write_failed(&mut self, ctx: &GateContext) -> Action {
+        let _log = self.span.enter();
+        tracing::error!("audit log unavailable: guarded statement refused");
+        let refusal = refusal::audit_unavailable();
+        match self.queue.back_mut() {
+            Some(Expect::Execute {
+                refused,
+                reservations,
+                effect,
+                ..
+            }) => {
+                ctx.unreserve(reservations);
+                reservations.clear();
+                *effect = Effect::None;
+                *refused = Some(refusal);
+                Action::Replace(crate::wire::build::parse(
+                    refusal::REFUSAL_STATEMENT,
+                    refusal::REFUSAL_SQL,
+                ))
+            }
+            Some(Expect::Query {
+                refused,
+                reservations,
+                effects,
+                ..
+            }) => {
+                ctx.unreserve(reservations);
+                reservations.clear();
+                effects.clear();
+                *refused = Some(refusal);
+                Action::Replace(crate::wire::build::query(refusal::REFUSAL_SQL))
+            }
+            // Not queued as expected (cannot happen): forward nothing that ran unrecorded.
+            _ => Action::Replace(crate::wire::build::query(refusal::REFUSAL_SQL)),
+        }
     }
 
     pub fn on_frontend(&mut self, ctx: &GateContext, tag: u8, msg: &[u8]) -> Action {
