@@ -188,6 +188,18 @@ impl Frontend {
                                 continue;
                             }
                             let (session, ctx) = gate.get();
+                            let offload = matches!(tag, b'Q' | b'P')
+                                && msg.len() >= super::judge::OFFLOAD_BYTES
+                                && !std::mem::take(&mut self.just_judged);
+                            if offload {
+                                if let Some(job) =
+                                    session.offload(&shared.gate.load_full(), tag, msg)
+                                {
+                                    // Judged elsewhere first; this message is fed again afterwards.
+                                    self.pending = Some(job);
+                                    break;
+                                }
+                            }
                             if matches!(tag, b'Q' | b'E')
                                 && session.needs_durable_write(ctx, tag, msg)
                             {
@@ -208,19 +220,8 @@ impl Frontend {
                                 }));
                                 break;
                             }
-                            let (state, ctx) = (session, ctx);
-                            let offload = matches!(tag, b'Q' | b'P')
-                                && msg.len() >= super::judge::OFFLOAD_BYTES
-                                && !std::mem::take(&mut self.just_judged);
-                            if offload {
-                                if let Some(job) = state.offload(&shared.gate.load_full(), tag, msg)
-                                {
-                                    // Judged elsewhere first; this message is fed again afterwards.
-                                    self.pending = Some(job);
-                                    break;
-                                }
-                            }
-                            if let Action::Replace(replacement) = state.on_frontend(ctx, tag, msg) {
+                            if let Action::Replace(replacement) = session.on_frontend(ctx, tag, msg)
+                            {
                                 ready =
                                     substitute(emit, data, &mut start, ready, len, &replacement);
                                 continue;

