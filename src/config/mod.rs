@@ -8,16 +8,22 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use thiserror::Error;
 
 pub mod class;
 pub mod mode;
+pub mod rule;
 pub mod signer;
+pub mod values;
 
 pub use class::Class;
 pub use mode::Mode;
+use rule::patterns_overlap;
+pub use rule::{pattern_matches, Rule, DEFAULT_MAX_TOKEN_LIFETIME};
 pub use signer::SignerPolicy;
+use values::{de_duration, de_size};
+pub use values::{parse_size, split_host_port, MAX_MESSAGE_SIZE, MIN_MESSAGE_SIZE};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
 pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:5432";
@@ -159,50 +165,6 @@ struct RawRule {
     /// Tokens may list only statements whose tables and other objects are schema-qualified (an
     /// unqualified name resolves through the session's search_path when it runs). [false]
     require_qualified_names: Option<bool>,
-}
-
-/// Which statements are guarded for a database and user.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    pub database: String,
-    pub user: String,
-    pub guard: Vec<Class>,
-    /// Distinct signers a token needs.
-    pub signatures: usize,
-    /// Longest time from a signature to the token's not-after.
-    pub max_token_lifetime: Duration,
-    /// Tokens may list only statements with schema-qualified object names.
-    pub require_qualified_names: bool,
-}
-
-/// Default `max_token_lifetime` of a rule.
-pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
-
-impl Default for Rule {
-    fn default() -> Self {
-        Rule {
-            database: "*".into(),
-            user: "*".into(),
-            guard: Class::DEFAULT_GUARDED.to_vec(),
-            signatures: 1,
-            max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
-            require_qualified_names: false,
-        }
-    }
-}
-
-impl Rule {
-    fn matches(&self, database: &str, user: &str) -> bool {
-        pattern_matches(&self.database, database) && pattern_matches(&self.user, user)
-    }
-}
-
-/// `*` matches everything, `prefix*` a prefix, anything else itself.
-fn pattern_matches(pattern: &str, value: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => value.starts_with(prefix),
-        None => pattern == value,
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -571,73 +533,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// Whether some name matches both patterns.
-fn patterns_overlap(a: &str, b: &str) -> bool {
-    match (a.strip_suffix('*'), b.strip_suffix('*')) {
-        (Some(pa), Some(pb)) => pa.starts_with(pb) || pb.starts_with(pa),
-        (Some(_), None) => pattern_matches(a, b),
-        (None, Some(_)) => pattern_matches(b, a),
-        (None, None) => a == b,
-    }
-}
-
-/// Smallest accepted `max_message_size`: PostgreSQL clients need at least this for ordinary traffic.
-pub const MIN_MESSAGE_SIZE: usize = 64 * 1024;
-/// PostgreSQL's own limit (MaxAllocSize).
-pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
-
-/// Splits `host:port` (`[v6]:port` too). Returns None when there is no valid port.
-pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
-    let (host, port) = addr.rsplit_once(':')?;
-    let port: u16 = port.parse().ok()?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    (!host.is_empty()).then_some((host, port))
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map(Some)
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"10s\": {e}")))
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SizeValue {
-    Bytes(u64),
-    Text(String),
-}
-
-fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    match SizeValue::deserialize(d)? {
-        SizeValue::Bytes(n) => Ok(Some(n as usize)),
-        SizeValue::Text(s) => parse_size(&s).map(Some).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "{s:?} is not a size like \"1GiB\", \"64MB\" or 1048576"
-            ))
-        }),
-    }
-}
-
-/// Parses `1GiB`, `64 MB`, `512kB`, `1048576`. Binary and decimal suffixes both mean powers of 1024, as in
-/// PostgreSQL's own memory settings.
-pub fn parse_size(s: &str) -> Option<usize> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let n: u64 = s[..split].parse().ok()?;
-    let unit: u64 = match s[split..].trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return None,
-    };
-    usize::try_from(n.checked_mul(unit)?).ok()
 }
 
 #[cfg(test)]
