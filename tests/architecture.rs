@@ -17,7 +17,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("foundation", &["wire", "config"]),
     (
         "judgement and evidence",
-        &["classify", "audit", "token", "gate", "metrics", "check"],
+        &[
+            "classify",
+            "audit",
+            "token",
+            "gate",
+            "metrics",
+            "check",
+            "audit_tool",
+        ],
     ),
     ("service", &["proxy", "devdb", "logging"]),
     ("commands", &["cli", "demo"]),
@@ -251,7 +259,7 @@ fn absolute(
             base = Vec::new();
             parts.remove(0);
         }
-        "stepgate" if is_main => {
+        "stepgate" => {
             base = Vec::new();
             parts.remove(0);
         }
@@ -306,7 +314,7 @@ fn graph() -> Graph {
         };
         let entry = edges.entry(file.clone()).or_default();
         for p in paths(&code) {
-            let Some(target) = absolute(&here, &p, &children, is_main) else {
+            let Some(target) = absolute(&here, &p, &children) else {
                 continue;
             };
             // Longest module prefix that is a file.

@@ -14,6 +14,7 @@ mod async_relay;
 pub mod authz;
 mod console;
 mod ending;
+mod epoll_conn;
 mod epoll_relay;
 mod flow;
 pub mod gate;

@@ -1,0 +1,165 @@
+//! `stepgate token …` and `stepgate keys`: the library's token functions, with their output.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use stepgate::config::{Config, Overrides};
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Print the payload to sign for guarded statements (only those the rule guards).
+    #[command(after_help = "Examples:
+  stepgate token new --held k3x9q2ab > drop.txt
+                              stepgate token new --database app --file migrations/0042.sql --reason PROJ-142
+                              stepgate token new --database app --sql 'DROP TABLE staging_orders' --ttl 10m
+
+                            Then sign it: gpg --clearsign drop.txt (or stepgate token sign --key KEY.asc < drop.txt).")]
+    New {
+        /// The config (its state_dir, instance, rules and dangerous_functions apply).
+        #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// stepgate's state directory, where held statements are recorded [default: the config's].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Database the statements will run in [with --held: the held statement's].
+        #[arg(long)]
+        database: Option<String>,
+        /// Restrict the token to this user [with --held: the held statement's user].
+        #[arg(long)]
+        user: Option<String>,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Why (a ticket, a sentence); the signer reads it.
+        #[arg(long)]
+        reason: Option<String>,
+        /// SQL file (`-` for standard input).
+        #[arg(long, group = "source")]
+        file: Option<String>,
+        /// SQL text.
+        #[arg(long, group = "source")]
+        sql: Option<String>,
+        /// A held statement's id (from the 42501 error or SHOW HELD).
+        #[arg(long, group = "source")]
+        held: Option<String>,
+    },
+    /// Cleartext-sign a payload (standard input) with one or more secret keys.
+    #[command(after_help = "Example:
+  stepgate token new --held k3x9q2ab | stepgate token sign --key alice.sec.asc > token.asc
+
+                            A key protected by a passphrase reads it from STEPGATE_PASSPHRASE, else asks on the terminal.
+                            GnuPG makes the same thing: gpg --clearsign.")]
+    Sign {
+        /// Secret key file (armored or binary); repeat for several signers.
+        #[arg(long, required = true)]
+        key: Vec<String>,
+    },
+    /// Combine tokens signed separately by several people over one payload.
+    #[command(after_help = "Example:
+  stepgate token merge alice.asc bob.asc > token.asc")]
+    Merge {
+        #[arg(required = true, num_args = 2..)]
+        files: Vec<PathBuf>,
+    },
+    /// Who signed a token (standard input), what it covers, and whether it is valid now.
+    Inspect {
+        #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// stepgate's state directory (to count used statements) [default: the config's].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// The one-line base64 form of a token (standard input), for PGOPTIONS.
+    #[command(after_help = "Example:
+  PGOPTIONS=\"-c stepgate.token=$(stepgate token pack < token.asc)\" psql -f 0042.sql")]
+    Pack,
+}
+
+pub fn run(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    use stepgate::token::cli;
+    let with_state = |config: Option<PathBuf>, state_dir: Option<PathBuf>| {
+        let overrides = Overrides {
+            state_dir,
+            ..Overrides::default()
+        };
+        Config::load(config.as_deref(), &overrides)
+    };
+    match cmd {
+        TokenCmd::New {
+            config,
+            state_dir,
+            database,
+            user,
+            ttl,
+            reason,
+            file,
+            sql,
+            held,
+        } => {
+            let config = with_state(config, state_dir)?;
+            let source = match (file, sql, held) {
+                (Some(f), _, _) => cli::Source::File(f),
+                (_, Some(s), _) => cli::Source::Sql(s),
+                (_, _, Some(h)) => cli::Source::Held(h),
+                _ => anyhow::bail!("say what to sign: --held ID, --file FILE or --sql SQL"),
+            };
+            let payload = cli::new_payload(
+                &cli::NewToken {
+                    config: &config,
+                    database,
+                    user,
+                    ttl,
+                    reason,
+                    source,
+                },
+                std::time::SystemTime::now(),
+            )?;
+            print!("{payload}");
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCmd::Sign { key } => {
+            let payload = cli::read_input(None)?;
+            let keys = cli::read_secret_keys(&key)?;
+            let passphrase =
+                if stepgate::token::signed::needs_passphrase(&keys, std::time::SystemTime::now()) {
+                    match std::env::var("STEPGATE_PASSPHRASE") {
+                        Ok(p) => Some(p),
+                        Err(_) => Some(rpassword::prompt_password(
+                            "passphrase for the signing key: ",
+                        )?),
+                    }
+                } else {
+                    None
+                };
+            let token = cli::sign(&payload, &keys, passphrase.as_deref())?;
+            std::io::stdout().write_all(&token)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCmd::Merge { files } => {
+            let inputs = files
+                .iter()
+                .map(|f| cli::read_input(Some(f)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            std::io::stdout().write_all(&cli::merge(&inputs)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCmd::Inspect { config, state_dir } => {
+            let config = with_state(config, state_dir)?;
+            let token = cli::read_input(None)?;
+            let (report, ok) = cli::inspect(&token, &config)?;
+            print!("{report}");
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        TokenCmd::Pack => {
+            let token = cli::read_input(None)?;
+            println!("{}", cli::pack(&token));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
