@@ -243,12 +243,7 @@ fn paths(code: &str) -> Vec<String> {
 }
 
 /// The module path a written path refers to, from module `here` (None: outside the crate).
-fn absolute(
-    here: &[String],
-    path: &str,
-    children: &BTreeSet<String>,
-    is_main: bool,
-) -> Option<Vec<String>> {
+fn absolute(here: &[String], path: &str, children: &BTreeSet<String>) -> Option<Vec<String>> {
     let mut parts: Vec<&str> = path.split("::").filter(|p| !p.is_empty()).collect();
     if parts.is_empty() {
         return None;
