@@ -1,9 +1,10 @@
 //! stepgate: a PostgreSQL wire-protocol proxy that brings step-up authentication to databases.
 //!
 //! Clients connect to stepgate as if it were PostgreSQL; it relays their traffic to the upstream server.
-//! Module map (see DESIGN.md "Layout"): [`wire`] is sans-IO framing, [`proxy`] the listener and session
-//! driver, [`config`] the TOML configuration, [`devdb`] the throwaway PostgreSQL used by the demo and the
-//! tests.
+//! Layers, bottom up (ARCHITECTURE.md): [`wire`] (sans-IO protocol) and [`config`]; then [`classify`],
+//! [`token`], [`audit`], [`gate`], [`metrics`], [`check`], [`audit_tool`]; then [`proxy`] (the server),
+//! [`devdb`] (the throwaway PostgreSQL of the demo, tests and benches) and [`logging`]; [`demo`] on top. The
+//! binary's verbs live in the binary (`src/cli/`).
 #![forbid(unsafe_code)]
 
 pub mod audit;
