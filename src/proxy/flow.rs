@@ -14,6 +14,7 @@ use thiserror::Error;
 use super::gate::{Action, GateContext, SessionState};
 use super::shared::Shared;
 use crate::wire::frame::{self, FrameError, FrameScanner, Step};
+use crate::wire::reply::is_fatal;
 
 /// Largest frontend message before login (password, SASL): 64 KiB.
 pub const MAX_AUTH_MESSAGE: usize = 64 * 1024;
@@ -307,31 +308,24 @@ impl Backend {
                                 return Ok((data.len(), true));
                             }
                         }
-                        b'R' if body.len() >= 4 => {
-                            let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                            if code == 10 {
-                                flags.sasl_initial_next.store(true, Ordering::Release);
-                                let rewritten = if self.client_tls {
-                                    None
-                                } else {
-                                    frame::sasl_without_channel_binding(body)
-                                };
-                                if let Some(replacement) = rewritten {
-                                    ready = substitute(
-                                        emit,
-                                        data,
-                                        &mut start,
-                                        ready,
-                                        len,
-                                        &replacement,
-                                    );
-                                    continue;
-                                }
+                        b'R' if frame::be_u32(body, 0) == Some(10) => {
+                            flags.sasl_initial_next.store(true, Ordering::Release);
+                            let rewritten = if self.client_tls {
+                                None
+                            } else {
+                                frame::sasl_without_channel_binding(body)
+                            };
+                            if let Some(replacement) = rewritten {
+                                ready =
+                                    substitute(emit, data, &mut start, ready, len, &replacement);
+                                continue;
                             }
                         }
                         b'K' if body.len() == 8 => {
-                            let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                            let key = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                            let (pid, key) = (
+                                frame::be_i32(body, 0).unwrap_or(0),
+                                frame::be_i32(body, 4).unwrap_or(0),
+                            );
                             shared.cancel_keys.insert((pid, key), ());
                             self.keys.push((pid, key));
                         }
@@ -381,21 +375,6 @@ fn substitute(
     emit(replacement);
     *start = at + len;
     *start
-}
-
-/// True when an ErrorResponse body has severity FATAL or PANIC.
-fn is_fatal(body: &[u8]) -> bool {
-    let mut rest = body;
-    while let Some((&kind, after)) = rest.split_first() {
-        let Some((value, after)) = frame::cstr(after) else {
-            return false;
-        };
-        if kind == b'V' || kind == b'S' {
-            return value == b"FATAL" || value == b"PANIC";
-        }
-        rest = after;
-    }
-    false
 }
 
 /// How a session ended.

@@ -79,7 +79,8 @@ impl FrameScanner {
             return Ok(Step::NeedMore);
         }
         let tag = avail[0];
-        let len = u32::from_be_bytes([avail[1], avail[2], avail[3], avail[4]]);
+        // At least HEADER_LEN bytes: the length is there.
+        let len = be_u32(avail, 1).unwrap_or(0);
         if len < 4 {
             return Err(FrameError::TooShort {
                 tag: tag as char,
@@ -112,6 +113,18 @@ impl FrameScanner {
 #[inline]
 pub fn body(msg: &[u8]) -> &[u8] {
     msg.get(HEADER_LEN..).unwrap_or(&[])
+}
+
+/// The big-endian `u32` at `at` in `buf`, if `buf` is long enough.
+#[inline]
+pub fn be_u32(buf: &[u8], at: usize) -> Option<u32> {
+    buf.get(at..at + 4)?.try_into().ok().map(u32::from_be_bytes)
+}
+
+/// The big-endian `i32` at `at` in `buf`, if `buf` is long enough.
+#[inline]
+pub fn be_i32(buf: &[u8], at: usize) -> Option<i32> {
+    be_u32(buf, at).map(|v| v as i32)
 }
 
 /// Reads a NUL-terminated string at the front of `buf`; returns it (without the NUL) and the rest.
@@ -277,10 +290,7 @@ mod sasl_tests {
         let body = b"\0\0\0\x0aSCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0";
         let out = sasl_without_channel_binding(body).unwrap();
         assert_eq!(&out[..1], b"R");
-        assert_eq!(
-            u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize,
-            out.len() - 1
-        );
+        assert_eq!(be_u32(&out, 1).unwrap() as usize, out.len() - 1);
         assert_eq!(&out[5..], b"\0\0\0\x0aSCRAM-SHA-256\0\0");
         assert_eq!(
             sasl_without_channel_binding(b"\0\0\0\x0aSCRAM-SHA-256\0\0"),

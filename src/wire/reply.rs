@@ -75,23 +75,37 @@ impl ErrorReply {
 
 /// Reads the SQLSTATE and message of a server ErrorResponse/NoticeResponse body.
 pub fn error_fields(body: &[u8]) -> (String, String) {
-    let (mut code, mut message) = (String::new(), String::new());
+    let text = |kind| {
+        error_field(body, kind)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    (text(b'C'), text(b'M'))
+}
+
+/// The first field of type `kind` (`b'C'` code, `b'M'` message, `b'V'`/`b'S'` severity, …) of an
+/// ErrorResponse or NoticeResponse body; the one walker of error fields.
+pub fn error_field(body: &[u8], kind: u8) -> Option<&[u8]> {
     let mut rest = body;
-    while let Some((&kind, after)) = rest.split_first() {
-        if kind == 0 {
-            break;
+    while let Some((&k, after)) = rest.split_first() {
+        if k == 0 {
+            return None;
         }
-        let Some((value, after)) = super::frame::cstr(after) else {
-            break;
-        };
-        match kind {
-            b'C' => code = String::from_utf8_lossy(value).into_owned(),
-            b'M' => message = String::from_utf8_lossy(value).into_owned(),
-            _ => {}
+        let (value, after) = super::frame::cstr(after)?;
+        if k == kind {
+            return Some(value);
         }
         rest = after;
     }
-    (code, message)
+    None
+}
+
+/// Whether an ErrorResponse body is FATAL or PANIC (the session ends): its non-localized severity (`V`), or
+/// the localized one (`S`) from servers older than 9.6.
+pub fn is_fatal(body: &[u8]) -> bool {
+    error_field(body, b'V')
+        .or_else(|| error_field(body, b'S'))
+        .is_some_and(|v| v == b"FATAL" || v == b"PANIC")
 }
 
 #[cfg(test)]
@@ -104,7 +118,7 @@ mod tests {
             .with_hint("try again")
             .to_bytes();
         assert_eq!(b[0], b'E');
-        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        let len = crate::wire::frame::be_u32(&b, 1).unwrap() as usize;
         assert_eq!(len + 1, b.len());
         assert_eq!(
             error_fields(&b[5..]),

@@ -6,7 +6,7 @@
 
 use thiserror::Error;
 
-use super::frame::cstr;
+use super::frame::{be_i32, be_u32, cstr};
 
 /// Protocol 3.0 as sent in a StartupMessage.
 pub const PROTOCOL_3_0: u32 = 3 << 16;
@@ -66,7 +66,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, StartupError>
     if buf.len() < 4 {
         return Ok(None);
     }
-    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let Some(len) = be_u32(buf, 0) else {
+        return Ok(None);
+    };
     if len < 8 {
         return Err(StartupError::BadLength(len));
     }
@@ -77,7 +79,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, StartupError>
     if buf.len() < len {
         return Ok(None);
     }
-    let code = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let code = be_u32(buf, 4).unwrap_or(0);
     let packet = match code {
         SSL_REQUEST_CODE if len == 8 => StartupPacket::Ssl,
         GSSENC_REQUEST_CODE if len == 8 => StartupPacket::GssEnc,
@@ -85,8 +87,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, StartupError>
             let mut raw = [0u8; 16];
             raw.copy_from_slice(&buf[..16]);
             StartupPacket::Cancel {
-                pid: i32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]),
-                key: i32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]),
+                pid: be_i32(buf, 8).unwrap_or(0),
+                key: be_i32(buf, 12).unwrap_or(0),
                 raw,
             }
         }

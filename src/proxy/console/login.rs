@@ -49,10 +49,7 @@ pub(super) async fn login(
     up.write_all(&packet.encode())
         .await
         .map_err(|_| LoginError::Io)?;
-    let mut from_up = Reader {
-        stream: &mut up,
-        buf: BytesMut::new(),
-    };
+    let mut from_up = Reader::new(&mut up, BytesMut::new());
     let mut challenged = false;
     let mut client_buf = leftover.clone();
     loop {
@@ -64,7 +61,7 @@ pub(super) async fn login(
         };
         match tag {
             b'R' if body.len() >= 4 => {
-                let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                let code = frame::be_u32(&body, 0).unwrap_or(u32::MAX);
                 let needs_answer = match code {
                     0 => {
                         let _ = from_up.stream.write_all(&message(b'X', &[])).await;
@@ -79,7 +76,7 @@ pub(super) async fn login(
                             ));
                         }
                         client
-                            .write_all(&message(b'R', &0u32.to_be_bytes()))
+                            .write_all(&super::result::authentication_ok())
                             .await
                             .map_err(|_| LoginError::Io)?;
                         return Ok(());
@@ -112,10 +109,8 @@ pub(super) async fn login(
                     .map_err(|_| LoginError::Io)?;
                 client.flush().await.map_err(|_| LoginError::Io)?;
                 if needs_answer {
-                    let mut from_client = Reader {
-                        stream: &mut *client,
-                        buf: std::mem::take(&mut client_buf),
-                    };
+                    let mut from_client =
+                        Reader::new(&mut *client, std::mem::take(&mut client_buf));
                     let answer = from_client.next().await.map_err(|_| LoginError::Io)?;
                     client_buf = from_client.buf;
                     match answer {

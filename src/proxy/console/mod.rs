@@ -25,7 +25,6 @@ use tracing::{info, warn};
 use super::reload::ServerHandle;
 use super::shared::Shared;
 use super::stream::{send_and_close, ClientStream};
-use crate::wire::build::message;
 use crate::wire::reply::ErrorReply;
 use crate::wire::startup::StartupMessage;
 use session::Console;
@@ -93,8 +92,7 @@ pub(crate) async fn run(
     }
     console.audit("login", "ok", None);
     info!(%user, "console session opened");
-    let mut greeting = Vec::new();
-    for (k, v) in [
+    let greeting = result::greeting(&[
         ("server_version", "15.0 (stepgate console)"),
         ("server_encoding", "UTF8"),
         ("client_encoding", "UTF8"),
@@ -102,18 +100,7 @@ pub(crate) async fn run(
         ("integer_datetimes", "on"),
         ("standard_conforming_strings", "on"),
         ("application_name", ""),
-    ] {
-        let mut b = k.as_bytes().to_vec();
-        b.push(0);
-        b.extend_from_slice(v.as_bytes());
-        b.push(0);
-        greeting.extend(message(b'S', &b));
-    }
-    let mut key = [0u8; 8];
-    key[..4].copy_from_slice(&(rand::random::<u32>() >> 1).to_be_bytes());
-    key[4..].copy_from_slice(&rand::random::<i32>().to_be_bytes());
-    greeting.extend(message(b'K', &key));
-    greeting.extend(message(b'Z', b"I"));
+    ]);
     if client.write_all(&greeting).await.is_err() {
         return;
     }

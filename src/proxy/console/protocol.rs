@@ -11,34 +11,43 @@ use super::command::{parse, Invocation};
 use super::commands::ALL;
 use super::result::{self, ConsoleError};
 use super::session::Console;
-use crate::wire::frame::cstr;
+use crate::wire::frame::{self, cstr, FrameScanner, Step};
 
 /// Largest message accepted from a console client or during the login relay.
 const MAX_MESSAGE: usize = 64 * 1024;
 
-/// Reads whole tagged messages from a stream, keeping what it read beyond them. Cancel-safe: what was read
+/// Reads whole tagged messages from a stream with the proxy's one framer ([`FrameScanner`], every message
+/// inspected, at most [`MAX_MESSAGE`] bytes), keeping what it read beyond them. Cancel-safe: what was read
 /// stays in `buf`.
 pub(super) struct Reader<'a, S> {
     pub stream: &'a mut S,
     pub buf: BytesMut,
+    scanner: FrameScanner,
 }
 
-impl<S: AsyncRead + Unpin> Reader<'_, S> {
+impl<'a, S: AsyncRead + Unpin> Reader<'a, S> {
+    pub fn new(stream: &'a mut S, buf: BytesMut) -> Self {
+        Reader {
+            stream,
+            buf,
+            scanner: FrameScanner::new(MAX_MESSAGE),
+        }
+    }
+
     pub async fn next(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
         loop {
-            if let Some(len) = self.buf.get(1..5) {
-                let len = u32::from_be_bytes(len.try_into().unwrap_or([0; 4])) as usize;
-                if !(4..=MAX_MESSAGE).contains(&len) {
+            match self.scanner.step(&self.buf, |_| true) {
+                Ok(Step::Message { tag, len }) => {
+                    let body = frame::body(&self.buf[..len]).to_vec();
+                    self.buf.advance(len);
+                    return Ok(Some((tag, body)));
+                }
+                Ok(_) => {}
+                Err(e) => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
-                        format!("message length {len} out of range"),
-                    ));
-                }
-                if self.buf.len() > len {
-                    let tag = self.buf[0];
-                    let body = self.buf[5..1 + len].to_vec();
-                    self.buf.advance(1 + len);
-                    return Ok(Some((tag, body)));
+                        e.to_string(),
+                    ))
                 }
             }
             self.buf.reserve(4096);
@@ -72,10 +81,7 @@ where
     let mut skipping = false;
     let mut out = BytesMut::new();
     let mut reloads = console.shared.reloaded.subscribe();
-    let mut reader = Reader {
-        stream: client,
-        buf: BytesMut::new(),
-    };
+    let mut reader = Reader::new(client, BytesMut::new());
     loop {
         if !out.is_empty() {
             reader.stream.write_all(&out).await?;

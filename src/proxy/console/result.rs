@@ -8,6 +8,7 @@ use pgwire::messages::extendedquery::{BindComplete, CloseComplete, ParseComplete
 use pgwire::messages::response::{
     CommandComplete, EmptyQueryResponse, ReadyForQuery, TransactionStatus,
 };
+use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
 use pgwire::messages::Message;
 
 use crate::wire::reply::ErrorReply;
@@ -155,4 +156,26 @@ pub fn close_complete(out: &mut BytesMut) {
 /// A console statement takes no parameters.
 pub fn no_parameters(out: &mut BytesMut) {
     put(out, ParameterDescription::new(Vec::new()));
+}
+
+/// AuthenticationOk.
+pub fn authentication_ok() -> BytesMut {
+    let mut out = BytesMut::new();
+    put(&mut out, Authentication::Ok);
+    out
+}
+
+/// What a console session starts with after the login: the parameters, a (never used) cancel key, ready.
+pub fn greeting(parameters: &[(&str, &str)]) -> BytesMut {
+    let mut out = BytesMut::new();
+    for (k, v) in parameters {
+        put(&mut out, ParameterStatus::new(k.to_string(), v.to_string()));
+    }
+    let pid = (rand::random::<u32>() >> 1) as i32;
+    put(
+        &mut out,
+        BackendKeyData::new(pid, SecretKey::I32(rand::random())),
+    );
+    ready(&mut out);
+    out
 }

@@ -246,10 +246,7 @@ impl SessionState {
 
     pub(super) fn on_function_call(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
         self.batch += 1;
-        let Some(oid) = body
-            .get(..4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-        else {
+        let Some(oid) = body.get(..4).and_then(|b| crate::wire::frame::be_u32(b, 0)) else {
             // Too short to name a function: the server rejects it as a protocol violation.
             self.queue.push_back(Expect::FunctionCall { refused: None });
             return Action::Forward;
