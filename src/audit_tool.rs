@@ -70,10 +70,21 @@ struct Line {
     bytes: Vec<u8>,
 }
 
-fn read_lines(files: &[PathBuf]) -> Result<Vec<Line>, String> {
+/// A log file that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct ReadError {
+    pub path: String,
+    pub source: std::io::Error,
+}
+
+fn read_lines(files: &[PathBuf]) -> Result<Vec<Line>, ReadError> {
     let mut out = Vec::new();
     for f in files {
-        let bytes = std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let bytes = std::fs::read(f).map_err(|source| ReadError {
+            path: f.display().to_string(),
+            source,
+        })?;
         let name = f.display().to_string();
         let mut parts: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
         if parts.last().is_some_and(|l| l.is_empty()) {
@@ -95,7 +106,7 @@ pub fn verify(
     files: &[PathBuf],
     keyring: Option<&Keyring>,
     expect_head: Option<&(u64, String)>,
-) -> Result<Report, String> {
+) -> Result<Report, ReadError> {
     let lines = read_lines(files)?;
     let mut report = Report {
         ok: true,
@@ -334,7 +345,7 @@ pub struct ShowFilter {
 }
 
 /// `audit show`: a readable table of the records that pass the filter.
-pub fn show(files: &[PathBuf], f: &ShowFilter) -> Result<String, String> {
+pub fn show(files: &[PathBuf], f: &ShowFilter) -> Result<String, ReadError> {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -392,7 +403,7 @@ pub fn show(files: &[PathBuf], f: &ShowFilter) -> Result<String, String> {
 }
 
 /// Loads a keyring for verification.
-pub fn keyring(path: &Path) -> Result<Keyring, String> {
+pub fn keyring(path: &Path) -> Result<Keyring, crate::token::signed::KeyringError> {
     Keyring::load(path)
 }
 

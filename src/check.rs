@@ -305,10 +305,8 @@ pub fn check_text(
 }
 
 /// Reads a file as UTF-8 (the encoding psql scripts are run in by default).
-pub fn read_source(bytes: &[u8]) -> Result<String, String> {
-    decode(bytes, &LexSettings::default())
-        .map(|c| c.into_owned())
-        .map_err(|e| e.to_string())
+pub fn read_source(bytes: &[u8]) -> Result<String, crate::classify::ReadError> {
+    decode(bytes, &LexSettings::default()).map(|c| c.into_owned())
 }
 
 /// The first line of a statement, shortened for the text table.

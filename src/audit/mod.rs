@@ -62,11 +62,15 @@ pub struct AuditLog {
 
 /// `sha256:` + lowercase hex of SHA-256 of `bytes`.
 pub fn hash_line(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(bytes);
-    let mut s = String::with_capacity(71);
-    s.push_str("sha256:");
-    for b in digest {
+    format!("sha256:{}", hex(&digest))
+}
+
+/// Lowercase hex of `bytes`: the one hex encoder (hashes, ids).
+pub fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(2 * bytes.len());
+    for b in bytes {
         s.push(HEX[(b >> 4) as usize] as char);
         s.push(HEX[(b & 15) as usize] as char);
     }

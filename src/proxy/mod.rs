@@ -62,7 +62,7 @@ pub enum ServeError {
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
     #[error("token policy: {0}")]
-    Policy(String),
+    Policy(#[from] crate::token::grant::PolicyError),
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics {
         addr: String,
@@ -162,7 +162,7 @@ impl Server {
             path: config.state_dir.display().to_string(),
             source,
         })?;
-        let policy = crate::token::Policy::load(&config).map_err(ServeError::Policy)?;
+        let policy = crate::token::Policy::load(&config)?;
         let audit = std::sync::Arc::new(
             crate::audit::AuditLog::open(&config.state_dir)?
                 .with_sync_delay(options.audit_sync_delay.unwrap_or_default()),

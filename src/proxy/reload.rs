@@ -29,7 +29,7 @@ pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
     #[error("{0}")]
-    Policy(String),
+    Policy(#[from] crate::token::grant::PolicyError),
 }
 
 impl ServerHandle {
@@ -46,7 +46,7 @@ impl ServerHandle {
                 shared.options.config_path.as_deref(),
                 &shared.options.overrides,
             )?;
-            let policy = crate::token::Policy::load(&config).map_err(ReloadError::Policy)?;
+            let policy = crate::token::Policy::load(&config)?;
             restart_needed = shared.config.restart_only_changes(&config);
             if !restart_needed.is_empty() {
                 warn!(keys = ?restart_needed, "reload: these settings take effect only after a restart");

@@ -256,7 +256,7 @@ pub fn pack(token: &[u8]) -> String {
 
 /// `stepgate token inspect`: a report, and whether the token would be accepted now.
 pub fn inspect(token: &[u8], config: &Config) -> Result<(String, bool)> {
-    let policy = Policy::load(config).map_err(|e| anyhow!(e))?;
+    let policy = Policy::load(config)?;
     let now = SystemTime::now();
     let mut out = String::new();
     let signed = match signed::verify(token, &policy.keyring, now) {

@@ -18,6 +18,19 @@ use super::verify::{verify_token, Authorization, Reason, SignerPolicy, TokenPoli
 use crate::classify::Classifier;
 use crate::config::{Config, Rule};
 
+/// Why the token policy of a configuration cannot be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("keyring: {0}")]
+    Keyring(#[from] super::signed::KeyringError),
+    #[error("signer {signer:?}: key {fingerprint} is not in the keyring {keyring}")]
+    MissingKey {
+        signer: String,
+        fingerprint: String,
+        keyring: String,
+    },
+}
+
 /// The keyring and the signers of a configuration, loaded and cross-checked.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -28,9 +41,9 @@ pub struct Policy {
 
 impl Policy {
     /// Loads the config's keyring and checks that every `[[signer]]` has its key in it.
-    pub fn load(config: &Config) -> Result<Policy, String> {
+    pub fn load(config: &Config) -> Result<Policy, PolicyError> {
         let keyring = match &config.keyring {
-            Some(path) => Keyring::load(path).map_err(|e| format!("keyring: {e}"))?,
+            Some(path) => Keyring::load(path)?,
             None => Keyring::default(),
         };
         for s in &config.signers {
@@ -40,16 +53,15 @@ impl Policy {
                     .eq_ignore_ascii_case(&s.fingerprint)
             });
             if !found {
-                return Err(format!(
-                    "signer {:?}: key {} is not in the keyring {}",
-                    s.name,
-                    s.fingerprint,
-                    config
+                return Err(PolicyError::MissingKey {
+                    signer: s.name.clone(),
+                    fingerprint: s.fingerprint.clone(),
+                    keyring: config
                         .keyring
                         .as_ref()
                         .map(|p| p.display().to_string())
-                        .unwrap_or_default()
-                ));
+                        .unwrap_or_default(),
+                });
             }
         }
         Ok(Policy {

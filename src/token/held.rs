@@ -29,7 +29,7 @@ pub enum HeldError {
     Class {
         id: String,
         index: usize,
-        reason: String,
+        reason: crate::classify::lex::LexError,
     },
 }
 

@@ -92,13 +92,28 @@ pub struct Keyring {
     pub certs: Vec<Cert>,
 }
 
+/// A keyring file or directory that cannot be read or parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{path}: {message}")]
+pub struct KeyringError {
+    pub path: String,
+    pub message: String,
+}
+
 impl Keyring {
     /// Loads armored or binary public keys from one file, or from every file of a directory.
-    pub fn load(path: &Path) -> Result<Keyring, String> {
+    pub fn load(path: &Path) -> Result<Keyring, KeyringError> {
+        let at = |p: &Path| {
+            let path = p.display().to_string();
+            move |e: &dyn std::fmt::Display| KeyringError {
+                path,
+                message: e.to_string(),
+            }
+        };
         let mut files = Vec::new();
         if path.is_dir() {
             let mut entries: Vec<_> = std::fs::read_dir(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
+                .map_err(|e| at(path)(&e))?
                 .flatten()
                 .map(|e| e.path())
                 .filter(|p| p.is_file())
@@ -110,11 +125,9 @@ impl Keyring {
         }
         let mut certs = Vec::new();
         for f in files {
-            let bytes = std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?;
-            for cert in
-                CertParser::from_bytes(&bytes).map_err(|e| format!("{}: {e}", f.display()))?
-            {
-                certs.push(cert.map_err(|e| format!("{}: {e}", f.display()))?);
+            let bytes = std::fs::read(&f).map_err(|e| at(&f)(&e))?;
+            for cert in CertParser::from_bytes(&bytes).map_err(|e| at(&f)(&e))? {
+                certs.push(cert.map_err(|e| at(&f)(&e))?);
             }
         }
         Ok(Keyring { certs })

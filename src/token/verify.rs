@@ -94,16 +94,11 @@ pub struct Authorization {
     pub valid_until: SystemTime,
 }
 
-fn pattern_matches(pattern: &str, value: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => value.starts_with(prefix),
-        None => pattern == value,
-    }
-}
+use crate::config::pattern_matches;
 
 /// The class of one statement's text, as the gate judges it.
-pub fn class_of(classifier: &Classifier, sql: &str) -> Result<Class, String> {
-    let tokens = lex::lex(sql, true).map_err(|e| e.to_string())?;
+pub fn class_of(classifier: &Classifier, sql: &str) -> Result<Class, lex::LexError> {
+    let tokens = lex::lex(sql, true)?;
     let sig: Vec<_> = lex::significant(&tokens)
         .into_iter()
         .filter(|t| t.kind != lex::Kind::Semicolon)
