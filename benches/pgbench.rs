@@ -128,7 +128,7 @@ fn token_policy(config: &Path) -> String {
     .unwrap();
     let sql = "DROP TABLE pgbench_history";
     let payload = stepgate::token::Payload {
-        id: stepgate::token::cli::new_uuid(),
+        id: stepgate::token::new_uuid(),
         instance: None,
         database: "bench".into(),
         user: None,
@@ -148,7 +148,7 @@ fn token_policy(config: &Path) -> String {
         std::time::SystemTime::now(),
     )
     .unwrap();
-    format!("-c stepgate.token={}", stepgate::token::cli::pack(&signed))
+    format!("-c stepgate.token={}", stepgate::token::pack(&signed))
 }
 
 const PGBOUNCER_PATHS: [&str; 2] = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"];

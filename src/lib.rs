@@ -3,8 +3,8 @@
 //! Clients connect to stepgate as if it were PostgreSQL; it relays their traffic to the upstream server.
 //! Layers, bottom up (ARCHITECTURE.md): [`wire`] (sans-IO protocol) and [`config`]; then [`classify`],
 //! [`token`], [`audit`], [`gate`], [`metrics`], [`check`], [`audit_tool`]; then [`proxy`] (the server),
-//! [`devdb`] (the throwaway PostgreSQL of the demo, tests and benches) and [`logging`]; [`demo`] on top. The
-//! binary's verbs live in the binary (`src/cli/`).
+//! [`devdb`] (the throwaway PostgreSQL of the demo, tests and benches) and [`logging`]. The binary's verbs,
+//! the demo among them, live in the binary (`src/cli/`), the only place `anyhow` is used.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -12,7 +12,6 @@ pub mod audit_tool;
 pub mod check;
 pub mod classify;
 pub mod config;
-pub mod demo;
 pub mod devdb;
 pub mod gate;
 pub mod logging;

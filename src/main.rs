@@ -197,7 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Audit(cmd) => cli::audit::run(cmd),
         Cmd::Keys { config } => {
             let config = Config::load(config.as_deref(), &Overrides::default())?;
-            print!("{}", stepgate::token::cli::keys(&config)?);
+            print!("{}", cli::token_ops::keys(&config)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { check, listen } => {
@@ -209,10 +209,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     DEFAULT_LISTEN.into()
                 }
             });
-            let result = runtime()?.block_on(stepgate::demo::run(stepgate::demo::DemoOptions {
-                listen,
-                check,
-            }));
+            let result =
+                runtime()?.block_on(cli::demo::run(cli::demo::DemoOptions { listen, check }));
             match result {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) if check => {

@@ -28,7 +28,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("service", &["proxy", "devdb", "logging"]),
-    ("commands", &["cli", "demo"]),
+    ("commands", &["cli"]),
 ];
 
 struct Source {

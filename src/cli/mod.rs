@@ -3,5 +3,7 @@
 
 pub mod audit;
 pub mod check;
+pub mod demo;
 pub mod serve;
 pub mod token;
+pub mod token_ops;

@@ -77,8 +77,8 @@ pub enum TokenCmd {
 }
 
 pub fn run(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
+    use super::token_ops as cli;
     use std::io::Write;
-    use stepgate::token::cli;
     let with_state = |config: Option<PathBuf>, state_dir: Option<PathBuf>| {
         let overrides = Overrides {
             state_dir,

@@ -2,7 +2,6 @@
 //! layer ([`signed`]), verification against the keyring and the policy ([`verify`]), and what a session and
 //! the server keep at run time: the verified token and the ledger of spent uses ([`grant`]).
 
-pub mod cli;
 pub mod grant;
 pub mod held;
 pub mod payload;
@@ -28,4 +27,10 @@ pub fn new_uuid() -> String {
         &h[16..20],
         &h[20..]
     )
+}
+
+/// `stepgate token pack`: the one-line base64 form (for PGOPTIONS).
+pub fn pack(token: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(token.trim_ascii())
 }

@@ -10,7 +10,7 @@ use sequoia_openpgp::parse::Parse;
 use sequoia_openpgp::Cert;
 use stepgate::classify::Classifier;
 use stepgate::config::Config;
-use stepgate::token::cli::new_uuid;
+use stepgate::token::new_uuid;
 use stepgate::token::payload::{fingerprint_of, Payload, StatementGrant};
 use stepgate::token::signed::sign_cleartext;
 use stepgate::token::verify::class_of;

@@ -1,5 +1,5 @@
-//! What the `stepgate token …` and `stepgate keys` commands do, as library functions the binary calls and the
-//! tests exercise: make a payload, sign it, merge signatures, inspect a token, pack it into one line, and list
+//! What the `stepgate token …` and `stepgate keys` commands do (the binary's side; the token library is
+//! `stepgate::token`): make a payload, sign it, merge signatures, inspect a token, pack it into one line, and list
 //! the signers' keys.
 
 use std::fmt::Write as _;
@@ -12,13 +12,13 @@ use sequoia_openpgp::cert::CertParser;
 use sequoia_openpgp::parse::Parse;
 use sequoia_openpgp::Cert;
 
-use super::payload::{Payload, StatementGrant};
-use super::signed::{self, Keyring};
-pub use super::signers::{signer_rows, SignerRow};
-use super::{Ledger, Policy};
-use crate::audit::AuditLog;
-use crate::config::Config;
-use crate::gate::Registry;
+use stepgate::audit::AuditLog;
+use stepgate::config::Config;
+use stepgate::gate::Registry;
+use stepgate::token::payload::{Payload, StatementGrant};
+use stepgate::token::signed::{self, Keyring};
+use stepgate::token::signers::signer_rows;
+use stepgate::token::{Ledger, Policy};
 
 /// Where the statements of a new token come from.
 pub enum Source {
@@ -38,11 +38,11 @@ pub struct NewToken<'a> {
     pub source: Source,
 }
 
-pub use super::new_uuid;
+pub use stepgate::token::new_uuid;
 
 /// Makes the payload to sign: only the statements the rule for the database and user guards.
 pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
-    let classifier = crate::classify::Classifier::for_config(o.config);
+    let classifier = stepgate::classify::Classifier::for_config(o.config);
     let (database, user, statements) = match &o.source {
         Source::Held(id) => {
             let path = o.config.state_dir.join("audit.jsonl");
@@ -55,7 +55,7 @@ pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
                 )
             })?;
             let statements =
-                super::held::statements_of(&entry, o.database.as_deref(), &classifier)?;
+                stepgate::token::held::statements_of(&entry, o.database.as_deref(), &classifier)?;
             let user = o.user.clone().or(Some(entry.session.user.clone()));
             (entry.session.database.clone(), user, statements)
         }
@@ -66,14 +66,14 @@ pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
                     std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
                     (
                         "-".to_string(),
-                        crate::check::read_source(&buf).map_err(|e| anyhow!("stdin: {e}"))?,
+                        stepgate::check::read_source(&buf).map_err(|e| anyhow!("stdin: {e}"))?,
                     )
                 }
                 Source::File(f) => {
                     let bytes = std::fs::read(f).with_context(|| format!("cannot read {f}"))?;
                     (
                         f.clone(),
-                        crate::check::read_source(&bytes).map_err(|e| anyhow!("{f}: {e}"))?,
+                        stepgate::check::read_source(&bytes).map_err(|e| anyhow!("{f}: {e}"))?,
                     )
                 }
                 Source::Sql(s) => ("--sql".to_string(), s.clone()),
@@ -85,7 +85,7 @@ pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
             let rule = o
                 .config
                 .rule_for(&database, o.user.as_deref().unwrap_or("*"));
-            let findings = crate::check::check_text(&name, &text, o.config, &rule, &classifier);
+            let findings = stepgate::check::check_text(&name, &text, o.config, &rule, &classifier);
             let out: Vec<StatementGrant> = findings
                 .into_iter()
                 .filter(|f| f.guarded)
@@ -249,10 +249,7 @@ pub fn merge(inputs: &[Vec<u8>]) -> Result<Vec<u8>> {
     }
 }
 
-/// `stepgate token pack`: the one-line base64 form (for PGOPTIONS).
-pub fn pack(token: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(token.trim_ascii())
-}
+pub use stepgate::token::pack;
 
 /// `stepgate token inspect`: a report, and whether the token would be accepted now.
 pub fn inspect(token: &[u8], config: &Config) -> Result<(String, bool)> {
@@ -337,7 +334,7 @@ pub fn inspect(token: &[u8], config: &Config) -> Result<(String, bool)> {
     let verdict = policy.verify(
         token,
         &rule,
-        &crate::classify::Classifier::for_config(config),
+        &stepgate::classify::Classifier::for_config(config),
         &payload.database,
         &user,
         now,

@@ -13,9 +13,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::devdb::{DevDb, DevDbOptions, SUPERUSER};
-use crate::proxy::Server;
+use stepgate::config::Config;
+use stepgate::devdb::{DevDb, DevDbOptions, SUPERUSER};
+use stepgate::proxy::Server;
 
 pub struct DemoOptions {
     pub listen: String,
@@ -119,7 +119,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 }
 
 /// Generates the demo signer: secret key file, public key in `<dir>/keys/`, and its `[[signer]]` entry.
-fn demo_key(dir: &std::path::Path) -> Result<(std::path::PathBuf, crate::token::SignerPolicy)> {
+fn demo_key(dir: &std::path::Path) -> Result<(std::path::PathBuf, stepgate::token::SignerPolicy)> {
     use sequoia_openpgp::cert::prelude::*;
     use sequoia_openpgp::serialize::Serialize;
     let (cert, _) =
@@ -143,11 +143,11 @@ fn demo_key(dir: &std::path::Path) -> Result<(std::path::PathBuf, crate::token::
     std::fs::write(&key_file, secret)?;
     Ok((
         key_file,
-        crate::token::SignerPolicy {
+        stepgate::token::SignerPolicy {
             name: "demo".into(),
             fingerprint: cert.fingerprint().to_hex(),
             databases: vec!["*".into()],
-            classes: crate::classify::Class::DEFAULT_GUARDED.to_vec(),
+            classes: stepgate::classify::Class::DEFAULT_GUARDED.to_vec(),
         },
     ))
 }
@@ -313,19 +313,19 @@ fn walkthrough(
                 state_dir: state_dir.to_path_buf(),
                 ..Config::default()
             };
-            let payload = crate::token::cli::new_payload(
-                &crate::token::cli::NewToken {
+            let payload = super::token_ops::new_payload(
+                &super::token_ops::NewToken {
                     config: &config,
                     database: None,
                     user: None,
                     ttl: Duration::from_secs(600),
                     reason: Some("stepgate demo".into()),
-                    source: crate::token::cli::Source::Held(held_id.clone()),
+                    source: super::token_ops::Source::Held(held_id.clone()),
                 },
                 std::time::SystemTime::now(),
             )?;
-            let keys = crate::token::cli::read_secret_keys(&[key_file.display().to_string()])?;
-            let token = crate::token::cli::sign(payload.as_bytes(), &keys, None)?;
+            let keys = super::token_ops::read_secret_keys(&[key_file.display().to_string()])?;
+            let token = super::token_ops::sign(payload.as_bytes(), &keys, None)?;
             let tok = dir.join("drop.asc");
             std::fs::write(&tok, token)?;
             std::fs::write(
