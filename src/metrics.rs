@@ -2,13 +2,19 @@
 //! authorized, token rejections by reason, audit write failures, upstream connect failures, a classification
 //! time histogram, and the audit head. Counters are relaxed atomics; rendering reads them without locking.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::audit::ReasonCode;
 use crate::classify::Class;
@@ -88,138 +94,177 @@ impl Metrics {
         self.statements[class_index(class)][o].load(Relaxed)
     }
 
-    /// The Prometheus text exposition; `head` is the audit log's (seq, hash).
+    /// The Prometheus text exposition (format 0.0.4, encoded by `prometheus-client`) of the counters now;
+    /// `head` is the audit log's (seq, hash). The counters stay plain atomics on the hot path; a scrape
+    /// copies them into a registry of constant metrics.
     pub fn render(&self, head: Option<(u64, String)>) -> String {
-        let mut s = String::with_capacity(4096);
-        let mut put = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in lines {
-                let _ = writeln!(s, "{name}{labels} {v}");
+        let mut r = Registry::default();
+        let labelled = |pairs: Vec<(Vec<(String, String)>, u64)>| {
+            let family = Family::<Vec<(String, String)>, Counter>::default();
+            for (labels, v) in pairs {
+                family.get_or_create(&labels).inc_by(v);
             }
+            family
         };
-        put(
+        let gauge = |v: i64| {
+            let g: Gauge = Gauge::default();
+            g.set(v);
+            g
+        };
+        r.register(
             "stepgate_sessions_open",
-            "gauge",
-            "Client sessions open now.",
-            vec![(
-                String::new(),
-                self.sessions_open.load(Relaxed).max(0) as u64,
-            )],
+            "Client sessions open now",
+            gauge(self.sessions_open.load(Relaxed).max(0)),
         );
-        put(
-            "stepgate_sessions_total",
-            "counter",
-            "Client sessions accepted.",
-            vec![(String::new(), self.sessions_total.load(Relaxed))],
+        r.register(
+            "stepgate_sessions",
+            "Client sessions accepted",
+            ConstCounter::new(self.sessions_total.load(Relaxed)),
         );
         let mut lines = Vec::new();
         for (ci, c) in Class::ALL.iter().enumerate() {
             for (oi, (_, o)) in OUTCOMES.iter().enumerate() {
                 lines.push((
-                    format!("{{class=\"{}\",decision=\"{o}\"}}", c.as_str()),
+                    vec![
+                        ("class".to_string(), c.as_str().to_string()),
+                        ("decision".to_string(), o.to_string()),
+                    ],
                     self.statements[ci][oi].load(Relaxed),
                 ));
             }
         }
-        put(
-            "stepgate_statements_total",
-            "counter",
-            "Messages judged, by their most dangerous class and the decision.",
-            lines,
+        r.register(
+            "stepgate_statements",
+            "Messages judged, by their most dangerous class and the decision",
+            labelled(lines),
         );
         let by = |o: Outcome| -> u64 { Class::ALL.iter().map(|c| self.statements(*c, o)).sum() };
-        put(
-            "stepgate_held_total",
-            "counter",
-            "Messages held (refused without a covering token).",
-            vec![(String::new(), by(Outcome::Held))],
+        r.register(
+            "stepgate_held",
+            "Messages held (refused without a covering token)",
+            ConstCounter::new(by(Outcome::Held)),
         );
-        put(
-            "stepgate_authorized_total",
-            "counter",
-            "Messages let through by a token.",
-            vec![(String::new(), by(Outcome::Authorized))],
+        r.register(
+            "stepgate_authorized",
+            "Messages let through by a token",
+            ConstCounter::new(by(Outcome::Authorized)),
         );
-        put(
-            "stepgate_token_rejections_total",
-            "counter",
-            "Tokens or uses refused, by reason code.",
-            ReasonCode::ALL
-                .iter()
-                .map(|r| {
-                    (
-                        format!("{{reason=\"{r}\"}}"),
-                        self.token_rejections[r.index()].load(Relaxed),
-                    )
-                })
-                .collect(),
+        r.register(
+            "stepgate_token_rejections",
+            "Tokens or uses refused, by reason code",
+            labelled(
+                ReasonCode::ALL
+                    .iter()
+                    .map(|c| {
+                        (
+                            vec![("reason".to_string(), c.as_str().to_string())],
+                            self.token_rejections[c.index()].load(Relaxed),
+                        )
+                    })
+                    .collect(),
+            ),
         );
-        put(
-            "stepgate_audit_write_failures_total",
-            "counter",
-            "Audit records that could not be written.",
-            vec![(String::new(), self.audit_write_failures.load(Relaxed))],
+        r.register(
+            "stepgate_audit_write_failures",
+            "Audit records that could not be written",
+            ConstCounter::new(self.audit_write_failures.load(Relaxed)),
         );
-        put(
-            "stepgate_upstream_connect_failures_total",
-            "counter",
-            "Failed connections to the upstream server.",
-            vec![(String::new(), self.upstream_connect_failures.load(Relaxed))],
+        r.register(
+            "stepgate_upstream_connect_failures",
+            "Failed connections to the upstream server",
+            ConstCounter::new(self.upstream_connect_failures.load(Relaxed)),
         );
-        put(
-            "stepgate_policy_reloads_total",
-            "counter",
-            "Reload attempts (applied or rejected).",
-            vec![(String::new(), self.reloads.load(Relaxed))],
+        r.register(
+            "stepgate_policy_reloads",
+            "Reload attempts (applied or rejected)",
+            ConstCounter::new(self.reloads.load(Relaxed)),
         );
-        let _ = writeln!(
-            s,
-            "# HELP stepgate_classify_seconds Time to classify a message not already cached.\n# TYPE stepgate_classify_seconds histogram"
+        // The atomics count cumulatively (a fast classification is in every bucket above it).
+        let mut below = 0;
+        let buckets = BUCKETS_US
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let cumulative = self.classify_buckets[i].load(Relaxed);
+                let here = cumulative.saturating_sub(below);
+                below = cumulative;
+                (*b as f64 / 1e6, here)
+            })
+            .collect();
+        r.register(
+            "stepgate_classify_seconds",
+            "Time to classify a message not already cached",
+            ConstHistogram {
+                sum: self.classify_sum_ns.load(Relaxed) as f64 / 1e9,
+                count: self.classify_count.load(Relaxed),
+                buckets,
+            },
         );
-        for (i, b) in BUCKETS_US.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "stepgate_classify_seconds_bucket{{le=\"{}\"}} {}",
-                *b as f64 / 1e6,
-                self.classify_buckets[i].load(Relaxed)
-            );
-        }
-        let count = self.classify_count.load(Relaxed);
-        let _ = writeln!(s, "stepgate_classify_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            s,
-            "stepgate_classify_seconds_sum {}",
-            self.classify_sum_ns.load(Relaxed) as f64 / 1e9
-        );
-        let _ = writeln!(s, "stepgate_classify_seconds_count {count}");
         if let Some((seq, hash)) = head {
-            let _ = writeln!(
-                s,
-                "# HELP stepgate_audit_head The audit log's last record (record the hash elsewhere).\n# TYPE stepgate_audit_head gauge\nstepgate_audit_head{{hash=\"{hash}\"}} {seq}"
+            let family = Family::<Vec<(String, String)>, Gauge>::default();
+            family
+                .get_or_create(&vec![("hash".to_string(), hash)])
+                .set(seq as i64);
+            r.register(
+                "stepgate_audit_head",
+                "The audit log's last record (record the hash elsewhere)",
+                family,
             );
         }
-        s
+        let mut out = String::with_capacity(4096);
+        // Writing into a String does not fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &r);
+        out
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped. `head` reads the audit head.
+/// A histogram whose buckets were counted elsewhere (per-bucket counts, not cumulative).
+#[derive(Debug)]
+struct ConstHistogram {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Scrapes answered at once; more connections wait to be accepted.
+const MAX_SCRAPES: usize = 4;
+
+/// Serves `GET /metrics` on `listener` until the task is dropped (its scrapes with it). `head` reads the
+/// audit head. At most [`MAX_SCRAPES`] are answered at a time, each within 5 s.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     head: impl Fn() -> Option<(u64, String)> + Send + Sync + 'static,
 ) {
     let head = Arc::new(head);
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    let mut scrapes = tokio::task::JoinSet::new();
     loop {
+        while scrapes.try_join_next().is_some() {}
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((mut sock, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let metrics = metrics.clone();
         let head = head.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
+        scrapes.spawn(async move {
+            let _permit = permit;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
                 while n < buf.len() {
                     match sock.read(&mut buf[n..]).await {
                         Ok(0) | Err(_) => break,
@@ -229,26 +274,23 @@ pub async fn serve(
                         break;
                     }
                 }
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("");
+                let (status, body) = if request.starts_with("GET ")
+                    && (path == "/metrics" || path.starts_with("/metrics?"))
+                {
+                    ("200 OK", metrics.render(head()))
+                } else {
+                    ("404 Not Found", "not found: try /metrics\n".to_string())
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(response.as_bytes()).await;
+                let _ = sock.shutdown().await;
             })
             .await;
-            if read.is_err() {
-                return;
-            }
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = if request.starts_with("GET ")
-                && (path == "/metrics" || path.starts_with("/metrics?"))
-            {
-                ("200 OK", metrics.render(head()))
-            } else {
-                ("404 Not Found", "not found: try /metrics\n".to_string())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(response.as_bytes()).await;
-            let _ = sock.shutdown().await;
         });
     }
 }
@@ -268,8 +310,29 @@ mod tests {
         let m = Metrics::default();
         m.statement(Class::Ddl, Outcome::Observed);
         assert_eq!(m.statements(Class::Ddl, Outcome::Observed), 1);
-        assert!(m
-            .render(None)
-            .contains("stepgate_statements_total{class=\"ddl\",decision=\"observed\"} 1"));
+        m.classified(Duration::from_micros(7));
+        let text = m.render(Some((42, "sha256:ab".into())));
+        assert!(text.contains("stepgate_statements_total{class=\"ddl\",decision=\"observed\"} 1"));
+        assert!(
+            text.contains("# TYPE stepgate_classify_seconds histogram"),
+            "{text}"
+        );
+        // Cumulative buckets: 7 µs is in the 10 µs bucket and every one above it, not in the 5 µs one.
+        assert!(
+            text.contains("stepgate_classify_seconds_bucket{le=\"5e-06\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stepgate_classify_seconds_bucket{le=\"1e-05\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stepgate_classify_seconds_bucket{le=\"+Inf\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stepgate_audit_head{hash=\"sha256:ab\"} 42"),
+            "{text}"
+        );
     }
 }
