@@ -31,6 +31,13 @@ pub fn parse(name: &[u8], sql: &[u8]) -> Vec<u8> {
     message(b'P', &b)
 }
 
+/// A client's Parse with its SQL replaced: `types` is the original's parameter-type section, unchanged.
+pub fn parse_with_types(name: &[u8], sql: &[u8], types: &[u8]) -> Vec<u8> {
+    let mut b = cstrings(&[name, sql]);
+    b.extend_from_slice(types);
+    message(b'P', &b)
+}
+
 /// Bind without parameters, all results in text.
 pub fn bind(portal: &[u8], statement: &[u8]) -> Vec<u8> {
     let mut b = cstrings(&[portal, statement]);

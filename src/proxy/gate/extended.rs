@@ -108,12 +108,7 @@ impl SessionState {
                 push(self, info, None);
                 match rewritten {
                     Some(text) => {
-                        let mut b = name.clone();
-                        b.push(0);
-                        b.extend_from_slice(text.as_bytes());
-                        b.push(0);
-                        b.extend_from_slice(rest);
-                        Action::Replace(message(b'P', &b))
+                        Action::Replace(build::parse_with_types(&name, text.as_bytes(), rest))
                     }
                     None => Action::Forward,
                 }
