@@ -279,8 +279,19 @@ impl SessionState {
         let (action, records) = {
             let mut s = lock();
             s.deferred = Some(Vec::new());
-            let action = s.on_frontend(ctx, tag, msg);
-            (action, s.deferred.take().unwrap_or_default())
+            let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                s.on_frontend(ctx, tag, msg)
+            }));
+            // Never left set: a later decision on the relay thread must write its own records.
+            let records = s.deferred.take().unwrap_or_default();
+            match decided {
+                Ok(action) => (action, records),
+                Err(panic) => {
+                    // A bug: nothing is forwarded; what this message reserved stays spent (no replay).
+                    drop(s);
+                    std::panic::resume_unwind(panic)
+                }
+            }
         };
         if records.is_empty() || ctx.write_durably(&records) {
             return action;
