@@ -106,6 +106,7 @@ where
         if let Some(job) = flow.pending.take() {
             // A large statement is judged off this runtime's threads; then the same bytes are fed again.
             let (tx, rx) = tokio::sync::oneshot::channel();
+            // If the job panics (a bug), `tx` is dropped with it and the await ends all the same.
             shared.judges.submit(Box::new(move || {
                 job();
                 let _ = tx.send(());

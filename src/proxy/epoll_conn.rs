@@ -122,7 +122,12 @@ impl Conn {
                     Err(e) => return Some(Ending::Backend(Err(e))),
                 }
             }
-            if self.to_upstream.is_empty() && self.client_r && !self.judging {
+            // Nothing more is read from a client whose message waits for a judge thread.
+            if self.to_upstream.is_empty()
+                && self.client_r
+                && !self.judging
+                && self.frontend.pending.is_none()
+            {
                 match read(
                     &mut self.client,
                     scratch,

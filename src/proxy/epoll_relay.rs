@@ -292,10 +292,18 @@ impl Worker {
                         let (tx, waker, id) =
                             (self.judged_tx.clone(), self._waker.clone(), conn.id);
                         conn.shared.judges.submit(Box::new(move || {
-                            job();
-                            if tx.send(id).is_ok() {
-                                let _ = waker.wake();
+                            // Reported even if the job panics (a bug): the session is fed again and
+                            // decides on this thread instead of waiting for good.
+                            struct Done(mpsc::Sender<u64>, Arc<Waker>, u64);
+                            impl Drop for Done {
+                                fn drop(&mut self) {
+                                    if self.0.send(self.2).is_ok() {
+                                        let _ = self.1.wake();
+                                    }
+                                }
                             }
+                            let _done = Done(tx, waker, id);
+                            job();
                         }));
                     } else if conn.more {
                         self.again.push((slot, conn.id));

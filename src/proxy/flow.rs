@@ -99,12 +99,26 @@ pub(super) struct Frontend {
     /// Set when feeding stopped before a message that must be judged on a judge thread first: the caller
     /// runs the job (off its relay thread), then calls [`Frontend::judged`] and feeds the same bytes again.
     pub pending: Option<super::judge::Job>,
-    /// The message at the front was just judged elsewhere: the next Query/Parse is not offloaded again
-    /// (its verdict may be cached under its shape rather than its exact bytes).
-    just_judged: bool,
+    /// What the last job was, until the message it stopped at is fed again: that message is not sent to
+    /// the judge threads a second time for the same reason (a large statement's verdict may be cached under
+    /// its shape rather than its bytes; a decision that did not come back was a bug, and the relay thread
+    /// decides instead).
+    offloaded: Option<Offload>,
     /// The message at the front was decided on a judge thread, its evidence written there
-    /// ([`SessionState::on_frontend_durably`]): (tag, length, action), used when it is fed again.
-    decided: std::sync::Arc<Mutex<Option<(u8, usize, Action)>>>,
+    /// ([`SessionState::on_frontend_durably`]): (its exact bytes, the action), used when it is fed again.
+    decided: std::sync::Arc<Mutex<Option<Decided>>>,
+}
+
+/// A message's bytes and the action decided for it on a judge thread.
+type Decided = (Vec<u8>, Action);
+
+/// Why a message was handed to a judge thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offload {
+    /// A large statement not classified yet: classified there, decided here.
+    Classify,
+    /// A decision that may need fsync'd evidence: decided there.
+    Decide,
 }
 
 impl Frontend {
@@ -113,15 +127,14 @@ impl Frontend {
             scanner: FrameScanner::new(MAX_AUTH_MESSAGE),
             logged_in: false,
             pending: None,
-            just_judged: false,
+            offloaded: None,
             decided: Default::default(),
         }
     }
 
-    /// The job of [`Frontend::pending`] is done: the message it stopped at is fed as usual next time.
-    pub fn judged(&mut self) {
-        self.just_judged = true;
-    }
+    /// The job of [`Frontend::pending`] is done (or failed): the message it stopped at is fed again next,
+    /// and is not handed to a judge thread again for the same reason.
+    pub fn judged(&mut self) {}
 
     /// Processes `data` (what the client sent and is not consumed yet), emitting what to send upstream.
     /// Returns how many bytes were consumed (the rest is the start of an incomplete message, to be fed again
@@ -134,6 +147,10 @@ impl Frontend {
         state: &std::sync::Arc<Mutex<SessionState>>,
         emit: &mut impl FnMut(&[u8]),
     ) -> Result<(usize, bool), FrontendError> {
+        if self.pending.is_some() {
+            // A message waits for its job: nothing is consumed until the relay has run it.
+            return Ok((0, false));
+        }
         if !self.logged_in && flags.logged_in.load(Ordering::Acquire) {
             self.logged_in = true;
             self.scanner.set_max_len(shared.config.max_message_size);
@@ -167,13 +184,14 @@ impl Frontend {
                         b'p' if !logged_in => {}
                         _ if !logged_in => return Err(FrontendError::BeforeLogin(tag as char)),
                         _ => {
+                            let after = self.offloaded.take();
                             let decided = self
                                 .decided
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
                                 .take()
-                                .filter(|(t, l, _)| *t == tag && *l == len);
-                            if let Some((_, _, action)) = decided {
+                                .filter(|(bytes, _)| bytes.as_slice() == msg);
+                            if let Some((_, action)) = decided {
                                 if let Action::Replace(replacement) = action {
                                     ready = substitute(
                                         emit,
@@ -189,19 +207,21 @@ impl Frontend {
                                 continue;
                             }
                             let (session, ctx) = gate.get();
-                            let offload = matches!(tag, b'Q' | b'P')
+                            if after.is_none()
+                                && matches!(tag, b'Q' | b'P')
                                 && msg.len() >= super::judge::OFFLOAD_BYTES
-                                && !std::mem::take(&mut self.just_judged);
-                            if offload {
+                            {
                                 if let Some(job) =
                                     session.offload(&shared.gate.load_full(), tag, msg)
                                 {
-                                    // Judged elsewhere first; this message is fed again afterwards.
+                                    // Classified elsewhere first; this message is fed again afterwards.
                                     self.pending = Some(job);
+                                    self.offloaded = Some(Offload::Classify);
                                     break;
                                 }
                             }
-                            if matches!(tag, b'Q' | b'E')
+                            if after != Some(Offload::Decide)
+                                && matches!(tag, b'Q' | b'E')
                                 && session.needs_durable_write(ctx, tag, msg)
                             {
                                 // Decided on a judge thread, where its fsync'd evidence is written; this
@@ -217,8 +237,9 @@ impl Frontend {
                                     let action =
                                         SessionState::on_frontend_durably(&state, &ctx, tag, &msg);
                                     *slot.lock().unwrap_or_else(|p| p.into_inner()) =
-                                        Some((tag, msg.len(), action));
+                                        Some((msg, action));
                                 }));
+                                self.offloaded = Some(Offload::Decide);
                                 break;
                             }
                             if let Action::Replace(replacement) = session.on_frontend(ctx, tag, msg)

@@ -287,13 +287,14 @@ impl SessionState {
             return (Vec::new(), Some(Denied::NoToken));
         }
         let _log = self.span.enter();
-        match ctx.authorize(
-            &self.session,
-            &self.rule,
-            grants,
-            class,
-            self.deferred.as_mut(),
-        ) {
+        // In skip-until-Sync the message's entry is abandoned at once (its uses given back): its records are
+        // written here, in order, rather than deferred.
+        let deferred = if self.skip_until_sync {
+            None
+        } else {
+            self.deferred.as_mut()
+        };
+        match ctx.authorize(&self.session, &self.rule, grants, class, deferred) {
             Ok(r) => (r, None),
             Err(d) => {
                 if let Some(code) = d.code() {

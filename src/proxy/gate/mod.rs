@@ -269,6 +269,11 @@ impl SessionState {
     /// fsync'd without the lock (the relay thread keeps serving this session's server replies and the other
     /// sessions), and only then is the action returned for the relay to forward. If the records cannot be
     /// written, the uses are given back and the message is refused (58030), as on the relay thread.
+    ///
+    /// While the records are written, the message's expected reply is kept out of the queue — the server has
+    /// not seen the message — so a server reply that arrives meanwhile (an error that makes the server skip
+    /// to Sync) is matched against what was really sent; it is queued after the write, or, if the server
+    /// will now skip the message, its uses are given back then (`released` after `authorized`).
     pub fn on_frontend_durably(
         state: &std::sync::Mutex<SessionState>,
         ctx: &GateContext,
@@ -276,7 +281,7 @@ impl SessionState {
         msg: &[u8],
     ) -> Action {
         let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
-        let (action, records) = {
+        let (action, records, entry) = {
             let mut s = lock();
             s.deferred = Some(Vec::new());
             let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -284,34 +289,54 @@ impl SessionState {
             }));
             // Never left set: a later decision on the relay thread must write its own records.
             let records = s.deferred.take().unwrap_or_default();
-            match decided {
-                Ok(action) => (action, records),
+            let action = match decided {
+                Ok(action) => action,
                 Err(panic) => {
                     // A bug: nothing is forwarded; what this message reserved stays spent (no replay).
                     drop(s);
                     std::panic::resume_unwind(panic)
                 }
+            };
+            if records.is_empty() {
+                return action;
             }
+            // Records were deferred only by this message's reservation, made with its entry queued last.
+            let entry = s.queue.pop_back();
+            (action, records, entry)
         };
-        if records.is_empty() || ctx.write_durably(&records) {
+        let written = ctx.write_durably(&records);
+        let mut s = lock();
+        let Some(mut entry) = entry else {
+            // Not queued as expected (cannot happen): forward nothing.
+            return Action::Replace(crate::wire::build::query(refusal::REFUSAL_SQL));
+        };
+        if !written {
+            let action = s.refuse_unrecorded(ctx, &mut entry);
+            s.queue.push_back(entry);
             return action;
         }
-        lock().durable_write_failed(ctx)
+        if s.skip_until_sync {
+            // The server now skips this message (an earlier one failed meanwhile): nothing will answer it.
+            s.abandon(ctx, entry, "skipped by the server until Sync");
+            return action;
+        }
+        s.queue.push_back(entry);
+        action
     }
 
-    /// The `authorized` records of the message just queued could not be written: its uses are given back
-    /// and it is refused instead of forwarded.
-    fn durable_write_failed(&mut self, ctx: &GateContext) -> Action {
+    /// The `authorized` records of a message could not be written: its uses are given back and it is
+    /// refused instead of forwarded.
+    fn refuse_unrecorded(&mut self, ctx: &GateContext, entry: &mut Expect) -> Action {
         let _log = self.span.enter();
         tracing::error!("audit log unavailable: guarded statement refused");
         let refusal = refusal::audit_unavailable();
-        match self.queue.back_mut() {
-            Some(Expect::Execute {
+        match entry {
+            Expect::Execute {
                 refused,
                 reservations,
                 effect,
                 ..
-            }) => {
+            } => {
                 ctx.unreserve(reservations);
                 reservations.clear();
                 *effect = Effect::None;
@@ -321,19 +346,19 @@ impl SessionState {
                     refusal::REFUSAL_SQL,
                 ))
             }
-            Some(Expect::Query {
+            Expect::Query {
                 refused,
                 reservations,
                 effects,
                 ..
-            }) => {
+            } => {
                 ctx.unreserve(reservations);
                 reservations.clear();
                 effects.clear();
                 *refused = Some(refusal);
                 Action::Replace(crate::wire::build::query(refusal::REFUSAL_SQL))
             }
-            // Not queued as expected (cannot happen): forward nothing that ran unrecorded.
+            // Only a Query or an Execute reserves uses.
             _ => Action::Replace(crate::wire::build::query(refusal::REFUSAL_SQL)),
         }
     }
