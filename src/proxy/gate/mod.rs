@@ -310,14 +310,19 @@ impl SessionState {
             // Not queued as expected (cannot happen): forward nothing.
             return Action::Replace(crate::wire::build::query(refusal::REFUSAL_SQL));
         };
+        if s.skip_until_sync {
+            // The server now skips this message (an earlier one failed meanwhile): nothing will answer it,
+            // so it is not queued. Recorded: its uses are given back (`released` after `authorized`); not
+            // recorded: given back and the message refused all the same.
+            if written {
+                s.abandon(ctx, entry, "skipped by the server until Sync");
+                return action;
+            }
+            return s.refuse_unrecorded(ctx, &mut entry);
+        }
         if !written {
             let action = s.refuse_unrecorded(ctx, &mut entry);
             s.queue.push_back(entry);
-            return action;
-        }
-        if s.skip_until_sync {
-            // The server now skips this message (an earlier one failed meanwhile): nothing will answer it.
-            s.abandon(ctx, entry, "skipped by the server until Sync");
             return action;
         }
         s.queue.push_back(entry);
