@@ -104,6 +104,9 @@ async fn a_password_admin_reviews_held_statements_and_others_are_refused() {
         ("SHOW STATS", "audit_head"),
         ("SHOW CONFIG", "admin_users"),
         ("HELP", "DISMISS <id>"),
+        // A command added as one file (src/proxy/console/commands/show_version.rs) is listed and runs.
+        ("HELP", "SHOW VERSION"),
+        ("SHOW VERSION", env!("CARGO_PKG_VERSION")),
         ("RELOAD", "RELOAD 2"),
     ] {
         let (ok, out, err) = run(SCRAM_USER, Some(SCRAM_PASSWORD), sql);
