@@ -38,6 +38,8 @@ pub enum AuditError {
     },
     #[error("the state directory {0} is in use by another stepgate (its stepgate.lock is held)")]
     Locked(String),
+    #[error("audit log {path} is unusable until an operator repairs it: {why}")]
+    Unusable { path: String, why: String },
 }
 
 struct Tail {
@@ -47,6 +49,9 @@ struct Tail {
     size: u64,
     /// Number of the next rotated file.
     next_rotation: u64,
+    /// Set when a failed append could not be cut back: the file may end in part of a record, and nothing
+    /// more is appended after it.
+    unusable: Option<String>,
 }
 
 /// An append-only, hash-chained JSON Lines log. Appends are serialized; each is one `write` of a whole line.
@@ -203,6 +208,7 @@ impl AuditLog {
                 prev,
                 size,
                 next_rotation,
+                unusable: None,
             }),
             _lock: lock,
             sync_delay: std::time::Duration::ZERO,
@@ -283,18 +289,34 @@ impl AuditLog {
         };
         // A log whose file was removed or replaced under us (state directory deleted, log moved away)
         // would swallow records into an unlinked inode: refuse instead, so guarded statements are refused.
+        if let Some(why) = &tail.unusable {
+            return Err(AuditError::Unusable {
+                path: self.path.display().to_string(),
+                why: why.clone(),
+            });
+        }
         if !self.still_in_place(&tail.file) {
             return Err(err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 "the open audit log is no longer at its path (removed or replaced)",
             )));
         }
-        tail.file.write_all(&line).map_err(err)?;
+        // All or nothing: a failed or short write, or a failed fsync after a whole one, is cut back to the
+        // end of the last whole record before anything else happens (the sequence and the chain head have
+        // not moved, so the next record would otherwise repeat a number, or be glued onto part of one).
+        let end = tail.size;
+        if let Err(e) = tail.file.write_all(&line) {
+            self.cut_back(&mut tail, end, &e);
+            return Err(err(e));
+        }
         if sync {
             if !self.sync_delay.is_zero() {
                 std::thread::sleep(self.sync_delay);
             }
-            tail.file.sync_data().map_err(err)?;
+            if let Err(e) = tail.file.sync_data() {
+                self.cut_back(&mut tail, end, &e);
+                return Err(err(e));
+            }
         }
         tail.seq = seq;
         tail.prev = hash;
@@ -303,6 +325,29 @@ impl AuditLog {
             self.rotate(&mut tail)?;
         }
         Ok(seq)
+    }
+
+    /// Cuts the current file back to `end` (the end of its last whole record) after a failed append, and makes
+    /// that durable. If even that fails, the log is marked unusable: nothing more is appended (guarded
+    /// statements are refused) until an operator repairs it. A log that is not a regular file has nothing to
+    /// cut.
+    fn cut_back(&self, tail: &mut Tail, end: u64, cause: &std::io::Error) {
+        let regular = tail.file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        if !regular {
+            return;
+        }
+        match tail.file.set_len(end).and_then(|_| tail.file.sync_data()) {
+            Ok(()) => {
+                tracing::warn!(error = %cause, bytes = end, "audit append failed; the log was cut back to its last whole record")
+            }
+            Err(e) => {
+                let why = format!(
+                    "an append failed ({cause}) and cutting it back to {end} bytes failed too ({e})"
+                );
+                tracing::error!(path = %self.path.display(), "{why}; the audit log is unusable until an operator repairs it");
+                tail.unusable = Some(why);
+            }
+        }
     }
 
     /// Whether `file` is still the file at the log's path (same device and inode). A log that is not a
@@ -365,6 +410,51 @@ impl AuditLog {
             }
         }
         Ok(out)
+    }
+
+    /// Token ids named anywhere in the damaged lines of a state directory's logs (lines that are not whole
+    /// JSON records: bytes glued together by a failed write, a changed byte). Conservatively, every use of
+    /// such a token counts as spent: a record of it that cannot be read may be the one that spent it.
+    pub fn damaged_token_ids(state_dir: &Path) -> Result<Vec<String>, AuditError> {
+        const KEY: &[u8] = b"\"token_id\":\"";
+        let mut ids = Vec::new();
+        for path in log_files(state_dir) {
+            let file = match File::open(&path) {
+                Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => f,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(AuditError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+            };
+            let mut bytes = Vec::new();
+            (&file)
+                .read_to_end(&mut bytes)
+                .map_err(|source| AuditError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            for line in bytes.split(|&b| b == b'\n') {
+                if line.is_empty() || serde_json::from_slice::<Value>(line).is_ok() {
+                    continue;
+                }
+                let mut rest = line;
+                while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+                    rest = &rest[at + KEY.len()..];
+                    let end = rest.iter().position(|&b| b == b'"').unwrap_or(rest.len());
+                    if end > 0 && end <= 128 {
+                        ids.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+                    }
+                    rest = &rest[end..];
+                }
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
     }
 
     /// Every record of a state directory, across rotated files, oldest first.

@@ -114,3 +114,101 @@ fn a_removed_state_directory_makes_appends_fail() {
     let err = log.append("held", Map::new(), true).unwrap_err();
     assert!(err.to_string().contains("no longer at its path"), "{err}");
 }
+
+/// A small tmpfs mounted for one test (root only), unmounted when dropped.
+struct SmallDisk {
+    at: std::path::PathBuf,
+    // Removed after the unmount (fields drop after `Drop::drop`).
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("disk");
+        std::fs::create_dir(&at).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk { at, _dir: dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.at).status();
+    }
+}
+
+fn pad(n: usize) -> Map<String, Value> {
+    let mut f = Map::new();
+    f.insert("sql".into(), "x".repeat(n).into());
+    f
+}
+
+/// The fault of issue 16: the disk fills up in the middle of an append. The partial record is cut away at
+/// once, nothing is glued onto it later, and the chain goes on intact once there is room again.
+#[test]
+fn a_partial_append_on_a_full_disk_is_cut_back_and_the_chain_goes_on() {
+    let Some(disk) = SmallDisk::mount("64k") else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let log = AuditLog::open(&disk.at).unwrap();
+    let size = |log: &AuditLog| std::fs::metadata(log.path()).unwrap().len();
+    // Bring the file's end to about 200 bytes before a page boundary, so the next record fits only in part.
+    log.append("held", pad(0), false).unwrap();
+    let before = size(&log);
+    log.append("held", pad(0), false).unwrap();
+    let base = (size(&log) - before) as usize;
+    let at = (size(&log) % 4096) as usize;
+    let want = (3900 + 4096 - at) % 4096;
+    log.append(
+        "held",
+        pad(want.saturating_sub(base) + if want < base { 4096 } else { 0 }),
+        false,
+    )
+    .unwrap();
+    let end = size(&log);
+    let free_in_page = 4096 - end % 4096;
+    assert!((100..400).contains(&free_in_page), "{end}");
+    // Fill every other page of the disk.
+    let mut filler = std::fs::File::create(disk.at.join("filler")).unwrap();
+    while std::io::Write::write_all(&mut filler, &[0u8; 4096]).is_ok() {}
+    drop(filler);
+
+    let err = log.append("held", pad(1000), true).unwrap_err();
+    assert!(err.to_string().contains("No space left"), "{err}");
+    assert_eq!(size(&log), end, "the partial record is still in the file");
+    std::fs::remove_file(disk.at.join("filler")).unwrap();
+    let seq = log.append("held", pad(1000), true).unwrap();
+    assert_eq!(seq, 4, "the failed append took no number");
+    let records = AuditLog::read_all(log.path()).unwrap();
+    assert_eq!(records.len(), 4, "every line is one whole record");
+    let report = crate::audit_tool::verify(&[log.path().to_path_buf()], None, None).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+}
+
+/// Bytes that are not a whole record (glued by an old failed write, or changed) still spend the tokens they
+/// name: every use, whatever the record was.
+#[test]
+fn a_token_named_in_damaged_bytes_is_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path()).unwrap();
+    let mut f = Map::new();
+    f.insert("token_id".into(), "ok-token".into());
+    log.append("token_set", f, false).unwrap();
+    drop(log);
+    let mut bytes = std::fs::read(dir.path().join("audit.jsonl")).unwrap();
+    bytes.extend_from_slice(b"{\"seq\":2,\"event\":\"held\",\"sq{\"seq\":2,\"event\":\"authorized\",\"token_id\":\"glued-token\",\"fingerprint\":\"sha256:ab\"}\n");
+    std::fs::write(dir.path().join("audit.jsonl"), bytes).unwrap();
+    let ids = AuditLog::damaged_token_ids(dir.path()).unwrap();
+    assert_eq!(ids, vec!["glued-token".to_string()]);
+    let ledger = crate::token::Ledger::default();
+    ledger.burn("glued-token");
+    assert!(!ledger.reserve("glued-token", "sha256:ab", 5));
+    assert!(ledger.reserve("ok-token", "sha256:ab", 1));
+}

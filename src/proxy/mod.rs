@@ -173,6 +173,10 @@ impl Server {
         let ledger = Arc::new(crate::token::Ledger::default());
         ledger.restore(&records);
         drop(records);
+        for id in crate::audit::AuditLog::damaged_token_ids(&config.state_dir)? {
+            warn!(token_id = %id, "a damaged audit record names this token: all its uses count as spent");
+            ledger.burn(&id);
+        }
         if options.unsafe_no_gate {
             warn!("--unsafe-no-gate: NOTHING is classified or held; use this only to measure the gate's cost");
             audit.write(

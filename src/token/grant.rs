@@ -181,11 +181,21 @@ impl ActiveToken {
 #[derive(Debug, Default)]
 pub struct Ledger {
     spent: DashMap<String, HashMap<String, u32>>,
+    /// Tokens named in damaged audit bytes: every use counts as spent.
+    burned: DashMap<String, ()>,
 }
 
 impl Ledger {
+    /// Counts every use of `token_id` as spent (its records could not all be read back).
+    pub fn burn(&self, token_id: &str) {
+        self.burned.insert(token_id.to_string(), ());
+    }
+
     /// Spends one use if fewer than `limit` are spent; false when none is left.
     pub fn reserve(&self, token_id: &str, fingerprint: &str, limit: u32) -> bool {
+        if !self.burned.is_empty() && self.burned.contains_key(token_id) {
+            return false;
+        }
         if let Some(mut uses) = self.spent.get_mut(token_id) {
             return match uses.get_mut(fingerprint) {
                 Some(n) if *n >= limit => false,
