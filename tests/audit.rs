@@ -199,9 +199,12 @@ async fn an_unwritable_audit_log_refuses_guarded_statements_only() {
             "stepgate: audit log unavailable; guarded statement refused"
         );
     }
-    // Even with a valid token: the authorization cannot be recorded, so it is not given.
+    // Even a valid token: its `token_set` record cannot be written, so the token is refused (it used to
+    // answer SET), and the statement it lists is refused as before.
     let tok = sign(&payload("aud_full", &["DROP TABLE t"]), &["alice"]);
-    c.batch_execute(&set_token(&tok)).await.unwrap();
+    let e = c.batch_execute(&set_token(&tok)).await.unwrap_err();
+    let db = e.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "58030", "{db:?}");
     let e = c.batch_execute("DROP TABLE t").await.unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("58030"));
     assert!(exists(&direct, "t").await);

@@ -735,3 +735,33 @@ async fn an_authorized_statements_fsync_does_not_stall_its_relay() {
         .iter()
         .any(|r| r["event"] == "executed" && r["sql"] == create));
 }
+
+/// The README's one-string form, `SET stepgate.token = '…'; DROP TABLE t`: the `token_set` record is written
+/// (and fsync'd) before the `authorized` record of the statement that runs under it, on both relays, and
+/// `audit verify` accepts the log (issue 16: it used to be written after, and the log failed verification).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_set_and_used_in_one_string_is_recorded_before_its_use() {
+    for (i, options) in relays().into_iter().enumerate() {
+        let db = format!("tok_one_string_{i}");
+        let direct = setup(&db).await;
+        let g = gate_with_options(policy, options).await;
+        let c = g.client(&db).await;
+        let tok = sign(&payload(&db, &["DROP TABLE t"]), &["alice"]);
+        c.batch_execute(&format!("{}; DROP TABLE t", set_token(&tok)))
+            .await
+            .unwrap();
+        assert!(!exists(&direct, "t").await);
+        let audit = g.audit();
+        let seq_of = |event: &str| {
+            audit
+                .iter()
+                .find(|r| r["event"] == event)
+                .and_then(|r| r["seq"].as_u64())
+                .unwrap_or_else(|| panic!("no {event} record"))
+        };
+        assert!(seq_of("token_set") < seq_of("authorized"), "{audit:?}");
+        let files = stepgate::audit::log_files(g.state_dir());
+        let report = stepgate::audit_tool::verify(&files, None, None).unwrap();
+        assert!(report.ok, "{:?}", report.error);
+    }
+}

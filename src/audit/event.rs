@@ -147,7 +147,8 @@ pub enum AuditEvent {
         sql: String,
         reason: String,
     },
-    /// A token became a session's token; the record keeps the token itself (it is the evidence).
+    /// A session presented a verified token; the record keeps the token itself (it is the evidence). Written
+    /// and fsync'd before the SET (or the login) that carries it goes on, so it precedes every use.
     TokenSet {
         #[serde(flatten)]
         session: SessionFields,

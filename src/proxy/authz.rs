@@ -145,9 +145,12 @@ impl GateContext {
         }
     }
 
-    /// Records a token becoming the session's active token (the record keeps the token: it is the evidence).
-    pub fn token_activated(&self, session: &SessionFields, token: &ActiveToken) {
-        self.audit_with(
+    /// Records a verified token a session presents (the record keeps the token: it is the evidence), fsync'd:
+    /// written before the SET or the login that carries it goes on, so it precedes every `authorized` record
+    /// of that token in every spelling (the same query string, a pipeline, the startup packet). False if it
+    /// could not be written: the token is then refused.
+    pub fn record_token_set(&self, session: &SessionFields, token: &ActiveToken) -> bool {
+        let written = self.audit_with(
             || AuditEvent::TokenSet {
                 session: session.clone(),
                 token_id: token.id().to_string(),
@@ -156,9 +159,12 @@ impl GateContext {
                     .to_string(),
                 token: String::from_utf8_lossy(&token.raw).into_owned(),
             },
-            false,
+            true,
         );
-        tracing::info!(user = %session.user, database = %session.database, token_id = token.id(), signers = token.auth.signers.len(), "token set");
+        if written {
+            tracing::info!(user = %session.user, database = %session.database, token_id = token.id(), signers = token.auth.signers.len(), "token set");
+        }
+        written
     }
 
     /// Reserves one use for every grant, durably; all or nothing.

@@ -88,6 +88,11 @@ impl SessionState {
                         let tok = ctx
                             .verify_token(value.as_bytes(), &self.session, &self.rule)
                             .map_err(|reason| Refused::Token(rejection(&reason, false)))?;
+                        // The evidence comes first: no statement runs under a token whose record is not
+                        // on disk.
+                        if !ctx.record_token_set(&self.session, &tok) {
+                            return Err(Refused::Token(super::refusal::audit_unavailable()));
+                        }
                         view_token = Some(tok.clone());
                         (sanitize(tok.id()), Some(tok))
                     } else {

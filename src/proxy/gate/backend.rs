@@ -48,7 +48,7 @@ impl SessionState {
         };
         if tag == b'C' {
             self.confirm(ctx, mine, body);
-            self.apply(ctx, effect);
+            self.apply(effect);
         } else {
             self.release(ctx, mine, "empty query");
         }

@@ -157,7 +157,12 @@ impl SessionState {
         let _log = self.span.enter();
         match ctx.verify_token(raw.as_bytes(), &self.session, &self.rule) {
             Ok(tok) => {
-                ctx.token_activated(&self.session, &tok);
+                if !ctx.record_token_set(&self.session, &tok) {
+                    return Err(ErrorReply::fatal(
+                        "58030",
+                        "stepgate: audit log unavailable; the token in the startup packet was refused",
+                    ));
+                }
                 self.stepgate
                     .insert("stepgate.token".into(), tok.id().to_string());
                 self.token = Some(tok);
@@ -240,14 +245,16 @@ impl SessionState {
         match tag {
             b'Q' => {
                 let bytes = body.strip_suffix(&[0]).unwrap_or(body);
-                // Without a token, only a string that sets one (`SET stepgate.token`, spelled exactly so)
-                // can be authorized: no other string is looked up here.
-                let sets_token = || {
-                    bytes
-                        .windows(8)
-                        .any(|w| w.eq_ignore_ascii_case(b"stepgate"))
-                };
-                if self.token.is_none() && !sets_token() {
+                // A string that names stepgate may set a token (`SET stepgate.token`, spelled exactly so),
+                // whose fsync'd `token_set` record is written when it is judged: decided there, whether or
+                // not it runs anything guarded. Without a token nothing else can be authorized.
+                if bytes
+                    .windows(8)
+                    .any(|w| w.eq_ignore_ascii_case(b"stepgate"))
+                {
+                    return true;
+                }
+                if self.token.is_none() {
                     return false;
                 }
                 let entry = ctx.cache.lookup(bytes, &self.lex, ctx.generation);

@@ -8,13 +8,12 @@ use crate::proxy::authz::Reservation;
 use crate::wire::frame::cstr;
 
 impl SessionState {
-    pub(super) fn apply(&mut self, ctx: &GateContext, effect: Effect) {
+    pub(super) fn apply(&mut self, effect: Effect) {
         match effect {
             Effect::None => {}
             Effect::SetStepgate { name, value, token } => {
                 if let Some(tok) = token {
-                    let _log = self.span.enter();
-                    ctx.token_activated(&self.session, &tok);
+                    // Its `token_set` record was written when the SET was judged.
                     self.token = Some(tok);
                 }
                 self.stepgate.insert(name, value);
