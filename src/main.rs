@@ -132,7 +132,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("stepgate: error: {e:#}");
+            eprintln!("stepgate: error: {}", cli::report(&e));
             ExitCode::from(2)
         }
     }
@@ -214,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match result {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) if check => {
-                    eprintln!("stepgate demo --check failed: {e:#}");
+                    eprintln!("stepgate demo --check failed: {}", cli::report(&e));
                     Ok(ExitCode::from(1))
                 }
                 Err(e) => Err(e),

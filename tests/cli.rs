@@ -288,6 +288,20 @@ fn config_mistakes_name_file_line_and_key() {
     assert!(err.contains("stepgate.toml"), "{err}");
     assert!(err.contains("line 3"), "{err}");
     assert!(err.contains("upstrem"), "{err}");
+    // An audit log that is a directory: the cause is said once, not once per layer that carries it (it was
+    // "…: Is a directory (os error 21): …: Is a directory (os error 21): Is a directory (os error 21)").
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("audit.jsonl")).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("audit.jsonl"), "{err}");
+    assert_eq!(last.matches("(os error").count(), 1, "{err}");
 }
 
 #[test]
@@ -437,4 +451,29 @@ fn relays_holds_and_stops(args: &[&str], workers: usize) {
     s.signal("-TERM");
     let status = s.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Log injection: a held statement whose text carries a newline and a forged log line stays on its own
+/// line in the text log (the newline is written as `\n`), so no `authorized` line can be forged.
+#[test]
+fn a_statement_cannot_forge_a_log_line() {
+    let s = Serve::start(&[]);
+    let forged = "DROP TABLE nosuch_forge\n2026-12-02T00:00:00.000000Z  INFO authorized user=alice token_id=\"forged\"";
+    let (ok, _, err) = psql(&s.conninfo("postgres"), &["-c", forged], &[]);
+    assert!(!ok && err.contains("statement held"), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.log().contains("statement held") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = s.log();
+    let held: Vec<&str> = log.lines().filter(|l| l.contains("forged")).collect();
+    assert_eq!(held.len(), 1, "{log}");
+    assert!(
+        held[0].contains("statement held") && held[0].contains("nosuch_forge\\n2026"),
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-12-02T00:00:00")),
+        "{log}"
+    );
 }

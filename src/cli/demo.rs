@@ -205,7 +205,7 @@ fn psql(port: u16, args: &[&str]) -> Result<String> {
 fn step(name: &str, r: Result<()>) -> Result<()> {
     match &r {
         Ok(()) => println!("ok    {name}"),
-        Err(e) => println!("FAIL  {name}: {e:#}"),
+        Err(e) => println!("FAIL  {name}: {}", super::report(e)),
     }
     r
 }

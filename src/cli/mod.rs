@@ -7,3 +7,20 @@ pub mod demo;
 pub mod serve;
 pub mod token;
 pub mod token_ops;
+
+/// An error and its causes on one line, each said once: a cause whose text its parent already quotes
+/// (`…: Is a directory (os error 21)`) is not repeated.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
