@@ -680,3 +680,50 @@ async fn graceful_shutdown_lets_sessions_finish_then_closes_them() {
     );
     assert!(busy.is_closed() || busy.simple_query("select 1").await.is_err());
 }
+
+/// An upstream that is not PostgreSQL (an HTTP server on the configured port): its bytes never reach the
+/// client, the client gets a FATAL that says so, on both relays. A scripted upstream: a real PostgreSQL
+/// cannot answer this way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_is_not_postgresql_is_named_and_never_relayed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = http.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = http.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nbad request")
+                    .await;
+            });
+        }
+    });
+    for options in relays() {
+        let up = upstream.clone();
+        let g = gate_with_options(move |c| c.upstream = up, options).await;
+        let mut raw = common::raw::Raw::connect(g.addr).await;
+        raw.send(&common::raw::startup_packet(&[
+            ("user", b"postgres"),
+            ("database", b"postgres"),
+        ]))
+        .await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            raw.stream.read_to_end(&mut got),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(!text.contains("HTTP/1.1"), "{text}");
+        assert_eq!(got.first(), Some(&b'E'), "{text}");
+        assert!(
+            text.contains("08006") && text.contains("did not answer as a PostgreSQL server"),
+            "{text}"
+        );
+    }
+}

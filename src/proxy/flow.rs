@@ -279,7 +279,8 @@ pub(super) struct Backend {
 impl Backend {
     pub fn new(client_tls: bool) -> Self {
         Backend {
-            scanner: FrameScanner::new(MAX_BACKEND_MESSAGE),
+            // Until the login completes only the server's small login messages may come.
+            scanner: FrameScanner::new(MAX_AUTH_MESSAGE),
             logged_in: false,
             client_tls,
             keys: Vec::new(),
@@ -308,16 +309,38 @@ impl Backend {
         let mut login_failed = false;
         loop {
             let logged_in = self.logged_in;
-            let inspect = |t: u8| {
-                SessionState::inspects_backend(t) || (!logged_in && matches!(t, b'R' | b'K'))
-            };
-            match self.scanner.step(&data[ready..], inspect)? {
+            // Before login every message is looked at whole: only what a PostgreSQL server sends while
+            // logging a client in may pass (anything else, an HTTP server's reply say, reaches nobody).
+            let inspect = |t: u8| !logged_in || SessionState::inspects_backend(t);
+            let step = self
+                .scanner
+                .step(&data[ready..], inspect)
+                .map_err(|e| match e {
+                    FrameError::TooShort { tag, .. } | FrameError::TooLong { tag, .. }
+                        if !logged_in =>
+                    {
+                        FrameError::NotPostgres {
+                            tag,
+                            during: "during the login",
+                        }
+                    }
+                    e => e,
+                })?;
+            match step {
                 Step::NeedMore => break,
                 Step::Message { tag, len } => {
                     let body = frame::body(&data[ready..ready + len]);
+                    if !logged_in && !matches!(tag, b'R' | b'S' | b'K' | b'Z' | b'E' | b'N' | b'v')
+                    {
+                        return Err(FrameError::NotPostgres {
+                            tag: tag as char,
+                            during: "during the login",
+                        });
+                    }
                     match tag {
                         b'Z' if !self.logged_in => {
                             self.logged_in = true;
+                            self.scanner.set_max_len(MAX_BACKEND_MESSAGE);
                             flags.logged_in.store(true, Ordering::Release);
                             flags.login_done.notify_one();
                             // A token from the startup packet counts only once the server accepted the login.

@@ -19,6 +19,11 @@ pub enum FrameError {
     TooShort { tag: char, len: u32 },
     #[error("message type {tag:?} declares {len} bytes, above the limit of {max} bytes")]
     TooLong { tag: char, len: u32, max: usize },
+    /// What arrived cannot be PostgreSQL's protocol at this point (an HTTP server's reply, say).
+    #[error(
+        "the upstream did not answer as a PostgreSQL server (a message of type {tag:?} {during})"
+    )]
+    NotPostgres { tag: char, during: &'static str },
 }
 
 /// What the caller may do with the bytes at the front of the unscanned part of its buffer.
