@@ -727,3 +727,37 @@ async fn an_upstream_that_is_not_postgresql_is_named_and_never_relayed() {
         );
     }
 }
+
+/// At the shutdown timeout stepgate closes the sessions still open (57P01) and cancels what they were
+/// running: a long INSERT does not commit after its client was told the session is over (issue 16).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_closed_at_the_shutdown_timeout_does_not_commit_afterwards() {
+    for (i, options) in relays().into_iter().enumerate() {
+        let db = format!("prx_forced_close_{i}");
+        pg().create_db(&db).await;
+        let direct = pg().direct_to(&db).await;
+        direct
+            .batch_execute("CREATE TABLE t (a int)")
+            .await
+            .unwrap();
+        let g =
+            gate_with_options(|c| c.shutdown_timeout = Duration::from_millis(500), options).await;
+        let c = g.client(&db).await;
+        let long = tokio::spawn(async move {
+            c.batch_execute("INSERT INTO t SELECT 1 FROM pg_sleep(4)")
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        g.shutdown();
+        let err = long.await.unwrap().unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+        // Past the moment the INSERT would have committed.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let n: i64 = direct
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "the statement ran on after the session was closed");
+    }
+}

@@ -26,6 +26,14 @@ pub(super) async fn finish<CW, UW>(
     CW: AsyncWrite + Unpin,
     UW: AsyncWrite + Unpin,
 {
+    if matches!(ending, Ending::Shutdown) {
+        // Closed by stepgate (the shutdown timeout): what the server is running for this session is
+        // cancelled first, so it does not go on and commit after the client is told the session is over.
+        for (pid, key) in keys {
+            super::upstream::cancel_backend(shared, *pid, *key, std::time::Duration::from_secs(5))
+                .await;
+        }
+    }
     for k in keys {
         shared.cancel_keys.remove(k);
     }

@@ -79,3 +79,33 @@ async fn connect_inner(shared: &Shared) -> Result<UpstreamStream, UpstreamError>
         }),
     }
 }
+
+/// Asks the upstream to cancel what backend `pid` is running (a CancelRequest on a new connection), waiting
+/// at most `timeout` for the server to take it. Used when stepgate ends a session itself, so a statement it
+/// no longer relays does not run on (and commit) after the client was told the session is over.
+pub async fn cancel_backend(shared: &Shared, pid: i32, key: i32, timeout: Duration) {
+    let mut request = Vec::with_capacity(16);
+    request.extend_from_slice(&16u32.to_be_bytes());
+    request.extend_from_slice(&crate::wire::startup::CANCEL_REQUEST_CODE.to_be_bytes());
+    request.extend_from_slice(&pid.to_be_bytes());
+    request.extend_from_slice(&key.to_be_bytes());
+    let sent = async {
+        let mut up = connect(shared, timeout).await.map_err(|e| e.to_string())?;
+        up.write_all(&request).await.map_err(|e| e.to_string())?;
+        let _ = up.flush().await;
+        // The server closes the connection once it has processed the request.
+        let mut sink = [0u8; 16];
+        let _ = up.read(&mut sink).await;
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(timeout, sent).await {
+        Ok(Ok(())) => tracing::info!(
+            pid,
+            "running statement cancelled: the session was closed by stepgate"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(pid, error = %e, "could not cancel the session's running statement")
+        }
+        Err(_) => tracing::warn!(pid, "cancelling the session's running statement timed out"),
+    }
+}
