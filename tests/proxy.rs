@@ -761,3 +761,50 @@ async fn a_session_closed_at_the_shutdown_timeout_does_not_commit_afterwards() {
         assert_eq!(n, 0, "the statement ran on after the session was closed");
     }
 }
+
+/// A client that pipelines queries with large results without reading any, then disconnects: its session
+/// ends and its backend goes away, on both relays (it used to stay, with its buffers, until SIGTERM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pipelines_without_reading_then_leaves_frees_its_backend() {
+    for (i, options) in relays().into_iter().enumerate() {
+        let g = gate_with_options(|_| {}, options).await;
+        let app = format!("stuck_pipeline_{i}");
+        let mut c = Raw::login(
+            g.addr,
+            &pg().user,
+            "postgres",
+            &[("application_name", app.as_bytes())],
+        )
+        .await;
+        // More queries than the legs' buffers hold, each with a large result: the server blocks writing
+        // results nobody reads, stops reading queries, and stepgate is left holding queries for it.
+        let one = raw::query(b"SELECT repeat('x', 100000)");
+        let mut burst = Vec::new();
+        for _ in 0..400_000 {
+            burst.extend_from_slice(&one);
+        }
+        // Nothing is read back; the kernel buffers fill on every leg.
+        let _ = tokio::time::timeout(Duration::from_secs(3), c.send(&burst)).await;
+        drop(c);
+        let direct = pg().direct().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                    &[&app],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the backend of a client that left is still there after 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

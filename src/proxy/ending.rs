@@ -122,8 +122,12 @@ pub(super) async fn finish<CW, UW>(
     };
     if let Some(reply) = reply {
         if at_boundary {
-            let _ = client_wr.write_all(&reply.to_bytes()).await;
-            let _ = client_wr.flush().await;
+            // A client that does not read is not waited for.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                let _ = client_wr.write_all(&reply.to_bytes()).await;
+                let _ = client_wr.flush().await;
+            })
+            .await;
         }
     }
     let _ = client_wr.shutdown().await;

@@ -156,6 +156,9 @@ pub(super) async fn session(
     info!(%user, %database, tls = client_tls, "session ended");
 }
 
+/// How long the end of a session waits for a peer to take what was still queued for it.
+const LEFTOVER_WRITE: Duration = Duration::from_secs(5);
+
 /// Runs a plain-TCP session on the epoll relay ([`super::epoll_relay`]) and finishes it when the relay gives it
 /// back.
 #[allow(clippy::too_many_arguments)]
@@ -215,12 +218,18 @@ async fn relayed(
     ) else {
         return;
     };
-    // What a leg could not take yet goes first; the client hears why only at a message boundary.
+    // What a leg could not take yet goes first, for a bounded time: a peer that stopped reading (a server
+    // blocked writing replies to a client that left) is not waited for; closing the connection ends it.
+    // The client hears why only at a message boundary.
     if !conn.to_upstream.is_empty() {
-        let _ = up.write_all(&conn.to_upstream).await;
+        let _ = tokio::time::timeout(LEFTOVER_WRITE, up.write_all(&conn.to_upstream)).await;
     }
     let at_boundary = conn.backend.at_boundary()
-        && (conn.to_client.is_empty() || client.write_all(&conn.to_client).await.is_ok());
+        && (conn.to_client.is_empty()
+            || matches!(
+                tokio::time::timeout(LEFTOVER_WRITE, client.write_all(&conn.to_client)).await,
+                Ok(Ok(()))
+            ));
     conn.flags
         .client_at_boundary
         .store(at_boundary, Ordering::Relaxed);
