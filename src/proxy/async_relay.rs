@@ -115,6 +115,11 @@ where
             flow.judged();
             continue;
         }
+        // Back-pressure: a client waiting for more replies than the bound (it pipelines without reading) is
+        // not read until the server's replies bring the queue down.
+        while state.lock().map_or(0, |s| s.queued()) >= super::gate::MAX_QUEUED {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         buf.reserve(READ_CHUNK);
         let n = rd
             .read_buf(&mut buf)

@@ -122,11 +122,13 @@ impl Conn {
                     Err(e) => return Some(Ending::Backend(Err(e))),
                 }
             }
-            // Nothing more is read from a client whose message waits for a judge thread.
+            // Nothing more is read from a client whose message waits for a judge thread, or that is waiting
+            // for more replies than the bound (back-pressure: it pipelines without reading).
             if self.to_upstream.is_empty()
                 && self.client_r
                 && !self.judging
                 && self.frontend.pending.is_none()
+                && self.state.lock().map_or(0, |s| s.queued()) < super::gate::MAX_QUEUED
             {
                 match read(
                     &mut self.client,

@@ -46,6 +46,10 @@ use crate::wire::reply::ErrorReply;
 pub use context::GateContext;
 use expect::{Effect, Expect, StmtInfo};
 
+/// The most replies a session may be waiting for before nothing more is read from its client (about 8 MB of
+/// bookkeeping): a client that pipelines without reading is held back instead of growing stepgate.
+pub const MAX_QUEUED: usize = 65_536;
+
 /// What to do with one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -192,6 +196,12 @@ impl SessionState {
             .iter()
             .filter(|e| !matches!(e, Expect::CopyEnd))
             .count()
+    }
+
+    /// Entries of the expected-reply queue: what a client that pipelines without reading makes grow. The
+    /// relays stop reading from the client at [`MAX_QUEUED`] until the server's replies bring it down.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
     }
 
     /// Backend message tags the gate must see whole.
