@@ -98,6 +98,11 @@ impl Metrics {
     /// `head` is the audit log's (seq, hash). The counters stay plain atomics on the hot path; a scrape
     /// copies them into a registry of constant metrics.
     pub fn render(&self, head: Option<(u64, String)>) -> String {
+        self.render_with(head, false)
+    }
+
+    /// [`Metrics::render`], saying whether the audit log can be written now (its last append succeeded).
+    pub fn render_with(&self, head: Option<(u64, String)>, audit_unavailable: bool) -> String {
         let mut r = Registry::default();
         let labelled = |pairs: Vec<(Vec<(String, String)>, u64)>| {
             let family = Family::<Vec<(String, String)>, Counter>::default();
@@ -200,6 +205,11 @@ impl Metrics {
                 buckets,
             },
         );
+        r.register(
+            "stepgate_audit_unavailable",
+            "1 while the audit log cannot be written (its last append failed): guarded statements are refused",
+            gauge(i64::from(audit_unavailable)),
+        );
         if let Some((seq, hash)) = head {
             let family = Family::<Vec<(String, String)>, Gauge>::default();
             family
@@ -239,14 +249,14 @@ impl EncodeMetric for ConstHistogram {
 /// Scrapes answered at once; more connections wait to be accepted.
 const MAX_SCRAPES: usize = 4;
 
-/// Serves `GET /metrics` on `listener` until the task is dropped (its scrapes with it). `head` reads the
-/// audit head. At most [`MAX_SCRAPES`] are answered at a time, each within 5 s.
+/// Serves `GET /metrics` on `listener` until the task is dropped (its scrapes with it). `audit` reads the
+/// audit head and whether the log can be written now. At most [`MAX_SCRAPES`] are answered at a time, each within 5 s.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    head: impl Fn() -> Option<(u64, String)> + Send + Sync + 'static,
+    audit: impl Fn() -> (Option<(u64, String)>, bool) + Send + Sync + 'static,
 ) {
-    let head = Arc::new(head);
+    let audit = Arc::new(audit);
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     let mut scrapes = tokio::task::JoinSet::new();
     loop {
@@ -259,7 +269,7 @@ pub async fn serve(
             continue;
         };
         let metrics = metrics.clone();
-        let head = head.clone();
+        let audit = audit.clone();
         scrapes.spawn(async move {
             let _permit = permit;
             let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -279,7 +289,8 @@ pub async fn serve(
                 let (status, body) = if request.starts_with("GET ")
                     && (path == "/metrics" || path.starts_with("/metrics?"))
                 {
-                    ("200 OK", metrics.render(head()))
+                    let (head, unavailable) = audit();
+                    ("200 OK", metrics.render_with(head, unavailable))
                 } else {
                     ("404 Not Found", "not found: try /metrics\n".to_string())
                 };

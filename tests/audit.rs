@@ -184,6 +184,7 @@ async fn an_unwritable_audit_log_refuses_guarded_statements_only() {
         policy(c);
         std::fs::create_dir_all(&c.state_dir).unwrap();
         std::os::unix::fs::symlink("/dev/full", c.state_dir.join("audit.jsonl")).unwrap();
+        c.metrics_listen = Some("127.0.0.1:0".into());
     })
     .await;
     let c = g.client("aud_full").await;
@@ -210,6 +211,9 @@ async fn an_unwritable_audit_log_refuses_guarded_statements_only() {
     assert!(exists(&direct, "t").await);
     let n = count(&c, "t").await;
     assert_eq!(n, 4);
+    // The metrics say the log cannot be written.
+    let text = scrape(g.metrics_addr.unwrap()).await;
+    assert_eq!(value(&text, "stepgate_audit_unavailable"), 1, "{text}");
 }
 
 #[tokio::test]
@@ -302,6 +306,7 @@ async fn metrics_count_what_happens() {
         1
     );
     assert!(value(&after, "stepgate_classify_seconds_count") >= 3);
+    assert_eq!(value(&after, "stepgate_audit_unavailable"), 0);
     let head = stepgate::audit::AuditLog::read_dir(g.state_dir())
         .unwrap()
         .len() as u64;

@@ -52,6 +52,8 @@ struct Tail {
     /// Set when a failed append could not be cut back: the file may end in part of a record, and nothing
     /// more is appended after it.
     unusable: Option<String>,
+    /// Why the last append failed; cleared by the next one that succeeds.
+    last_error: Option<String>,
 }
 
 /// An append-only, hash-chained JSON Lines log. Appends are serialized; each is one `write` of a whole line.
@@ -209,6 +211,7 @@ impl AuditLog {
                 size,
                 next_rotation,
                 unusable: None,
+                last_error: None,
             }),
             _lock: lock,
             sync_delay: std::time::Duration::ZERO,
@@ -269,9 +272,26 @@ impl AuditLog {
         self.append_record(fields, sync)
     }
 
+    /// Why the log cannot be written now (its last append failed, or it is unusable), or None.
+    pub fn unavailable(&self) -> Option<String> {
+        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        tail.unusable.clone().or_else(|| tail.last_error.clone())
+    }
+
     /// Appends one record made of `fields` (with its `event`), numbered, timed and chained.
     fn append_record(&self, fields: Map<String, Value>, sync: bool) -> Result<u64, AuditError> {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self.append_locked(&mut tail, fields, sync);
+        tail.last_error = result.as_ref().err().map(|e| e.to_string());
+        result
+    }
+
+    fn append_locked(
+        &self,
+        tail: &mut Tail,
+        fields: Map<String, Value>,
+        sync: bool,
+    ) -> Result<u64, AuditError> {
         let seq = tail.seq + 1;
         let mut record = Map::new();
         record.insert("seq".into(), seq.into());
@@ -306,7 +326,7 @@ impl AuditLog {
         // not moved, so the next record would otherwise repeat a number, or be glued onto part of one).
         let end = tail.size;
         if let Err(e) = tail.file.write_all(&line) {
-            self.cut_back(&mut tail, end, &e);
+            self.cut_back(tail, end, &e);
             return Err(err(e));
         }
         if sync {
@@ -314,7 +334,7 @@ impl AuditLog {
                 std::thread::sleep(self.sync_delay);
             }
             if let Err(e) = tail.file.sync_data() {
-                self.cut_back(&mut tail, end, &e);
+                self.cut_back(tail, end, &e);
                 return Err(err(e));
             }
         }
@@ -322,7 +342,7 @@ impl AuditLog {
         tail.prev = hash;
         tail.size += line.len() as u64;
         if tail.size >= self.rotate_size {
-            self.rotate(&mut tail)?;
+            self.rotate(tail)?;
         }
         Ok(seq)
     }

@@ -272,7 +272,10 @@ impl Server {
             let audit = gate.audit.clone();
             info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics");
             tokio::spawn(crate::metrics::serve(l, gate.metrics.clone(), move || {
-                audit.as_ref().map(|a| a.head())
+                match &audit {
+                    Some(a) => (Some(a.head()), a.unavailable().is_some()),
+                    None => (None, false),
+                }
             }))
         });
         let wanted = match shared.options.workers {

@@ -47,6 +47,13 @@ impl Command for ShowStats {
             ("upstream_connect_failures", m.upstream_connect_failures.load(Relaxed).to_string()),
             ("policy_generation", gate.generation.to_string()),
             ("audit_head", head),
+            (
+                "audit_log",
+                match gate.audit.as_ref().and_then(|a| a.unavailable()) {
+                    None => "ok".to_string(),
+                    Some(why) => format!("UNAVAILABLE (guarded statements are refused): {why}"),
+                },
+            ),
         ]))
     }
 }
