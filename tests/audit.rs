@@ -333,3 +333,61 @@ async fn a_state_directory_removed_under_a_running_gate_refuses_guarded_statemen
     assert_eq!(count(&c, "t").await, 4);
     assert!(exists(&direct, "t").await);
 }
+
+/// Issue 16's replay: damage in the middle of the log (a record glued onto part of another, as a full disk
+/// used to leave it). stepgate refuses to start on it and names `stepgate audit repair`; the repair moves the
+/// damaged part aside and records it, the chain verifies, and the token whose `authorized` record was in the
+/// damaged part is spent: the same DROP does not run a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_the_middle_stops_start_up_until_repaired_and_never_replays() {
+    let direct = setup("aud_damage").await;
+    let mut g = gate_with(policy).await;
+    let c = g.client("aud_damage").await;
+    let tok = sign(&payload("aud_damage", &["DROP TABLE t2"]), &["alice"]);
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    c.batch_execute("DROP TABLE t2").await.unwrap();
+    c.batch_execute("SELECT 1").await.unwrap();
+    drop(c);
+    g.stop().await;
+    // Glue the `authorized` record onto a broken line, as a partial write followed by an append did.
+    let path = g.state_dir().join("audit.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let authorized = "{\"application_name\":\"\",\"class\":\"destructive\"";
+    let glued = text.replacen(
+        authorized,
+        &format!("{{\"seq\":99,\"event\":\"he{authorized}"),
+        1,
+    );
+    assert_ne!(glued, text, "{text}");
+    std::fs::write(&path, glued).unwrap();
+
+    let refused = stepgate::proxy::Server::bind(g.config.clone())
+        .await
+        .err()
+        .expect("started on a damaged log");
+    let message = refused.to_string();
+    assert!(
+        message.contains("damaged") && message.contains("stepgate audit repair"),
+        "{message}"
+    );
+
+    let repaired = stepgate::audit::repair::repair(g.state_dir())
+        .unwrap()
+        .expect("something to repair");
+    assert!(repaired.aside.exists());
+    let files = stepgate::audit::log_files(g.state_dir());
+    let report = stepgate::audit_tool::verify(&files, None, None).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+    assert!(g.audit().iter().any(|r| r["event"] == "repaired"));
+
+    g.restart().await;
+    direct
+        .batch_execute("CREATE TABLE t2 (a int)")
+        .await
+        .unwrap();
+    let c = g.client("aud_damage").await;
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    let (_, detail) = held(&c.batch_execute("DROP TABLE t2").await.unwrap_err());
+    assert!(detail.contains("already_used"), "{detail}");
+    assert!(exists(&direct, "t2").await);
+}

@@ -225,7 +225,7 @@ pub enum AuditEvent {
         fingerprint: String,
         class: Class,
     },
-    /// `stepgate audit repair` moved damaged bytes aside (planned).
+    /// `stepgate audit repair` moved damaged bytes aside (`file`) and continued the chain.
     Repaired {
         file: String,
         bytes: u64,

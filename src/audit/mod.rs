@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub mod event;
+pub mod repair;
 
 pub use event::{AuditEvent, ReasonCode, SessionFields};
 
@@ -438,7 +439,24 @@ impl AuditLog {
     pub fn damaged_token_ids(state_dir: &Path) -> Result<Vec<String>, AuditError> {
         const KEY: &[u8] = b"\"token_id\":\"";
         let mut ids = Vec::new();
-        for path in log_files(state_dir) {
+        // Parts moved aside by `audit repair` count whole: their records were never read back.
+        let aside: Vec<PathBuf> = std::fs::read_dir(state_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("damaged.") && n.ends_with(".bin"))
+            })
+            .collect();
+        let files: Vec<(PathBuf, bool)> = log_files(state_dir)
+            .into_iter()
+            .map(|p| (p, false))
+            .chain(aside.into_iter().map(|p| (p, true)))
+            .collect();
+        for (path, whole) in files {
             let file = match File::open(&path) {
                 Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => f,
                 Ok(_) => continue,
@@ -458,7 +476,7 @@ impl AuditLog {
                     source,
                 })?;
             for line in bytes.split(|&b| b == b'\n') {
-                if line.is_empty() || serde_json::from_slice::<Value>(line).is_ok() {
+                if line.is_empty() || !whole && serde_json::from_slice::<Value>(line).is_ok() {
                     continue;
                 }
                 let mut rest = line;

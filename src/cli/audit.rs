@@ -44,6 +44,16 @@ pub enum AuditCmd {
         #[arg(required = true)]
         logs: Vec<PathBuf>,
     },
+    /// Move a damaged part of the log aside so stepgate can start again; exit 0 (also when the chain is whole).
+    #[command(after_help = "Example:\n  stepgate audit repair ./stepgate-state\n\n\
+                            Everything from the first damaged line on is moved into damaged.<time>.bin in the \
+                            state directory (nothing is deleted), the chain continues with a `repaired` record, \
+                            and every token named in the moved bytes counts as entirely spent. Run it with \
+                            stepgate stopped.")]
+    Repair {
+        /// The state directory.
+        state_dir: PathBuf,
+    },
 }
 
 pub fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
@@ -99,6 +109,18 @@ pub fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
                 "{}",
                 audit_tool::show(&files, &filter).map_err(|e| anyhow::anyhow!(e))?
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCmd::Repair { state_dir } => {
+            match stepgate::audit::repair::repair(&state_dir)? {
+                None => println!("nothing to repair: the chain is whole"),
+                Some(r) => println!(
+                    "repaired: the log was damaged at {}; {} bytes moved to {}; a `repaired` record continues the chain",
+                    r.damage,
+                    r.bytes,
+                    r.aside.display()
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

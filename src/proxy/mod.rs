@@ -70,6 +70,8 @@ pub enum ServeError {
     },
     #[error("cannot start the judge threads: {0}")]
     Judges(std::io::Error),
+    #[error("the audit log is damaged at {0}: stepgate does not start on it, because what ran could no longer be proven. `stepgate audit repair {1}` moves the damaged part aside (nothing is deleted) and records that it did")]
+    AuditDamaged(crate::audit::repair::Damage, String),
 }
 
 /// The default worker count: one per two CPUs, at least one. A relay thread carries tens of thousands of
@@ -167,6 +169,12 @@ impl Server {
             crate::audit::AuditLog::open(&config.state_dir)?
                 .with_sync_delay(options.audit_sync_delay.unwrap_or_default()),
         );
+        if let Some(damage) = crate::audit::repair::damage(&config.state_dir)? {
+            return Err(ServeError::AuditDamaged(
+                damage,
+                config.state_dir.display().to_string(),
+            ));
+        }
         let registry = crate::gate::Registry::new(Some(audit.clone()));
         let records = crate::audit::AuditLog::read_dir(&config.state_dir)?;
         registry.restore(&records);

@@ -284,19 +284,23 @@ impl Gate {
     /// Stops the server and starts a new one on the same config and state directory (on a new port). Close
     /// the clients of the old one first: it keeps the state directory until its sessions end.
     pub async fn restart(&mut self) {
-        self.shutdown.cancel();
-        // The handle keeps the old server's state alive: let go of it first.
-        self.handle = None;
-        if let Some(t) = self.task.take() {
-            // The old server drains its sessions and releases the state directory's lock.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
-        }
+        self.stop().await;
         let (addr, shutdown, task, handle) = start(self.config.clone(), self.options.clone()).await;
         self.handle = Some(handle.0);
         self.metrics_addr = handle.1;
         self.addr = addr;
         self.shutdown = shutdown;
         self.task = Some(task);
+    }
+
+    /// Stops the server (it drains its sessions and releases the state directory); `restart` starts it again.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        // The handle keeps the old server's state alive: let go of it first.
+        self.handle = None;
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
+        }
     }
 
     /// Reloads the running server's policy (see `ServerHandle::reload`).
