@@ -391,3 +391,108 @@ async fn damage_in_the_middle_stops_start_up_until_repaired_and_never_replays() 
     assert!(detail.contains("already_used"), "{detail}");
     assert!(exists(&direct, "t2").await);
 }
+
+/// A small tmpfs mounted for one test (root only), unmounted when dropped.
+struct SmallDisk {
+    at: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("disk");
+        std::fs::create_dir(&at).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk { at, _dir: dir })
+    }
+
+    /// Fills every free byte with a filler file.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.at.join("filler")).unwrap();
+        for chunk in [4096usize, 512, 64, 8, 1] {
+            while std::io::Write::write_all(&mut f, &vec![0u8; chunk]).is_ok() {}
+        }
+    }
+
+    fn free(&self) {
+        let _ = std::fs::remove_file(self.at.join("filler"));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.at).status();
+    }
+}
+
+/// The disk under the state directory fills up and empties again, `DISK_FULL_CYCLES` times (default 10):
+/// while it is full a signed DROP is refused with 58030 and does not run; once there is room it runs; no
+/// partial record is ever left in the log, and the chain verifies at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_and_empties_never_breaks_the_evidence() {
+    let Some(disk) = SmallDisk::mount("16m") else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let cycles: usize = std::env::var("DISK_FULL_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let db = "aud_disk_full";
+    let direct = setup(db).await;
+    let state = disk.at.join("state");
+    let g = gate_with(|c| {
+        policy(c);
+        c.state_dir = state.clone();
+    })
+    .await;
+    let c = g.client(db).await;
+    let whole = |state: &std::path::Path| {
+        let text = std::fs::read_to_string(state.join("audit.jsonl")).unwrap();
+        text.is_empty()
+            || text.ends_with('\n')
+                && text
+                    .lines()
+                    .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+    };
+    direct
+        .batch_execute("CREATE TABLE d (a int)")
+        .await
+        .unwrap();
+    for i in 0..cycles {
+        direct
+            .batch_execute("INSERT INTO d VALUES (1)")
+            .await
+            .unwrap();
+        // Its record is larger than a page, so it cannot fit in what is left of the log's last page.
+        let pad = format!("{i}-{}", "x".repeat(5000));
+        let delete = format!("DELETE FROM d WHERE '{pad}' = '{pad}'");
+        let tok = sign(&payload(db, &[&delete]), &["alice"]);
+        c.batch_execute(&set_token(&tok)).await.unwrap();
+        disk.fill();
+        let e = c.batch_execute(&delete).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("58030"), "cycle {i}: {e:?}");
+        assert_eq!(
+            count(&direct, "d").await,
+            1,
+            "cycle {i}: ran without its record"
+        );
+        assert!(
+            whole(&state),
+            "cycle {i}: a partial record was left in the log"
+        );
+        disk.free();
+        c.batch_execute(&delete).await.unwrap();
+        assert_eq!(count(&direct, "d").await, 0, "cycle {i}");
+        assert!(whole(&state), "cycle {i}");
+    }
+    let files = stepgate::audit::log_files(&state);
+    let report = stepgate::audit_tool::verify(&files, None, None).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+}
