@@ -55,6 +55,42 @@ impl Clock for ManualClock {
 
 pub use crate::config::Mode;
 
+/// The most SQL text a held entry, its audit record and its log line keep of one message or statement.
+/// The fingerprints are of the whole text; a longer statement is signed from its file (`token new --file`),
+/// not from the held entry.
+pub const MAX_HELD_SQL: usize = 64 * 1024;
+
+/// A message's SQL as a held entry keeps it: redacted, cut to [`MAX_HELD_SQL`] bytes (saying how long it
+/// was), without copying more than that.
+pub fn clip_bytes(sql: &[u8]) -> String {
+    if sql.len() <= MAX_HELD_SQL {
+        return redact(&String::from_utf8_lossy(sql));
+    }
+    let head = String::from_utf8_lossy(&sql[..MAX_HELD_SQL]);
+    format!(
+        "{}… [{} bytes in all; the rest is not kept]",
+        redact(&head),
+        sql.len()
+    )
+}
+
+/// `sql` cut to [`MAX_HELD_SQL`] bytes (at a character boundary), saying how long it was; text already cut
+/// (with room for that note) is left as it is.
+pub fn clip(sql: &str) -> std::borrow::Cow<'_, str> {
+    if sql.len() <= MAX_HELD_SQL + 256 {
+        return std::borrow::Cow::Borrowed(sql);
+    }
+    let mut end = MAX_HELD_SQL;
+    while !sql.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}… [{} bytes in all; the rest is not kept]",
+        &sql[..end],
+        sql.len()
+    ))
+}
+
 /// What the gate does with one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -152,9 +188,12 @@ impl Registry {
             id: self.new_id(),
             time: crate::audit::now_rfc3339(),
             session: session.clone(),
-            sql: redact(sql),
+            sql: redact(&clip(sql)),
             fingerprints: statements.iter().map(|(fp, _)| fp.clone()).collect(),
-            statements: statements.into_iter().map(|(_, s)| redact(&s)).collect(),
+            statements: statements
+                .into_iter()
+                .map(|(_, s)| redact(&clip(&s)))
+                .collect(),
             class,
             reason: reason.to_string(),
             status,

@@ -496,3 +496,37 @@ async fn a_disk_that_fills_and_empties_never_breaks_the_evidence() {
     let report = stepgate::audit_tool::verify(&files, None, None).unwrap();
     assert!(report.ok, "{:?}", report.error);
 }
+
+/// An 8 MiB held statement does not become an 8 MiB audit record (nor log line): the held entry keeps its
+/// first 64 KiB and says how long it was; its fingerprint is of the whole statement.
+#[tokio::test]
+async fn a_huge_held_statement_is_kept_in_part() {
+    let direct = setup("aud_huge").await;
+    let g = gate_with(policy).await;
+    let c = g.client("aud_huge").await;
+    let huge = format!("DROP TABLE t -- {}", "x".repeat(8 << 20));
+    held(&c.batch_execute(&huge).await.unwrap_err());
+    assert!(exists(&direct, "t").await);
+    let line = std::fs::read_to_string(g.state_dir().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("\"event\":\"held\""))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.len() < 200 << 10,
+        "a held record of {} bytes",
+        line.len()
+    );
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let sql = record["sql"].as_str().unwrap();
+    assert!(sql.starts_with("DROP TABLE t -- xxx"), "{}", &sql[..40]);
+    assert!(
+        sql.ends_with(&format!(
+            "[{} bytes in all; the rest is not kept]",
+            huge.len()
+        )),
+        "{}",
+        &sql[sql.len() - 80..]
+    );
+}

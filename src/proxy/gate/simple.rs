@@ -25,7 +25,8 @@ impl SessionState {
         }
         let mut local = HashMap::new();
         // The message's SQL, redacted, is only needed for a held entry.
-        let sql = || crate::gate::redact(&String::from_utf8_lossy(bytes));
+        // Only the first MAX_HELD_SQL bytes are ever copied.
+        let sql = || crate::gate::clip_bytes(bytes);
         let started = std::time::Instant::now();
         let analysis = self.analyze(ctx, bytes, &mut local);
         ctx.metrics.classified(started.elapsed());
