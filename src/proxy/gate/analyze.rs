@@ -46,7 +46,7 @@ impl SessionState {
             .cache
             .classifier()
             .analyze(&text, &self.lex)
-            .map_err(|e| unparsed(&format!("{}: {e}", String::from_utf8_lossy(bytes))))?;
+            .map_err(|e| unparsed(&format!("{}: {e}", crate::gate::clip_bytes(bytes))))?;
         let mut class = Class::Read;
         let mut guarded_statements = Vec::new();
         let mut effects = Vec::with_capacity(stmts.len());
