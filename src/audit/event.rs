@@ -148,7 +148,8 @@ pub enum AuditEvent {
         reason: String,
     },
     /// A session presented a verified token; the record keeps the token itself (it is the evidence). Written
-    /// and fsync'd before the SET (or the login) that carries it goes on, so it precedes every use.
+    /// before the SET (or the login) that carries it goes on, so it precedes every use; the fsync of the
+    /// first use's `authorized` record makes it durable too (one append-only file).
     TokenSet {
         #[serde(flatten)]
         session: SessionFields,

@@ -145,10 +145,12 @@ impl GateContext {
         }
     }
 
-    /// Records a verified token a session presents (the record keeps the token: it is the evidence), fsync'd:
-    /// written before the SET or the login that carries it goes on, so it precedes every `authorized` record
-    /// of that token in every spelling (the same query string, a pipeline, the startup packet). False if it
-    /// could not be written: the token is then refused.
+    /// Records a verified token a session presents (the record keeps the token: it is the evidence), written
+    /// before the SET or the login that carries it goes on, so it precedes every `authorized` record of that
+    /// token in every spelling (the same query string, a pipeline, the startup packet). It is not fsync'd
+    /// itself: the log is one append-only file (a rotated file is synced whole), so the fsync of the first
+    /// `authorized` record that uses the token makes it durable too — and a login with a token costs its
+    /// relay thread no disk wait. False if it could not be written: the token is then refused.
     pub fn record_token_set(&self, session: &SessionFields, token: &ActiveToken) -> bool {
         let written = self.audit_with(
             || AuditEvent::TokenSet {
@@ -159,7 +161,7 @@ impl GateContext {
                     .to_string(),
                 token: String::from_utf8_lossy(&token.raw).into_owned(),
             },
-            true,
+            false,
         );
         if written {
             tracing::info!(user = %session.user, database = %session.database, token_id = token.id(), signers = token.auth.signers.len(), "token set");
