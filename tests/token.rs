@@ -870,3 +870,97 @@ async fn kill_9_during_signed_drops_never_replays_and_never_loses_evidence() {
         "{ran_before_kill} of {rounds} DROPs ran before the kill; {spent_unrun} were reserved but never ran"
     );
 }
+
+/// Attacks on the judge-thread decision, sent as single writes so every message is already in stepgate's
+/// buffer while the first is decided elsewhere, on both relays; the server's rows are the judge:
+/// - `SET token; DELETE; INSERT; DELETE` pipelined: the one use runs once, the second DELETE is held;
+/// - a failing Parse with no Sync, then the authorized DELETE as a Query, then Sync: the server skips the
+///   DELETE, so its use is given back and a later DELETE runs;
+/// and the log verifies afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_attacks_on_the_deferred_decision_change_nothing_they_should_not() {
+    use common::raw::{self, Raw};
+    for (i, options) in relays().into_iter().enumerate() {
+        let db = format!("tok_pipe_attack_{i}");
+        let direct = setup(&db).await;
+        direct
+            .batch_execute("CREATE TABLE d (a int); INSERT INTO d VALUES (1), (2), (3)")
+            .await
+            .unwrap();
+        let g = gate_with_options(policy, options).await;
+        let rows = || async { count(&direct, "d").await };
+        let tok = sign(&payload(&db, &["DELETE FROM d"]), &["alice"]);
+        let mut c = Raw::login(g.addr, &pg().user, &db, &[]).await;
+        let mut burst = raw::query(set_token(&tok).as_bytes());
+        for sql in ["DELETE FROM d", "INSERT INTO d VALUES (9)", "DELETE FROM d"] {
+            burst.extend(raw::query(sql.as_bytes()));
+        }
+        c.send(&burst).await;
+        let mut codes = Vec::new();
+        for _ in 0..4 {
+            codes.push(Raw::error_code(&c.until_ready().await));
+        }
+        // A pipelined DELETE may be judged before the server has confirmed the SET (the token counts only
+        // then): held, never run. What counts: the one use runs at most once.
+        assert_eq!(codes[0], None, "round {i}: the SET");
+        assert_eq!(codes[2], None, "round {i}: the INSERT");
+        let ran: Vec<bool> = [codes[1].is_none(), codes[3].is_none()].into();
+        for c in [&codes[1], &codes[3]] {
+            assert!(
+                c.is_none() || c.as_deref() == Some("42501"),
+                "round {i}: {codes:?}"
+            );
+        }
+        let expected = match (ran[0], ran[1]) {
+            (true, true) => panic!("round {i}: one use ran twice"),
+            (true, false) => 1,
+            (false, true) => 0,
+            (false, false) => 4,
+        };
+        assert_eq!(rows().await, expected, "round {i}: {codes:?}");
+        direct.batch_execute("DELETE FROM d").await.unwrap();
+
+        // An error at the wrong moment: the server skips the authorized Query until Sync.
+        direct
+            .batch_execute("INSERT INTO d VALUES (4), (5), (6)")
+            .await
+            .unwrap();
+        let tok = sign(&payload(&db, &["DELETE FROM d"]), &["alice"]);
+        c.send(&raw::query(set_token(&tok).as_bytes())).await;
+        assert_eq!(Raw::error_code(&c.until_ready().await), None);
+        let mut burst = stepgate::wire::build::parse(b"", b"SELEC broken");
+        burst.extend(stepgate::wire::build::bind(b"", b""));
+        burst.extend(raw::query(b"DELETE FROM d"));
+        burst.extend(stepgate::wire::build::sync());
+        c.send(&burst).await;
+        let answer = c.until_ready().await;
+        assert_eq!(
+            Raw::error_code(&answer).as_deref(),
+            Some("42601"),
+            "round {i}"
+        );
+        assert_eq!(rows().await, 3, "round {i}: the skipped DELETE ran");
+        // Its use was given back: the DELETE runs now, once.
+        c.send(&raw::query(b"DELETE FROM d")).await;
+        assert_eq!(Raw::error_code(&c.until_ready().await), None, "round {i}");
+        assert_eq!(rows().await, 0);
+        c.send(&raw::query(b"DELETE FROM d")).await;
+        assert_eq!(
+            Raw::error_code(&c.until_ready().await).as_deref(),
+            Some("42501")
+        );
+
+        let files = stepgate::audit::log_files(g.state_dir());
+        let report = stepgate::audit_tool::verify(&files, None, None).unwrap();
+        assert!(report.ok, "round {i}: {:?}", report.error);
+        if i == 0 {
+            // For `stepgate audit verify` by hand.
+            let kept = std::path::Path::new("/tmp/stepgate-attack-state");
+            let _ = std::fs::remove_dir_all(kept);
+            std::fs::create_dir_all(kept).unwrap();
+            for f in &files {
+                std::fs::copy(f, kept.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+}

@@ -185,12 +185,17 @@ impl Frontend {
                         _ if !logged_in => return Err(FrontendError::BeforeLogin(tag as char)),
                         _ => {
                             let after = self.offloaded.take();
-                            let decided = self
-                                .decided
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .take()
-                                .filter(|(bytes, _)| bytes.as_slice() == msg);
+                            // A decision can only be waiting right after a decision job: the ordinary
+                            // message takes no lock here.
+                            let decided = if after == Some(Offload::Decide) {
+                                self.decided
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .take()
+                                    .filter(|(bytes, _)| bytes.as_slice() == msg)
+                            } else {
+                                None
+                            };
                             if let Some((_, action)) = decided {
                                 if let Action::Replace(replacement) = action {
                                     ready = substitute(
