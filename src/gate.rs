@@ -55,18 +55,18 @@ impl Clock for ManualClock {
 
 pub use crate::config::Mode;
 
-/// The most SQL text a held entry, its audit record and its log line keep of one message or statement.
-/// The fingerprints are of the whole text; a longer statement is signed from its file (`token new --file`),
-/// not from the held entry.
+/// The most SQL text a held entry, its audit record and its log line keep of one message or statement
+/// unless the config says otherwise (`max_held_sql`). The fingerprints are of the whole text; a longer
+/// statement is signed from its file (`token new --file`), not from the held entry.
 pub const MAX_HELD_SQL: usize = 64 * 1024;
 
-/// A message's SQL as a held entry keeps it: redacted, cut to [`MAX_HELD_SQL`] bytes (saying how long it
-/// was), without copying more than that.
-pub fn clip_bytes(sql: &[u8]) -> String {
-    if sql.len() <= MAX_HELD_SQL {
+/// A message's SQL as a held entry keeps it: redacted, cut to `max` bytes (saying how long it was), without
+/// copying more than that.
+pub fn clip_bytes(sql: &[u8], max: usize) -> String {
+    if sql.len() <= max {
         return redact(&String::from_utf8_lossy(sql));
     }
-    let head = String::from_utf8_lossy(&sql[..MAX_HELD_SQL]);
+    let head = String::from_utf8_lossy(&sql[..max]);
     format!(
         "{}… [{} bytes in all; the rest is not kept]",
         redact(&head),
@@ -74,13 +74,13 @@ pub fn clip_bytes(sql: &[u8]) -> String {
     )
 }
 
-/// `sql` cut to [`MAX_HELD_SQL`] bytes (at a character boundary), saying how long it was; text already cut
-/// (with room for that note) is left as it is.
-pub fn clip(sql: &str) -> std::borrow::Cow<'_, str> {
-    if sql.len() <= MAX_HELD_SQL + 256 {
+/// `sql` cut to `max` bytes (at a character boundary), saying how long it was; text already cut (with room
+/// for that note) is left as it is.
+pub fn clip(sql: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if sql.len() <= max + 256 {
         return std::borrow::Cow::Borrowed(sql);
     }
-    let mut end = MAX_HELD_SQL;
+    let mut end = max;
     while !sql.is_char_boundary(end) {
         end -= 1;
     }
@@ -172,10 +172,12 @@ impl Registry {
         }
     }
 
-    /// Records a held (or observed) message and returns its entry. The audit record is written first; if
-    /// that fails the error is returned and nothing is registered.
+    /// Records a held (or observed) message and returns its entry, its SQL cut to `max_sql` bytes. The
+    /// audit record is written first; if that fails the error is returned and nothing is registered.
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
+        max_sql: usize,
         session: &SessionFields,
         sql: &str,
         statements: Vec<(String, String)>,
@@ -188,11 +190,11 @@ impl Registry {
             id: self.new_id(),
             time: crate::audit::now_rfc3339(),
             session: session.clone(),
-            sql: redact(&clip(sql)),
+            sql: redact(&clip(sql, max_sql)),
             fingerprints: statements.iter().map(|(fp, _)| fp.clone()).collect(),
             statements: statements
                 .into_iter()
-                .map(|(_, s)| redact(&clip(&s)))
+                .map(|(_, s)| redact(&clip(&s, max_sql)))
                 .collect(),
             class,
             reason: reason.to_string(),
@@ -444,6 +446,7 @@ mod tests {
         for _ in 0..500 {
             let e = r
                 .record(
+                    MAX_HELD_SQL,
                     &s,
                     "DROP TABLE t",
                     vec![("sha256:x".into(), "DROP TABLE t".into())],

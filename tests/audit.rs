@@ -529,4 +529,208 @@ async fn a_huge_held_statement_is_kept_in_part() {
         "{}",
         &sql[sql.len() - 80..]
     );
+    drop(c);
+
+    // The limit is the config's `max_held_sql`.
+    let g = gate_with(|c| {
+        policy(c);
+        c.max_held_sql = 2048;
+    })
+    .await;
+    let c = g.client("aud_huge").await;
+    held(&c.batch_execute(&huge).await.unwrap_err());
+    let record = g
+        .audit()
+        .into_iter()
+        .find(|r| r["event"] == "held")
+        .unwrap();
+    let sql = record["sql"].as_str().unwrap();
+    assert!(
+        sql.len() < 2048 + 100 && sql.ends_with("the rest is not kept]"),
+        "{} bytes: {}",
+        sql.len(),
+        &sql[sql.len().saturating_sub(80)..]
+    );
+}
+
+/// `chattr +i` on the log under a running gate (root only): a signed DROP is refused with 58030 and does not
+/// run, ordinary statements go on, nothing is half-written; once the operator makes the file writable again
+/// the same token works without a restart. A gate does not start on an immutable log, and names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_immutable_log_refuses_guarded_statements_until_it_is_writable_again() {
+    let db = "aud_immutable";
+    let direct = setup(db).await;
+    let mut g = gate_with(policy).await;
+    let c = g.client(db).await;
+    let tok = sign(&payload(db, &["DROP TABLE t2"]), &["alice"]);
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    let log = g.state_dir().join("audit.jsonl");
+    let chattr = |flag: &str| {
+        Command::new("chattr")
+            .arg(flag)
+            .arg(&log)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !chattr("+i") {
+        eprintln!("skipped: chattr +i needs root and a filesystem with the immutable flag");
+        return;
+    }
+    /// Takes the flag off again whatever happens, so the temporary directory can be removed.
+    struct Mutable(std::path::PathBuf);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        }
+    }
+    let _mutable = Mutable(log.clone());
+    let before = std::fs::read(&log).unwrap();
+    let e = c.batch_execute("DROP TABLE t2").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("58030"), "{e:?}");
+    assert!(exists(&direct, "t2").await);
+    c.batch_execute("INSERT INTO t VALUES (4)").await.unwrap();
+    assert_eq!(count(&direct, "t").await, 4);
+    assert_eq!(std::fs::read(&log).unwrap(), before, "the log changed");
+
+    assert!(chattr("-i"));
+    c.batch_execute("DROP TABLE t2").await.unwrap();
+    assert!(!exists(&direct, "t2").await);
+    drop(c);
+    g.stop().await;
+    let report =
+        stepgate::audit_tool::verify(&stepgate::audit::log_files(g.state_dir()), None, None)
+            .unwrap();
+    assert!(report.ok, "{:?}", report.error);
+
+    assert!(chattr("+i"));
+    let refused = stepgate::proxy::Server::bind(g.config.clone())
+        .await
+        .err()
+        .expect("started on an immutable log");
+    assert!(refused.to_string().contains("audit.jsonl"), "{refused}");
+    assert!(chattr("-i"));
+    g.restart().await;
+    direct
+        .batch_execute("CREATE TABLE t2 (a int)")
+        .await
+        .unwrap();
+    let c = g.client(db).await;
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    let (_, detail) = held(&c.batch_execute("DROP TABLE t2").await.unwrap_err());
+    assert!(detail.contains("already_used"), "{detail}");
+    assert!(exists(&direct, "t2").await);
+}
+
+/// The disk fills at each step of a signed statement's evidence: `token_set` (the SET is refused and the
+/// token gives no authority), `authorized` (refused, does not run), `executed` (the statement already ran:
+/// it stays run, the use stays spent) and `committed` (the COMMIT went through on the server). After each,
+/// the log holds only whole records, the chain verifies, and no use runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_full_at_each_step_of_a_signed_statement_keeps_the_evidence_whole() {
+    let Some(disk) = SmallDisk::mount("16m") else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let db = "aud_full_steps";
+    let direct = setup(db).await;
+    let state = disk.at.join("state");
+    let g = gate_with(|c| {
+        policy(c);
+        c.state_dir = state.clone();
+    })
+    .await;
+    let c = g.client(db).await;
+    // Each record is larger than a page, so none fits in what is left of the log's last page.
+    let pad = "x".repeat(5000);
+    let drop_t = format!("DROP /*{pad}*/ TABLE t");
+    let drop_t2 = format!("DROP /*{pad}*/ TABLE t2");
+    let drop_t3 = format!("DROP /*{pad}*/ TABLE t3");
+    let check = |step: &str| {
+        let text = std::fs::read_to_string(state.join("audit.jsonl")).unwrap();
+        assert!(
+            text.ends_with('\n')
+                && text
+                    .lines()
+                    .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+            "{step}: a partial record was left in the log"
+        );
+        let report =
+            stepgate::audit_tool::verify(&stepgate::audit::log_files(&state), None, None).unwrap();
+        assert!(report.ok, "{step}: {:?}", report.error);
+    };
+
+    // token_set
+    let tok = sign(&payload(db, &[&drop_t]), &["alice"]);
+    disk.fill();
+    let e = c.batch_execute(&set_token(&tok)).await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("58030"), "{e:?}");
+    disk.free();
+    held(&c.batch_execute(&drop_t).await.unwrap_err());
+    assert!(exists(&direct, "t").await);
+    check("token_set");
+
+    // authorized
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    disk.fill();
+    let e = c.batch_execute(&drop_t).await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("58030"), "{e:?}");
+    assert!(exists(&direct, "t").await);
+    disk.free();
+    check("authorized");
+    c.batch_execute(&drop_t).await.unwrap();
+    assert!(!exists(&direct, "t").await);
+
+    // executed: the disk fills while the string runs, after its `authorized` record and before the DROP's
+    // reply.
+    let tok2 = sign(&payload(db, &[&drop_t2]), &["alice"]);
+    c.batch_execute(&set_token(&tok2)).await.unwrap();
+    let slow = format!("SELECT pg_sleep(1); {drop_t2}");
+    let (ran, ()) = tokio::join!(c.batch_execute(&slow), async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        disk.fill();
+    });
+    ran.unwrap();
+    assert!(!exists(&direct, "t2").await);
+    disk.free();
+    check("executed");
+    let events_for = |sql: &str| -> Vec<String> {
+        g.audit()
+            .iter()
+            .filter(|r| r["sql"].as_str() == Some(sql))
+            .map(|r| r["event"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    // The fault happened where it was meant to: the `executed` record could not be written.
+    let events = events_for(&drop_t2);
+    assert!(events.contains(&"authorized".to_string()), "{events:?}");
+    assert!(!events.contains(&"executed".to_string()), "{events:?}");
+
+    // committed
+    let tok3 = sign(&payload(db, &[&drop_t3]), &["alice"]);
+    c.batch_execute(&set_token(&tok3)).await.unwrap();
+    c.batch_execute(&format!("BEGIN; {drop_t3}")).await.unwrap();
+    disk.fill();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert!(!exists(&direct, "t3").await);
+    disk.free();
+    check("committed");
+    let events = events_for(&drop_t3);
+    assert!(events.contains(&"executed".to_string()), "{events:?}");
+    assert!(!events.contains(&"committed".to_string()), "{events:?}");
+
+    // No use runs twice: the tables are back, the tokens are set again, the DROPs are held.
+    direct
+        .batch_execute("CREATE TABLE t (id int); CREATE TABLE t2 (a int); CREATE TABLE t3 (a int)")
+        .await
+        .unwrap();
+    for (tok, sql) in [(&tok, &drop_t), (&tok2, &drop_t2), (&tok3, &drop_t3)] {
+        c.batch_execute(&set_token(tok)).await.unwrap();
+        let (_, detail) = held(&c.batch_execute(sql).await.unwrap_err());
+        assert!(detail.contains("already_used"), "{}: {detail}", &sql[..20]);
+    }
+    for t in ["t", "t2", "t3"] {
+        assert!(exists(&direct, t).await, "{t}");
+    }
+    check("end");
 }

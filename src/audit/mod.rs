@@ -351,11 +351,16 @@ impl AuditLog {
     /// Cuts the current file back to `end` (the end of its last whole record) after a failed append, and makes
     /// that durable. If even that fails, the log is marked unusable: nothing more is appended (guarded
     /// statements are refused) until an operator repairs it. A log that is not a regular file has nothing to
-    /// cut.
+    /// cut, nor has one the failed write left as it was (a file made immutable, say: once it is writable
+    /// again, appends go on without a restart).
     fn cut_back(&self, tail: &mut Tail, end: u64, cause: &std::io::Error) {
-        let regular = tail.file.metadata().map(|m| m.is_file()).unwrap_or(false);
-        if !regular {
-            return;
+        match tail.file.metadata() {
+            Ok(m) if m.is_file() && m.len() == end => {
+                tracing::warn!(error = %cause, "audit append failed; nothing of it reached the log");
+                return;
+            }
+            Ok(m) if m.is_file() => {}
+            _ => return,
         }
         match tail.file.set_len(end).and_then(|_| tail.file.sync_data()) {
             Ok(()) => {

@@ -182,12 +182,17 @@ pub fn top_class(stmt: &Statement, found: &mut Findings) -> Class {
         S::CreateRole(_) | S::CreateUser(_) | S::AlterRole { .. } | S::AlterUser(_) => {
             Class::Privileged
         }
+        // The lock a SELECT takes; PostgreSQL's tree is the referee for the mode too.
+        S::Lock(sqlparser::ast::Lock {
+            lock_mode: Some(sqlparser::ast::LockTableMode::AccessShare),
+            ..
+        }) => Class::Read,
+        S::Lock(_) => Class::Privileged,
         S::Grant(_)
         | S::Revoke(_)
         | S::GrantRole(_)
         | S::RevokeRole(_)
         | S::AlterDefaultPrivileges(_)
-        | S::Lock(_)
         | S::Load { .. }
         | S::Kill { .. } => Class::Privileged,
         S::CreateTable(_)

@@ -61,17 +61,27 @@ pub fn kind_of(tokens: &[Token<'_>]) -> SessionCommand {
             && tokens.get(i + 2).is_some_and(|t| t.kind == Kind::Word)
     };
     let setting_name = |i: usize| format!("stepgate.{}", tokens[i + 2].text.to_ascii_lowercase());
-    // SET stepgate.<name> = <value> | TO <value>
+    // SET stepgate.<name> = <value> | TO <value>, the value a string in any of PostgreSQL's spellings
+    // (`'…'`, `E'…'`, `U&'…'` [UESCAPE '…'], `$tag$…$tag$`), a word or a number.
+    let uescape = tokens.len() == 8
+        && tokens[6].is_word("uescape")
+        && tokens[5].kind == Kind::String
+        && tokens[7].kind == Kind::String;
     if w(0, "set")
         && exact_stepgate(1)
-        && tokens.len() == 6
+        && (tokens.len() == 6 || uescape)
         && (tokens[4].text == "=" || tokens[4].is_word("to"))
     {
         let v = &tokens[5];
         let value = match v.kind {
+            Kind::String if uescape => {
+                super::tree::string_constant(&format!("{} UESCAPE {}", v.text, tokens[7].text))
+            }
             Kind::String if v.text.starts_with('\'') => {
                 Some(v.text[1..v.text.len() - 1].replace("''", "'"))
             }
+            // Decoded by PostgreSQL's own scanner, as the server would read it.
+            Kind::String => super::tree::string_constant(v.text),
             Kind::Word | Kind::Number => Some(v.text.to_string()),
             _ => None,
         };

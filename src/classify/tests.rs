@@ -459,3 +459,31 @@ fn a_failed_parse_with_standard_conforming_strings_off_leaves_no_trace() {
         .collect();
     assert_eq!(tokens, ["SELECT", "'a\\'", "AS", "x"]);
 }
+
+#[test]
+fn set_stepgate_token_takes_every_string_spelling() {
+    use super::session_cmd::{kind_of, SessionCommand};
+    for (sql, value) in [
+        ("SET stepgate.token = 'a''b'", "a'b"),
+        (r"SET stepgate.token = E'a\\b\n'", "a\\b\n"),
+        (r"SET stepgate.token TO U&'\0061b'", "ab"),
+        (r"SET stepgate.token = U&'!0061b' UESCAPE '!'", "ab"),
+        ("SET stepgate.token = $t$x'y$t$", "x'y"),
+    ] {
+        let tokens = lex::significant(&lex::lex(sql, true).unwrap());
+        match kind_of(&tokens) {
+            SessionCommand::Set { name, value: v } => {
+                assert_eq!(name, "stepgate.token", "{sql}");
+                assert_eq!(v, value, "{sql}");
+            }
+            _ => panic!("{sql}: not a SET"),
+        }
+    }
+    for sql in [
+        "SET stepgate.token = B'101'",
+        "SET stepgate.token = 'a' || 'b'",
+    ] {
+        let tokens = lex::significant(&lex::lex(sql, true).unwrap());
+        assert!(matches!(kind_of(&tokens), SessionCommand::Mention), "{sql}");
+    }
+}

@@ -89,6 +89,10 @@ struct RawConfig {
     /// Largest message a client may send after login. [1GiB]
     #[serde(default, deserialize_with = "de_size")]
     max_message_size: Option<usize>,
+    /// Most of one statement's SQL a held entry, its audit record and its log line keep (the fingerprint is
+    /// of the whole text). [64KiB]
+    #[serde(default, deserialize_with = "de_size")]
+    max_held_sql: Option<usize>,
     /// text | json. [text]
     log_format: Option<LogFormat>,
     /// enforce | observe. [enforce]
@@ -195,6 +199,8 @@ pub struct Config {
     pub startup_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub max_message_size: usize,
+    /// Most of one statement's SQL a held entry, its audit record and its log line keep.
+    pub max_held_sql: usize,
     pub log_format: LogFormat,
     pub tls: Option<TlsConfig>,
     pub mode: Mode,
@@ -236,6 +242,7 @@ impl Default for Config {
             startup_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             max_message_size: 1 << 30,
+            max_held_sql: crate::gate::MAX_HELD_SQL,
             log_format: LogFormat::Text,
             tls: None,
             mode: Mode::Enforce,
@@ -287,6 +294,7 @@ impl Config {
             startup_timeout: raw.startup_timeout.unwrap_or(d.startup_timeout),
             shutdown_timeout: raw.shutdown_timeout.unwrap_or(d.shutdown_timeout),
             max_message_size: raw.max_message_size.unwrap_or(d.max_message_size),
+            max_held_sql: raw.max_held_sql.unwrap_or(d.max_held_sql),
             log_format: raw.log_format.unwrap_or_default(),
             tls: raw.tls.map(|t| TlsConfig {
                 cert: resolve(t.cert),
@@ -365,6 +373,7 @@ impl Config {
             admin,
             // Policy: reloaded.
             mode: _,
+            max_held_sql: _,
             allow_unparsed: _,
             dangerous_functions: _,
             rules: _,
@@ -463,6 +472,12 @@ impl Config {
             return Err(invalid(
                 "max_message_size",
                 format!("must be between {MIN_MESSAGE_SIZE} bytes and 1GiB"),
+            ));
+        }
+        if !(1024..=MAX_MESSAGE_SIZE).contains(&self.max_held_sql) {
+            return Err(invalid(
+                "max_held_sql",
+                "must be between 1KiB and 1GiB".into(),
             ));
         }
         let mut names = std::collections::HashSet::new();

@@ -93,6 +93,10 @@ where
             out.extend_from_slice(b)
         })?;
         buf.advance(used);
+        if buf.is_empty() && buf.capacity() > super::judge::TRIM_AFTER_BYTES {
+            // A large message's buffer is not kept for the rest of the session.
+            buf = BytesMut::new();
+        }
         if !out.is_empty() {
             wr.write_all(&out)
                 .await
@@ -103,8 +107,11 @@ where
         if terminate {
             return Ok(FrontendEnd::Terminate);
         }
-        if let Some(job) = flow.pending.take() {
-            // A large statement is judged off this runtime's threads; then the same bytes are fed again.
+        if let Some(work) = flow.pending.take() {
+            // A large statement is judged off this runtime's threads, sharing the buffer (whose front is the
+            // message); then the same bytes are fed again.
+            let frozen = std::mem::take(&mut buf).freeze();
+            let job = work.bind(&frozen);
             let (tx, rx) = tokio::sync::oneshot::channel();
             // If the job panics (a bug), `tx` is dropped with it and the await ends all the same.
             shared.judges.submit(Box::new(move || {
@@ -112,6 +119,7 @@ where
                 let _ = tx.send(());
             }));
             let _ = rx.await;
+            buf = super::judge::reclaim(frozen);
             flow.judged();
             continue;
         }

@@ -50,6 +50,9 @@ pub(super) struct Conn {
     /// A message from the client is being judged on a judge thread: nothing more is read from the client
     /// until it is done (see [`super::judge`]).
     pub(super) judging: bool,
+    /// While `judging`: the client's buffer, frozen and shared with the judge thread (`from_client` is
+    /// empty meanwhile); taken back when the judge thread reports.
+    pub(super) frozen: Option<bytes::Bytes>,
     /// Why the session ended (set when the relay hands it back).
     pub ending: Option<Ending>,
     pub(super) done: Option<oneshot::Sender<Box<Conn>>>,
@@ -90,6 +93,7 @@ impl Conn {
             upstream_w: true,
             more: false,
             judging: false,
+            frozen: None,
             ending: None,
             done: Some(tx),
         });
@@ -238,6 +242,10 @@ fn feed_kept<T, E>(
         kept.extend_from_slice(new);
         let (used, out) = feed(kept)?;
         kept.advance(used);
+        if kept.is_empty() && kept.capacity() > super::judge::TRIM_AFTER_BYTES {
+            // A large message's buffer is not kept for the rest of the session.
+            *kept = BytesMut::new();
+        }
         Ok(out)
     }
 }

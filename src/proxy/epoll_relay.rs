@@ -287,8 +287,12 @@ impl Worker {
             Some(ending) => self.release(slot, ending),
             None => {
                 if let Some(Some((_, conn))) = self.slots.get_mut(slot) {
-                    if let Some(job) = conn.frontend.pending.take() {
+                    if let Some(work) = conn.frontend.pending.take() {
                         conn.judging = true;
+                        // The job shares the client's buffer, whose front is the message.
+                        let frozen = std::mem::take(&mut conn.from_client).freeze();
+                        let job = work.bind(&frozen);
+                        conn.frozen = Some(frozen);
                         let (tx, waker, id) =
                             (self.judged_tx.clone(), self._waker.clone(), conn.id);
                         conn.shared.judges.submit(Box::new(move || {
@@ -326,6 +330,9 @@ impl Worker {
                 continue;
             }
             conn.judging = false;
+            if let Some(frozen) = conn.frozen.take() {
+                conn.from_client = super::judge::reclaim(frozen);
+            }
             conn.frontend.judged();
             let ended = catch_panic(span, || match conn.client_sent(&[]) {
                 Some(end) => Some(end),

@@ -98,19 +98,28 @@ pub(super) struct Frontend {
     logged_in: bool,
     /// Set when feeding stopped before a message that must be judged on a judge thread first: the caller
     /// runs the job (off its relay thread), then calls [`Frontend::judged`] and feeds the same bytes again.
-    pub pending: Option<super::judge::Job>,
+    pub pending: Option<super::judge::MessageJob>,
     /// What the last job was, until the message it stopped at is fed again: that message is not sent to
     /// the judge threads a second time for the same reason (a large statement's verdict may be cached under
     /// its shape rather than its bytes; a decision that did not come back was a bug, and the relay thread
     /// decides instead).
     offloaded: Option<Offload>,
     /// The message at the front was decided on a judge thread, its evidence written there
-    /// ([`SessionState::on_frontend_durably`]): (its exact bytes, the action), used when it is fed again.
+    /// ([`SessionState::on_frontend_durably`]): (its [`message_key`], the action), used when it is fed again.
     decided: std::sync::Arc<Mutex<Option<Decided>>>,
+    /// Keys [`message_key`] (random per session, so no client can make two messages match).
+    hasher: std::collections::hash_map::RandomState,
 }
 
-/// A message's bytes and the action decided for it on a judge thread.
-type Decided = (Vec<u8>, Action);
+/// A message's key and the action decided for it on a judge thread.
+type Decided = ((usize, u64), Action);
+
+/// What identifies a message decided on a judge thread when it is fed again: its length and a keyed hash of
+/// its bytes (the message itself is not kept: the relay takes its buffer back whole).
+fn message_key(hasher: &std::collections::hash_map::RandomState, msg: &[u8]) -> (usize, u64) {
+    use std::hash::BuildHasher;
+    (msg.len(), hasher.hash_one(msg))
+}
 
 /// Why a message was handed to a judge thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +138,7 @@ impl Frontend {
             pending: None,
             offloaded: None,
             decided: Default::default(),
+            hasher: Default::default(),
         }
     }
 
@@ -192,7 +202,7 @@ impl Frontend {
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
                                     .take()
-                                    .filter(|(bytes, _)| bytes.as_slice() == msg)
+                                    .filter(|(key, _)| *key == message_key(&self.hasher, msg))
                             } else {
                                 None
                             };
@@ -220,7 +230,8 @@ impl Frontend {
                                     session.offload(&shared.gate.load_full(), tag, msg)
                                 {
                                     // Classified elsewhere first; this message is fed again afterwards.
-                                    self.pending = Some(job);
+                                    self.pending =
+                                        Some(super::judge::MessageJob::new(msg.len(), job));
                                     self.offloaded = Some(Offload::Classify);
                                     break;
                                 }
@@ -231,24 +242,33 @@ impl Frontend {
                             {
                                 // Decided on a judge thread, where its fsync'd evidence is written; this
                                 // message is fed again afterwards and takes that decision.
-                                let (state, ctx, msg, slot) = (
+                                let (state, ctx, slot, hasher) = (
                                     state.clone(),
                                     shared.gate.load_full(),
-                                    msg.to_vec(),
                                     self.decided.clone(),
+                                    self.hasher.clone(),
                                 );
                                 drop(gate);
-                                self.pending = Some(Box::new(move || {
+                                let decide = move |msg: &[u8]| {
                                     let action =
-                                        SessionState::on_frontend_durably(&state, &ctx, tag, &msg);
+                                        SessionState::on_frontend_durably(&state, &ctx, tag, msg);
                                     *slot.lock().unwrap_or_else(|p| p.into_inner()) =
-                                        Some((msg, action));
-                                }));
+                                        Some((message_key(&hasher, msg), action));
+                                };
+                                self.pending = Some(super::judge::MessageJob::new(
+                                    msg.len(),
+                                    Box::new(decide),
+                                ));
                                 self.offloaded = Some(Offload::Decide);
                                 break;
                             }
-                            if let Action::Replace(replacement) = session.on_frontend(ctx, tag, msg)
+                            let action = session.on_frontend(ctx, tag, msg);
+                            if msg.len() >= super::judge::TRIM_AFTER_BYTES
+                                && matches!(tag, b'Q' | b'P')
                             {
+                                super::judge::release_free_memory();
+                            }
+                            if let Action::Replace(replacement) = action {
                                 ready =
                                     substitute(emit, data, &mut start, ready, len, &replacement);
                                 continue;

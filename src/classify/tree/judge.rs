@@ -21,6 +21,9 @@ pub const SQL_EXECUTING_BUILTINS: &[(&str, usize)] = &[
 /// judged `unparsed`.
 const MAX_NESTED_SQL: u8 = 4;
 
+/// PostgreSQL's `AccessShareLock` (lockdefs.h), as LockStmt's `mode` carries it.
+const ACCESS_SHARE_LOCK: i32 = 1;
+
 /// What the tree says about one statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreeVerdict {
@@ -413,6 +416,11 @@ impl Judge<'_> {
             | "DropTableSpaceStmt"
             | "CreateSubscriptionStmt"
             | "AlterSubscriptionStmt" => self.raise(Class::Privileged, name),
+            // ACCESS SHARE is the lock a SELECT takes (pg_dump takes it on every table it dumps): it
+            // conflicts only with ACCESS EXCLUSIVE. Every stronger mode blocks writers or readers.
+            "LockStmt" if int(body, "mode") == ACCESS_SHARE_LOCK => {
+                self.raise(Class::Read, || "LOCK … IN ACCESS SHARE MODE".into())
+            }
             "LockStmt" => self.raise(Class::Privileged, || "LOCK".into()),
             _ => self.raise(Class::Unparsed, || {
                 format!("PostgreSQL statement kind {kind} is not judged by stepgate")

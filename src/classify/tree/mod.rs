@@ -161,3 +161,22 @@ pub fn fetch_portal(tree: &Value) -> Option<String> {
         .then(|| body.get("portalname")?.as_str().map(str::to_string))
         .flatten()
 }
+
+/// The value of one string constant as PostgreSQL's scanner decodes it (`'…'`, `E'…'`, `U&'…'` with or
+/// without UESCAPE, `$tag$…$tag$`), or None when `literal` is not exactly one string constant (a bit
+/// string, a cast, more than one token…).
+pub fn string_constant(literal: &str) -> Option<String> {
+    let stmts = parse(&format!("SELECT {literal}"), true).ok()?;
+    let [(_, _, tree)] = stmts.as_slice() else {
+        return None;
+    };
+    let select = tree.get("node")?.get("SelectStmt")?;
+    let targets = list(select, "target_list");
+    let [("ResTarget", target)] = targets.as_slice() else {
+        return None;
+    };
+    match unwrap_node(target.get("val")?)? {
+        ("AConst", c) => aconst_string(c),
+        _ => None,
+    }
+}

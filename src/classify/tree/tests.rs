@@ -163,3 +163,23 @@ fn deep_inputs_are_refused_not_overflowed() {
         assert!(parse(&sql, true).is_err(), "{}", &sql[..40]);
     }
 }
+
+#[test]
+fn string_constants_are_read_as_postgresql_reads_them() {
+    for (literal, value) in [
+        ("'a''b'", Some("a'b")),
+        (r"E'a\\b\nc'", Some("a\\b\nc")),
+        (r"e'\x41'", Some("A")),
+        (r"U&'d\0061t\+000061'", Some("data")),
+        (r"U&'d!0061t' UESCAPE '!'", Some("dat")),
+        ("$$it's$$", Some("it's")),
+        ("$tok$a$$b$tok$", Some("a$$b")),
+        ("B'101'", None),
+        ("'a' || 'b'", None),
+        ("'a'::text", None),
+        ("1", None),
+        ("'a'; SELECT 'b'", None),
+    ] {
+        assert_eq!(string_constant(literal).as_deref(), value, "{literal}");
+    }
+}

@@ -46,7 +46,12 @@ impl SessionState {
             .cache
             .classifier()
             .analyze(&text, &self.lex)
-            .map_err(|e| unparsed(&format!("{}: {e}", crate::gate::clip_bytes(bytes))))?;
+            .map_err(|e| {
+                unparsed(&format!(
+                    "{}: {e}",
+                    crate::gate::clip_bytes(bytes, ctx.config.max_held_sql)
+                ))
+            })?;
         let mut class = Class::Read;
         let mut guarded_statements = Vec::new();
         let mut effects = Vec::with_capacity(stmts.len());
@@ -234,10 +239,20 @@ impl SessionState {
                 grants.push(Grant {
                     index,
                     fingerprint: fingerprint.clone(),
-                    sql: s.text.to_string(),
+                    // Only a grant under a token is ever authorized (and recorded with its text): without
+                    // one, a large statement is not copied for nothing.
+                    sql: if view_token.is_some() {
+                        s.text.to_string()
+                    } else {
+                        String::new()
+                    },
                     token: view_token.clone(),
                 });
-                guarded_statements.push((fingerprint, s.text.to_string()));
+                // What a held entry keeps: cut to `max_held_sql` here, not copied whole first.
+                guarded_statements.push((
+                    fingerprint,
+                    crate::gate::clip(s.text, ctx.config.max_held_sql).into_owned(),
+                ));
             }
             class = class.max(c);
             effects.push(effect);

@@ -37,10 +37,15 @@ impl SessionState {
         if let Some(why) = &why {
             reason = format!("{reason}; {why}");
         }
-        match ctx
-            .registry
-            .record(&self.session, sql, statements, info.class, &reason, status)
-        {
+        match ctx.registry.record(
+            ctx.config.max_held_sql,
+            &self.session,
+            sql,
+            statements,
+            info.class,
+            &reason,
+            status,
+        ) {
             Ok(entry) => {
                 let fps: Vec<&str> = entry
                     .fingerprints

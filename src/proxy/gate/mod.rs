@@ -215,31 +215,28 @@ impl SessionState {
     // ---- frontend -------------------------------------------------------------------------------
 
     /// For a Query or Parse whose SQL is large and whose verdict is not cached: the work that judges it
-    /// (filling the cache), to run on a judge thread before the message is fed again (see
+    /// (filling the cache), to run on a judge thread with the same message before it is fed again (see
     /// [`super::judge`]). None when the message can be judged here at once.
     pub fn offload(
         &self,
         ctx: &std::sync::Arc<GateContext>,
         tag: u8,
         msg: &[u8],
-    ) -> Option<super::judge::Job> {
+    ) -> Option<Box<dyn FnOnce(&[u8]) + Send>> {
         if ctx.disabled {
             return None;
         }
-        let body = msg.get(5..)?;
-        let sql = match tag {
-            b'Q' => body.strip_suffix(&[0]).unwrap_or(body),
-            b'P' => cstr(cstr(body)?.1)?.0,
-            _ => return None,
-        };
+        let sql = message_sql(tag, msg)?;
         if sql.len() < super::judge::OFFLOAD_BYTES
             || ctx.cache.is_cached(sql, &self.lex, ctx.generation)
         {
             return None;
         }
-        let (ctx, sql, lex) = (ctx.clone(), sql.to_vec(), self.lex.clone());
-        Some(Box::new(move || {
-            ctx.cache.lookup(&sql, &lex, ctx.generation);
+        let (ctx, lex) = (ctx.clone(), self.lex.clone());
+        Some(Box::new(move |msg: &[u8]| {
+            if let Some(sql) = message_sql(tag, msg) {
+                ctx.cache.lookup(sql, &lex, ctx.generation);
+            }
         }))
     }
 
@@ -463,5 +460,15 @@ impl SessionState {
             reservations,
         });
         self.batch += 1;
+    }
+}
+
+/// The SQL of a whole Query or Parse message.
+fn message_sql(tag: u8, msg: &[u8]) -> Option<&[u8]> {
+    let body = msg.get(5..)?;
+    match tag {
+        b'Q' => Some(body.strip_suffix(&[0]).unwrap_or(body)),
+        b'P' => Some(cstr(cstr(body)?.1)?.0),
+        _ => None,
     }
 }

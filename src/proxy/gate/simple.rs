@@ -25,8 +25,8 @@ impl SessionState {
         }
         let mut local = HashMap::new();
         // The message's SQL, redacted, is only needed for a held entry.
-        // Only the first MAX_HELD_SQL bytes are ever copied.
-        let sql = || crate::gate::clip_bytes(bytes);
+        // Only the first `max_held_sql` bytes are ever copied.
+        let sql = || crate::gate::clip_bytes(bytes, ctx.config.max_held_sql);
         let started = std::time::Instant::now();
         let analysis = self.analyze(ctx, bytes, &mut local);
         ctx.metrics.classified(started.elapsed());

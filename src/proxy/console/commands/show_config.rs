@@ -91,6 +91,7 @@ impl Command for ShowConfig {
                 },
             ),
             ("allow_unparsed", c.allow_unparsed.to_string()),
+            ("max_held_sql", c.max_held_sql.to_string()),
             (
                 "max_connections",
                 restart("max_connections", running.max_connections.to_string(), c.max_connections.to_string()),
