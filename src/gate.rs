@@ -55,10 +55,7 @@ impl Clock for ManualClock {
 
 pub use crate::config::Mode;
 
-/// The most SQL text a held entry, its audit record and its log line keep of one message or statement
-/// unless the config says otherwise (`max_held_sql`). The fingerprints are of the whole text; a longer
-/// statement is signed from its file (`token new --file`), not from the held entry.
-pub const MAX_HELD_SQL: usize = 64 * 1024;
+pub use crate::config::MAX_HELD_SQL;
 
 /// A message's SQL as a held entry keeps it: redacted, cut to `max` bytes (saying how long it was), without
 /// copying more than that.

@@ -188,6 +188,11 @@ pub struct TlsConfig {
     pub required: bool,
 }
 
+/// The most SQL text a held entry, its audit record and its log line keep of one message or statement
+/// unless the config says otherwise (`max_held_sql`). The fingerprints are of the whole text; a longer
+/// statement is signed from its file (`token new --file`), not from the held entry.
+pub const MAX_HELD_SQL: usize = 64 * 1024;
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -242,7 +247,7 @@ impl Default for Config {
             startup_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             max_message_size: 1 << 30,
-            max_held_sql: crate::gate::MAX_HELD_SQL,
+            max_held_sql: MAX_HELD_SQL,
             log_format: LogFormat::Text,
             tls: None,
             mode: Mode::Enforce,

@@ -17,18 +17,21 @@ pub const OFFLOAD_BYTES: usize = 64 * 1024;
 /// Work for a judge thread.
 pub type Job = Box<dyn FnOnce() + Send>;
 
+/// What a [`MessageJob`] does with its message.
+pub type MessageWork = Box<dyn FnOnce(&[u8]) + Send>;
+
 /// Work on the message at the front of a session's buffer, for a judge thread. The message is not copied
 /// for it: the relay freezes the buffer (it reads nothing more from that client until the job is done),
 /// [`MessageJob::bind`]s the job to it, and takes the same memory back afterwards with [`reclaim`]. So a
 /// large statement is held once while it is judged.
 pub struct MessageJob {
     len: usize,
-    run: Box<dyn FnOnce(&[u8]) + Send>,
+    run: MessageWork,
 }
 
 impl MessageJob {
     /// `run` is given the message (its first `len` bytes of the buffer).
-    pub fn new(len: usize, run: Box<dyn FnOnce(&[u8]) + Send>) -> MessageJob {
+    pub fn new(len: usize, run: MessageWork) -> MessageJob {
         MessageJob { len, run }
     }
 

@@ -222,7 +222,7 @@ impl SessionState {
         ctx: &std::sync::Arc<GateContext>,
         tag: u8,
         msg: &[u8],
-    ) -> Option<Box<dyn FnOnce(&[u8]) + Send>> {
+    ) -> Option<super::judge::MessageWork> {
         if ctx.disabled {
             return None;
         }
