@@ -964,3 +964,62 @@ async fn pipelined_attacks_on_the_deferred_decision_change_nothing_they_should_n
         }
     }
 }
+
+/// Issue 18: a two-statement migration whose second statement fails is rolled back by the server, and the
+/// token's uses come back (`released`, reason `rolled_back`), so the same token runs it once the cause is
+/// fixed — and once only. Through a savepoint nothing is given back (ROLLBACK TO answers ROLLBACK too).
+#[tokio::test]
+async fn a_rolled_back_migration_can_be_retried_with_the_same_token() {
+    let db = "tok_rollback";
+    let direct = setup(db).await;
+    let g = gate_with(policy).await;
+    let c = g.client(db).await;
+    let create = "CREATE TABLE m (a int)";
+    let index = "CREATE INDEX m_b ON needed (b)";
+    let tok = sign(&payload(db, &[create, index]), &["alice"]);
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    let migration = format!("BEGIN; {create}; {index}; COMMIT");
+    let e = c.batch_execute(&migration).await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42P01"), "{e:?}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert!(!exists(&direct, "m").await);
+    let released: Vec<_> = g
+        .audit()
+        .into_iter()
+        .filter(|r| r["event"] == "released")
+        .map(|r| (r["sql"].as_str().unwrap_or_default().to_string(), r["reason"].clone()))
+        .collect();
+    assert!(
+        released.iter().any(|(sql, why)| sql == create && why == "rolled_back"),
+        "{released:?}"
+    );
+
+    // The cause is fixed; the same token runs the migration.
+    direct
+        .batch_execute("CREATE TABLE needed (b int)")
+        .await
+        .unwrap();
+    c.batch_execute(&migration).await.unwrap();
+    assert!(exists(&direct, "m").await);
+    // Once only: dropped behind stepgate's back, the table cannot be made again with this token.
+    direct.batch_execute("DROP TABLE m").await.unwrap();
+    let (_, detail) = held(&c.batch_execute(&migration).await.unwrap_err());
+    assert!(detail.contains("already_used"), "{detail}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert!(!exists(&direct, "m").await);
+
+    // With a savepoint in the transaction, a ROLLBACK gives nothing back.
+    let drop2 = "DROP TABLE t2";
+    let tok2 = sign(&payload(db, &[drop2]), &["alice"]);
+    c.batch_execute(&set_token(&tok2)).await.unwrap();
+    c.batch_execute(&format!("BEGIN; {drop2}; SAVEPOINT s; ROLLBACK"))
+        .await
+        .unwrap();
+    assert!(exists(&direct, "t2").await);
+    let (_, detail) = held(&c.batch_execute(drop2).await.unwrap_err());
+    assert!(detail.contains("already_used"), "{detail}");
+
+    let files = stepgate::audit::log_files(g.state_dir());
+    let report = stepgate::audit_tool::verify(&files, None, None).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+}

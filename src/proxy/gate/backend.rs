@@ -125,6 +125,19 @@ impl SessionState {
                 self.txn_failed = true;
                 return self.on_backend_complete(ctx, tag, body);
             }
+            b'C' if body.starts_with(b"COMMIT\0") => {
+                // The transaction committed here (a COMMIT of a failed one answers ROLLBACK), whatever
+                // happens later in the same query string.
+                let action = self.on_backend_complete(ctx, tag, body);
+                self.settle(ctx, true, false);
+                return action;
+            }
+            b'C' if body.starts_with(b"SAVEPOINT\0") => {
+                // ROLLBACK TO a savepoint answers ROLLBACK too, and what ran before the savepoint stays:
+                // nothing of this transaction is given back.
+                self.txn_savepoint = true;
+                return self.on_backend_complete(ctx, tag, body);
+            }
             b'C' | b'I' => return self.on_backend_complete(ctx, tag, body),
             b's' => {
                 if let Some(Expect::Execute {
@@ -158,8 +171,9 @@ impl SessionState {
                     // Portals do not outlive their transaction.
                     self.suspended.clear();
                     let committed = !self.txn_failed;
-                    self.settle(ctx, committed);
+                    self.settle(ctx, committed, !committed && !self.txn_savepoint);
                     self.txn_failed = false;
+                    self.txn_savepoint = false;
                 }
             }
             b'S' => {

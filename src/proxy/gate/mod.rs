@@ -90,6 +90,8 @@ pub struct SessionState {
     outcome_pending: Vec<Reservation>,
     /// The current transaction failed or was rolled back (its authorized statements are undone).
     txn_failed: bool,
+    /// The current transaction set a savepoint (a ROLLBACK may have been to it).
+    txn_savepoint: bool,
     /// The session's tracing span (current when the state was made). The relay does not enter it on every
     /// wake-up (that would cost more than the gate's fast path): the paths that log or write audit records
     /// enter it themselves (`let _log = self.span.enter()`), so every log line still names its session.
@@ -117,6 +119,7 @@ impl SessionState {
             suspended: HashMap::new(),
             outcome_pending: Vec::new(),
             txn_failed: false,
+            txn_savepoint: false,
             generation: 0,
             prepared: HashMap::new(),
             portals: HashMap::new(),

@@ -64,21 +64,33 @@ impl SessionState {
         }
     }
 
-    /// Records how the transaction of the authorized statements that ran in it ended.
-    pub(super) fn settle(&mut self, ctx: &GateContext, committed: bool) {
+    /// Records how the transaction of the authorized statements that ran in it ended. With `give_back` (the
+    /// server itself reported the rollback: idle after an error or a ROLLBACK, and the transaction set no
+    /// savepoint), the uses of `ddl` and `destructive` statements PostgreSQL runs transactionally are given
+    /// back (`released`, reason `rolled_back`), so a migration that failed part-way can be retried with the
+    /// same token. `privileged` and `unparsed` uses, and anything not provably undone, stay spent.
+    pub(super) fn settle(&mut self, ctx: &GateContext, committed: bool, give_back: bool) {
         if self.outcome_pending.is_empty() {
             return;
         }
         let _log = self.span.enter();
         for r in std::mem::take(&mut self.outcome_pending) {
             ctx.outcome(&self.session, &r, committed);
+            if give_back
+                && !committed
+                && matches!(r.class, Class::Ddl | Class::Destructive)
+                && crate::classify::undone_by_rollback(&r.sql)
+            {
+                ctx.released(&self.session, &r, "rolled_back");
+            }
         }
     }
 
-    /// The session is over: a transaction still open is rolled back by the server.
+    /// The session is over: a transaction still open is rolled back by the server — unless a COMMIT was on
+    /// its way, so nothing is given back.
     pub fn on_session_end(&mut self, ctx: &GateContext) {
         let committed = self.txn_status == b'I' && !self.txn_failed;
-        self.settle(ctx, committed);
+        self.settle(ctx, committed, false);
     }
 
     /// Gives back the reservations of statements the server did not run.
