@@ -58,12 +58,18 @@ impl SessionState {
                 } else {
                     tracing::warn!(held_id = %entry.id, class = %info.class, user = %self.session.user, database = %self.session.database, sql = %entry.sql, "statement held");
                 }
-                // A statement PostgreSQL cannot parse reads like the typo it usually is.
+                // The held id and the reason are in the primary message: many tools print nothing else
+                // (knex, dbmate, sqlx). A statement PostgreSQL cannot parse reads like the typo it usually
+                // is; a token that does not cover the statement says why.
+                let head = format!("stepgate: statement held ({}), held id {}", info.class, entry.id);
                 let message = match because.and_then(|b| b.strip_prefix("PostgreSQL: ")) {
-                    Some(parser) if info.class == Class::Unparsed => {
-                        format!("stepgate: statement held ({}): {parser}", info.class)
-                    }
-                    _ => format!("stepgate: statement held ({})", info.class),
+                    Some(parser) if info.class == Class::Unparsed => format!("{head}: {parser}"),
+                    _ => match &why {
+                        Some(w) => {
+                            format!("{head}; not covered by {}", w.split(" (").next().unwrap_or(w))
+                        }
+                        None => head,
+                    },
                 };
                 ErrorReply::error("42501", message)
                     .with_detail(format!(
