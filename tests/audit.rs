@@ -735,3 +735,26 @@ async fn a_disk_full_at_each_step_of_a_signed_statement_keeps_the_evidence_whole
     }
     check("end");
 }
+
+/// The log replaced by a directory under a running gate: guarded statements are refused (58030) and do not
+/// run, ordinary ones go on, and the records written before are still whole where they were moved.
+#[tokio::test]
+async fn a_log_replaced_by_a_directory_refuses_guarded_statements() {
+    let db = "aud_log_dir";
+    let direct = setup(db).await;
+    let g = gate_with(policy).await;
+    let c = g.client(db).await;
+    let tok = sign(&payload(db, &["DROP TABLE t2"]), &["alice"]);
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    let log = g.state_dir().join("audit.jsonl");
+    let moved = g.state_dir().join("moved.jsonl");
+    std::fs::rename(&log, &moved).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    let e = c.batch_execute("DROP TABLE t2").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("58030"), "{e:?}");
+    assert!(exists(&direct, "t2").await);
+    c.batch_execute("INSERT INTO t VALUES (4)").await.unwrap();
+    assert_eq!(count(&direct, "t").await, 4);
+    let report = stepgate::audit_tool::verify(&[moved], None, None).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+}
