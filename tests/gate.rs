@@ -661,3 +661,44 @@ async fn unparsed_stays_guarded_unless_allowed() {
         "the server's own syntax error"
     );
 }
+
+/// pg_dump through stepgate: it takes `LOCK TABLE … IN ACCESS SHARE MODE` on every table (the lock a SELECT
+/// takes, so `read`), and the dump comes out whole. A stronger lock mode is still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_dump_works_through_stepgate() {
+    let db = "gate_pg_dump";
+    pg().create_db(db).await;
+    let direct = pg().direct_to(db).await;
+    direct
+        .batch_execute(
+            "CREATE TABLE dumped (id int PRIMARY KEY, note text); INSERT INTO dumped VALUES (1, 'one');
+             CREATE TABLE other (a int)",
+        )
+        .await
+        .unwrap();
+    let g = gate().await;
+    let mut cmd = std::process::Command::new("pg_dump");
+    cmd.args(["-h", "127.0.0.1", "-p", &g.addr.port().to_string()])
+        .args(["-U", &pg().user, "-d", db])
+        .env_remove("PGOPTIONS");
+    if let Some(p) = &pg().password {
+        cmd.env("PGPASSWORD", p);
+    }
+    let out = cmd.output().expect("pg_dump runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(dump.contains("CREATE TABLE public.dumped"), "{dump}");
+    assert!(dump.contains("CREATE TABLE public.other"), "{dump}");
+    assert!(dump.contains("1\tone"), "{dump}");
+
+    let c = g.client(db).await;
+    c.batch_execute("BEGIN; LOCK TABLE dumped IN ACCESS SHARE MODE; COMMIT")
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("BEGIN; LOCK TABLE dumped IN SHARE MODE; COMMIT")
+        .await
+        .unwrap_err();
+    held(&e, "privileged");
+}
