@@ -212,7 +212,8 @@ pub fn verify(
             return Ok(report);
         }
         match v["event"].as_str() {
-            Some("token_set") => {
+            // A token set by a session, or approved for every session it names: either holds its uses.
+            Some("token_set") | Some("approved") => {
                 let id = v["token_id"].as_str().unwrap_or_default().to_string();
                 if let Some(ring) = keyring {
                     let Some(token) = v["token"].as_str() else {
@@ -259,7 +260,7 @@ pub fn verify(
                         &mut report,
                         seq,
                         l,
-                        format!("authorization by token {id:?}, which no earlier token_set record holds"),
+                        format!("authorization by token {id:?}, which no earlier token_set or approved record holds"),
                     );
                     return Ok(report);
                 }

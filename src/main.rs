@@ -111,6 +111,26 @@ enum Cmd {
         #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Hand a signed token to the running stepgate (its console's APPROVE): it then covers the statements
+    /// it lists for any session of its database (and user), each use once, until its not-after.
+    #[command(after_help = "Examples:\n  \
+                            stepgate approve 0042.asc && alembic upgrade head\n  \
+                            stepgate approve --config stepgate.toml 0042.asc\n  \
+                            stepgate approve --console 'host=db-gw port=6432 user=dba dbname=stepgate' - < 0042.asc\n\n\
+                            The console is the [admin] one (database `stepgate`, an admin user's password in PGPASSWORD).\n\
+                            Without --console: STEPGATE_CONSOLE, else [admin] listen (or listen) of --config, user $PGUSER.\n\
+                            Exit 0 approved; 1 refused (the reason is printed); 2 the console could not be reached.")]
+    Approve {
+        /// The console as a libpq connection string or URL [env: STEPGATE_CONSOLE].
+        #[arg(long, env = "STEPGATE_CONSOLE")]
+        console: Option<String>,
+        /// Find the console from this config ([admin] listen, else listen).
+        #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The signed token (`-`: standard input).
+        #[arg(default_value = "-")]
+        token: String,
+    },
     /// Start a throwaway PostgreSQL with stepgate in front of it.
     #[command(
         after_help = "Needs the PostgreSQL server binaries (initdb, postgres) and psql.\n\n\
@@ -195,6 +215,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => cli::check::run(format, config, &database, &user, &files),
         Cmd::Token(cmd) => cli::token::run(cmd),
         Cmd::Audit(cmd) => cli::audit::run(cmd),
+        Cmd::Approve {
+            console,
+            config,
+            token,
+        } => runtime()?.block_on(cli::approve::run(console, config, &token)),
         Cmd::Keys { config } => {
             let config = Config::load(config.as_deref(), &Overrides::default())?;
             print!("{}", cli::token_ops::keys(&config)?);

@@ -310,3 +310,95 @@ async fn console_errors_carry_their_sqlstate() {
         assert!(format!("{:?}", err).contains(words), "{sql}: {err:?}");
     }
 }
+
+/// Issue 18: `stepgate approve` hands a signed token to the running gate through the console. A session that
+/// never set a token then runs the statements it lists, each once; what it does not list stays held; the
+/// approval survives a restart, and the log verifies with its `approved` record (the admin who approved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_token_covers_any_session_of_its_database_once() {
+    if pg().devdb().is_none() {
+        return; // DATABASE_URL: the password roles are the throwaway server's
+    }
+    let db = "con_approve";
+    let direct = setup(db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = gate_from_file(&console_config(dir.path(), "")).await;
+    let tok = sign(
+        &payload(db, &["DROP TABLE t2", "DROP TABLE t3"]),
+        &["alice"],
+    );
+    let file = dir.path().join("0042.asc");
+    std::fs::write(&file, &tok).unwrap();
+    let c = g.client(db).await;
+    held(&c.batch_execute("DROP TABLE t2").await.unwrap_err());
+
+    let approve = |g: &Gate, file: &std::path::Path| {
+        let console = format!(
+            "host=127.0.0.1 port={} user={SCRAM_USER} dbname=stepgate sslmode=disable",
+            g.addr.port()
+        );
+        let out = tokio::task::block_in_place(|| {
+            Command::new(common::serve::BIN)
+                .args(["approve", "--console", &console])
+                .arg(file)
+                .env("PGPASSWORD", SCRAM_PASSWORD)
+                .env_remove("STEPGATE_CONFIG")
+                .output()
+                .unwrap()
+        });
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = approve(&g, &file);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("statements 2") && out.contains("alice"),
+        "{out}"
+    );
+
+    // A session without a token: the listed DROP runs once, the unlisted one is held.
+    let c2 = g.client(db).await;
+    c2.batch_execute("DROP TABLE t2").await.unwrap();
+    assert!(!exists(&direct, "t2").await);
+    direct
+        .batch_execute("CREATE TABLE t2 (a int)")
+        .await
+        .unwrap();
+    let (_, detail) = held(&c2.batch_execute("DROP TABLE t2").await.unwrap_err());
+    assert!(!detail.contains("token"), "{detail}");
+    assert!(exists(&direct, "t2").await);
+    held(&c2.batch_execute("DROP TABLE t").await.unwrap_err());
+
+    // The same token again: refused, exit 1. Not a token at all: refused with the reason.
+    let (code, _, err) = approve(&g, &file);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("approved already"), "{err}");
+    let junk = dir.path().join("junk.asc");
+    std::fs::write(&junk, "hello").unwrap();
+    let (code, _, err) = approve(&g, &junk);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("token rejected"), "{err}");
+
+    // After a restart the approval is still in force for what is left of it.
+    drop((c, c2));
+    g.restart().await;
+    let c3 = g.client(db).await;
+    c3.batch_execute("DROP TABLE t3").await.unwrap();
+    assert!(!exists(&direct, "t3").await);
+
+    let records = g.audit();
+    let approved: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "approved")
+        .collect();
+    assert_eq!(approved.len(), 1, "{approved:?}");
+    assert_eq!(approved[0]["user"], SCRAM_USER);
+    let files = stepgate::audit::log_files(g.state_dir());
+    let keyring = stepgate::token::signed::Keyring::load(&keys_dir().join("keyring")).unwrap();
+    let report = stepgate::audit_tool::verify(&files, Some(&keyring), None).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+    assert_eq!(report.authorizations, 2);
+}

@@ -46,7 +46,10 @@ fn held(e: &tokio_postgres::Error, class: &str) -> String {
     let message = db.message();
     let detail = db.detail().unwrap();
     // The primary message names the held id (tools that print nothing else show it).
-    let head = format!("stepgate: statement held ({class}), held id {}", &detail[8..16]);
+    let head = format!(
+        "stepgate: statement held ({class}), held id {}",
+        &detail[8..16]
+    );
     assert!(
         message == head
             || class == "unparsed" && message.starts_with(&format!("{head}: "))

@@ -987,10 +987,17 @@ async fn a_rolled_back_migration_can_be_retried_with_the_same_token() {
         .audit()
         .into_iter()
         .filter(|r| r["event"] == "released")
-        .map(|r| (r["sql"].as_str().unwrap_or_default().to_string(), r["reason"].clone()))
+        .map(|r| {
+            (
+                r["sql"].as_str().unwrap_or_default().to_string(),
+                r["reason"].clone(),
+            )
+        })
         .collect();
     assert!(
-        released.iter().any(|(sql, why)| sql == create && why == "rolled_back"),
+        released
+            .iter()
+            .any(|(sql, why)| sql == create && why == "rolled_back"),
         "{released:?}"
     );
 

@@ -193,43 +193,16 @@ impl GateContext {
             }
         };
         for g in grants {
-            let Some(tok) = &g.token else {
-                undo(&taken);
-                return Err(Denied::NoToken);
-            };
-            if !tok.is_current(self.generation, now) {
-                if let Err(reason) = self.policy.verify(
-                    &tok.raw,
-                    rule,
-                    self.cache.classifier(),
-                    &session.database,
-                    &session.user,
-                    now,
-                ) {
+            let tok = match self.reserve_one(session, rule, g, now) {
+                Ok(tok) => tok,
+                Err(denied) => {
                     undo(&taken);
-                    return Err(Denied::Token {
-                        id: tok.id().to_string(),
-                        reason,
-                    });
+                    return Err(denied);
                 }
-            }
-            let Some(&limit) = tok.listed.get(&g.fingerprint) else {
-                undo(&taken);
-                return Err(Denied::NotListed {
-                    id: tok.id().to_string(),
-                    fingerprint: g.fingerprint.clone(),
-                });
             };
-            if !self.ledger.reserve(tok.id(), &g.fingerprint, limit) {
-                undo(&taken);
-                return Err(Denied::AlreadyUsed {
-                    id: tok.id().to_string(),
-                    fingerprint: g.fingerprint.clone(),
-                });
-            }
             taken.push(Reservation {
                 index: g.index,
-                token: tok.clone(),
+                token: tok,
                 fingerprint: g.fingerprint.clone(),
                 sql: g.sql.clone(),
                 class,
@@ -257,6 +230,136 @@ impl GateContext {
             tracing::info!(user = %session.user, database = %session.database, token_id = r.token.id(), fingerprint = %r.fingerprint, "authorized");
         }
         Ok(taken)
+    }
+
+    /// Reserves one use for a grant: from the session's token if it covers the statement, else from the
+    /// first approved token that does (re-verified for this session). The denial is the session token's,
+    /// or NoToken.
+    fn reserve_one(
+        &self,
+        session: &SessionFields,
+        rule: &Rule,
+        g: &Grant,
+        now: std::time::SystemTime,
+    ) -> Result<TokenRef, Denied> {
+        let first = match &g.token {
+            Some(tok) => match self.reserve_from(session, rule, tok, &g.fingerprint, now) {
+                Ok(()) => return Ok(tok.clone()),
+                Err(denied) => Some(denied),
+            },
+            None => None,
+        };
+        for tok in self
+            .approvals
+            .covering(&session.database, &session.user, &g.fingerprint, now)
+        {
+            if self
+                .reserve_from(session, rule, &tok, &g.fingerprint, now)
+                .is_ok()
+            {
+                return Ok(tok);
+            }
+        }
+        Err(first.unwrap_or(Denied::NoToken))
+    }
+
+    /// One use of `fingerprint` from `tok`, if it verifies for this session, lists the statement and has a
+    /// use left.
+    fn reserve_from(
+        &self,
+        session: &SessionFields,
+        rule: &Rule,
+        tok: &TokenRef,
+        fingerprint: &str,
+        now: std::time::SystemTime,
+    ) -> Result<(), Denied> {
+        if !tok.is_current(self.generation, now) {
+            if let Err(reason) = self.policy.verify(
+                &tok.raw,
+                rule,
+                self.cache.classifier(),
+                &session.database,
+                &session.user,
+                now,
+            ) {
+                return Err(Denied::Token {
+                    id: tok.id().to_string(),
+                    reason,
+                });
+            }
+        }
+        let Some(&limit) = tok.listed.get(fingerprint) else {
+            return Err(Denied::NotListed {
+                id: tok.id().to_string(),
+                fingerprint: fingerprint.to_string(),
+            });
+        };
+        if !self.ledger.reserve(tok.id(), fingerprint, limit) {
+            return Err(Denied::AlreadyUsed {
+                id: tok.id().to_string(),
+                fingerprint: fingerprint.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Approves a signed token for every session it names (`stepgate approve`, the console's `APPROVE`):
+    /// verified as a SET token would be for its database and user, recorded (`approved`, fsync'd, with the
+    /// admin who handed it over), then usable. Its verification is redone for each session that uses it.
+    pub fn approve(&self, raw: &[u8], admin: &str) -> Result<TokenRef, ApproveError> {
+        let token = self.verify_approval(raw).map_err(ApproveError::Token)?;
+        if self.approvals.list().iter().any(|t| t.id() == token.id()) {
+            return Err(ApproveError::Already(token.id().to_string()));
+        }
+        let written = self.audit_with(
+            || AuditEvent::Approved {
+                user: admin.to_string(),
+                token_id: token.id().to_string(),
+                signers: token.signers(),
+                token: String::from_utf8_lossy(raw).into_owned(),
+            },
+            true,
+        );
+        if !written {
+            return Err(ApproveError::AuditUnavailable);
+        }
+        self.approvals.add(token.clone());
+        tracing::info!(admin, token_id = token.id(), database = %token.auth.payload.database, statements = token.auth.payload.statements.len(), "token approved");
+        Ok(token)
+    }
+
+    /// A token as an approval: verified for its own database and user (`*` when it names none) under the
+    /// rule for them. Generation 0: never current, so every use re-verifies for the session that makes it.
+    fn verify_approval(&self, raw: &[u8]) -> Result<TokenRef, Reason> {
+        let now = self.clock.now();
+        let signed = crate::token::signed::verify(raw, &self.policy.keyring, now)?;
+        let payload = crate::token::Payload::parse(&signed.payload)?;
+        let user = payload.user.clone().unwrap_or_else(|| "*".to_string());
+        let rule = self.config.rule_for(&payload.database, &user);
+        let auth = self.policy.verify(
+            raw,
+            &rule,
+            self.cache.classifier(),
+            &payload.database,
+            &user,
+            now,
+        )?;
+        Ok(std::sync::Arc::new(ActiveToken::new(auth, raw.to_vec(), 0)))
+    }
+
+    /// Approvals recorded before a restart (`approved` records): those that still verify are in force
+    /// again; an expired one is dropped (its uses stay as the ledger says).
+    pub fn restore_approvals(&self, raws: &[String]) {
+        for raw in raws {
+            match self.verify_approval(raw.as_bytes()) {
+                Ok(token) => {
+                    self.approvals.add(token);
+                }
+                Err(reason) => {
+                    tracing::info!(code = %reason.code(), "an approved token no longer verifies and is dropped")
+                }
+            }
+        }
     }
 
     /// Writes `events` in order, the last one fsync'd: the evidence a deferred authorization needs before
@@ -325,6 +428,17 @@ impl GateContext {
             false,
         );
     }
+}
+
+/// Why a token could not be approved.
+#[derive(Debug, thiserror::Error)]
+pub enum ApproveError {
+    #[error("token rejected: {0}")]
+    Token(Reason),
+    #[error("token {0} is approved already")]
+    Already(String),
+    #[error("the audit log is unavailable: the approval cannot be recorded")]
+    AuditUnavailable,
 }
 
 /// The error for a token that fails verification when it is set.

@@ -180,6 +180,11 @@ impl Server {
         registry.restore(&records);
         let ledger = Arc::new(crate::token::Ledger::default());
         ledger.restore(&records);
+        let approved: Vec<String> = records
+            .iter()
+            .filter(|r| r["event"] == "approved")
+            .filter_map(|r| r["token"].as_str().map(str::to_string))
+            .collect();
         drop(records);
         for id in crate::audit::AuditLog::damaged_token_ids(&config.state_dir)? {
             warn!(token_id = %id, "a damaged audit record names this token: all its uses count as spent");
@@ -199,6 +204,7 @@ impl Server {
         if let Some(clock) = &options.clock {
             gate.clock = clock.clone();
         }
+        gate.restore_approvals(&approved);
         let tls_acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let upstream_tls = match config.upstream_tls {
             UpstreamTls::Disable => None,

@@ -2,6 +2,7 @@
 //! layer ([`signed`]), verification against the keyring and the policy ([`verify`]), and what a session and
 //! the server keep at run time: the verified token and the ledger of spent uses ([`grant`]).
 
+pub mod approvals;
 pub mod grant;
 pub mod held;
 pub mod payload;

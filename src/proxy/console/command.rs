@@ -15,6 +15,8 @@ pub struct Ctx<'a> {
     /// The policy in force when the command started.
     pub gate: &'a GateContext,
     pub handle: &'a ServerHandle,
+    /// The admin running the command.
+    pub user: &'a str,
     /// Every command, for HELP.
     pub commands: &'a [&'static dyn Command],
 }
@@ -39,6 +41,14 @@ pub trait Command: Sync {
     fn run(&self, cx: &Ctx<'_>, args: &[String]) -> Result<Table, ConsoleError>;
     /// The held id the arguments name, for the `admin_action` audit record.
     fn held_id(&self, _args: &[String]) -> Option<String> {
+        None
+    }
+    /// Takes the rest of the line as one argument, whitespace and newlines included (a signed token).
+    fn takes_text(&self) -> bool {
+        false
+    }
+    /// The command as its `admin_action` record shows it, when the line itself must not be kept whole.
+    fn audited_as(&self, _args: &[String]) -> Option<String> {
         None
     }
 }
@@ -85,10 +95,25 @@ pub fn parse(commands: &[&'static dyn Command], text: &str) -> Result<Invocation
         ))
     };
     let cmd = found.ok_or_else(unknown)?;
-    let args: Vec<String> = words[cmd.words().len()..]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = if cmd.takes_text() {
+        // What follows the command's words, as written.
+        let mut rest = t;
+        for _ in 0..cmd.words().len() {
+            rest = rest.trim_start();
+            rest = &rest[rest.find(char::is_whitespace).unwrap_or(rest.len())..];
+        }
+        let rest = rest.trim();
+        if rest.is_empty() {
+            Vec::new()
+        } else {
+            vec![rest.to_string()]
+        }
+    } else {
+        words[cmd.words().len()..]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
     let (fewest, most) = cmd.arity();
     if args.len() < fewest || args.len() > most {
         // `SHOW HELD x y` is no command at all; say so as for an unknown one.

@@ -61,6 +61,7 @@ impl Console<'_> {
             shared: self.shared,
             gate: &gate,
             handle: &self.handle,
+            user: &self.user,
             commands: commands::ALL,
         };
         let mut result = cmd.run(&cx, &inv.args);
@@ -70,9 +71,12 @@ impl Console<'_> {
             }
         }
         let held_id = cmd.held_id(&inv.args);
+        let shown = cmd
+            .audited_as(&inv.args)
+            .unwrap_or_else(|| text.trim().to_string());
         match &result {
-            Ok(_) => self.audit(text.trim(), "ok", held_id),
-            Err(e) => self.audit(text.trim(), &format!("error: {e}"), held_id),
+            Ok(_) => self.audit(&shown, "ok", held_id),
+            Err(e) => self.audit(&shown, &format!("error: {e}"), held_id),
         }
         result
     }

@@ -239,20 +239,24 @@ impl SessionState {
                 grants.push(Grant {
                     index,
                     fingerprint: fingerprint.clone(),
-                    // Only a grant under a token is ever authorized (and recorded with its text): without
-                    // one, a large statement is not copied for nothing.
-                    sql: if view_token.is_some() {
+                    // Only a grant under a token (the session's or an approved one) is ever authorized
+                    // and recorded with its text: without one, a large statement is not copied for nothing.
+                    sql: if view_token.is_some() || !ctx.approvals.is_empty() {
                         s.text.to_string()
                     } else {
                         String::new()
                     },
                     token: view_token.clone(),
                 });
-                // What a held entry keeps: cut to `max_held_sql` here, not copied whole first.
-                guarded_statements.push((
-                    fingerprint,
-                    crate::gate::clip(s.text, ctx.config.max_held_sql).into_owned(),
-                ));
+                // A statement PostgreSQL's parser never read (over the parse budget) can never be authorized:
+                // only what its held entry keeps is copied. Any other keeps its whole text (a portal's
+                // statements are authorized from it at Execute, and a rollback judged on it).
+                let kept = if s.verdict.class == Class::Unparsed {
+                    crate::gate::clip(s.text, ctx.config.max_held_sql).into_owned()
+                } else {
+                    s.text.to_string()
+                };
+                guarded_statements.push((fingerprint, kept));
             }
             class = class.max(c);
             effects.push(effect);
@@ -303,7 +307,7 @@ impl SessionState {
         if !guarded {
             return (Vec::new(), None);
         }
-        if grants.iter().all(|g| g.token.is_none()) {
+        if grants.iter().all(|g| g.token.is_none()) && ctx.approvals.is_empty() {
             return (Vec::new(), Some(Denied::NoToken));
         }
         let _log = self.span.enter();

@@ -8,6 +8,7 @@ use crate::audit::AuditLog;
 use crate::classify::cache::CachedClassifier;
 use crate::config::Config;
 use crate::gate::{Clock, Mode, Registry, SystemClock};
+use crate::token::approvals::Approvals;
 use crate::token::{Ledger, Policy};
 
 /// Shared by every session of a server.
@@ -24,6 +25,8 @@ pub struct GateContext {
     pub policy: Policy,
     /// Spent token uses, shared by every session (and kept across reloads).
     pub ledger: Arc<Ledger>,
+    /// Tokens deposited with `stepgate approve` / `APPROVE`, for any matching session (kept across reloads).
+    pub approvals: Arc<Approvals>,
     /// Where token events are recorded (None only in unit tests).
     pub audit: Option<Arc<AuditLog>>,
     /// Counters for `/metrics`, kept across reloads.
@@ -49,6 +52,7 @@ impl GateContext {
             generation: 1,
             policy: Policy::default(),
             ledger: Arc::new(Ledger::default()),
+            approvals: Arc::default(),
             audit: None,
             metrics: Arc::default(),
             clock: Arc::new(SystemClock),
@@ -62,6 +66,7 @@ impl GateContext {
         ctx.generation = old.generation + 1;
         ctx.policy = policy;
         ctx.ledger = old.ledger.clone();
+        ctx.approvals = old.approvals.clone();
         ctx.metrics = old.metrics.clone();
         ctx.audit = old.audit.clone();
         ctx.clock = old.clock.clone();

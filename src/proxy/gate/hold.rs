@@ -61,12 +61,18 @@ impl SessionState {
                 // The held id and the reason are in the primary message: many tools print nothing else
                 // (knex, dbmate, sqlx). A statement PostgreSQL cannot parse reads like the typo it usually
                 // is; a token that does not cover the statement says why.
-                let head = format!("stepgate: statement held ({}), held id {}", info.class, entry.id);
+                let head = format!(
+                    "stepgate: statement held ({}), held id {}",
+                    info.class, entry.id
+                );
                 let message = match because.and_then(|b| b.strip_prefix("PostgreSQL: ")) {
                     Some(parser) if info.class == Class::Unparsed => format!("{head}: {parser}"),
                     _ => match &why {
                         Some(w) => {
-                            format!("{head}; not covered by {}", w.split(" (").next().unwrap_or(w))
+                            format!(
+                                "{head}; not covered by {}",
+                                w.split(" (").next().unwrap_or(w)
+                            )
                         }
                         None => head,
                     },

@@ -264,14 +264,14 @@ impl SessionState {
                 {
                     return true;
                 }
-                if self.token.is_none() {
+                if self.token.is_none() && ctx.approvals.is_empty() {
                     return false;
                 }
                 let entry = ctx.cache.lookup(bytes, &self.lex, ctx.generation);
                 self.guarded(ctx, entry.max)
             }
             b'E' => {
-                self.token.is_some()
+                (self.token.is_some() || !ctx.approvals.is_empty())
                     && cstr(body).is_some_and(|(portal, _)| {
                         let portal = crate::classify::session_cmd::protocol_name(portal);
                         self.guarded(ctx, self.lookup_portal(&portal).class)
