@@ -434,7 +434,20 @@ async fn startup_length_above_limit_is_refused_without_reading_it() {
     let g = gate().await;
     // Declares 2 GiB; nothing else is sent, so an answer proves the length alone decided.
     expect_refused(&g, &[0x7f, 0xff, 0xff, 0xff], "08P01").await;
-    expect_refused(&g, &10_001u32.to_be_bytes(), "08P01").await;
+    expect_refused(&g, &65_537u32.to_be_bytes(), "08P01").await;
+    // Past PostgreSQL's 10,000 bytes only stepgate's own settings may go: anything else is refused, saying so.
+    let big = "x".repeat(12_000);
+    let pkt = raw::startup_packet(&[
+        ("user", b"u"),
+        ("database", b"d"),
+        ("application_name", big.as_bytes()),
+    ]);
+    let mut r = Raw::connect(g.addr).await;
+    r.send(&pkt).await;
+    let msgs = r.until_closed().await;
+    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+    let text = Raw::error_message(&msgs).unwrap_or_default();
+    assert!(text.contains("without stepgate's settings"), "{text}");
 }
 
 #[tokio::test]

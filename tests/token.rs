@@ -1030,3 +1030,83 @@ async fn a_rolled_back_migration_can_be_retried_with_the_same_token() {
     let report = stepgate::audit_tool::verify(&files, None, None).unwrap();
     assert!(report.ok, "{:?}", report.error);
 }
+
+/// Issue 18's transport: a 50-statement token (one statement with a backslash, so psql's `:'tok'` sends it as
+/// `E'…'`) goes through `SET stepgate.token = :'tok'` and, packed, through PGOPTIONS — whose startup packet
+/// may pass PostgreSQL's 10,000 bytes because the surplus is stepgate's own setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifty_statement_token_goes_through_set_with_e_quoting_and_through_pgoptions() {
+    let db = "tok_fifty";
+    let direct = setup(db).await;
+    let mut creates: Vec<String> = (0..49)
+        .map(|i| format!("CREATE TABLE fifty_{i} (id int PRIMARY KEY, note text DEFAULT 'migration 0042 step {i}')"))
+        .collect();
+    creates.push(r"CREATE TABLE fifty_slash (a text DEFAULT E'back\\slash')".to_string());
+    let sqls: Vec<&str> = creates.iter().map(String::as_str).collect();
+    let tok = sign(&payload(db, &sqls), &["alice"]);
+    assert!(tok.contains('\\'));
+    let g = gate_with(policy).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tok.asc");
+    std::fs::write(&file, &tok).unwrap();
+    let half = |range: std::ops::Range<usize>| -> String {
+        creates[range].iter().map(|s| format!("{s};\n")).collect()
+    };
+    let script = dir.path().join("set.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set tok `cat {}`\nSET stepgate.token = :'tok';\n{}",
+            file.display(),
+            half(0..25)
+        ),
+    )
+    .unwrap();
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={} dbname={db}",
+        g.addr.port(),
+        pg().user
+    );
+    let mut env = vec![];
+    if let Some(p) = &pg().password {
+        env.push(("PGPASSWORD", p.as_str()));
+    }
+    let (ok, _, err) = psql(&conninfo, &["-f", script.to_str().unwrap()], &env);
+    assert!(ok, "{err}");
+    for i in 0..25 {
+        assert!(exists(&direct, &format!("fifty_{i}")).await, "fifty_{i}");
+    }
+    // The rest through PGOPTIONS, packed (compressed).
+    let (ok, packed, err) = stepgate(&["token", "pack"], tok.as_bytes());
+    assert!(ok, "{err}");
+    let packed = String::from_utf8(packed).unwrap().trim().to_string();
+    assert!(
+        packed.starts_with("deflate:") && packed.len() < tok.len() / 2,
+        "{} of {}",
+        packed.len(),
+        tok.len()
+    );
+    let script = dir.path().join("rest.sql");
+    std::fs::write(&script, half(25..50)).unwrap();
+    let options = format!("-c stepgate.token={packed}");
+    let mut env2 = env.clone();
+    env2.push(("PGOPTIONS", options.as_str()));
+    let (ok, _, err) = psql(&conninfo, &["-f", script.to_str().unwrap()], &env2);
+    assert!(ok, "{err}");
+    assert!(exists(&direct, "fifty_slash").await);
+    for i in 25..49 {
+        assert!(exists(&direct, &format!("fifty_{i}")).await, "fifty_{i}");
+    }
+    // The plain base64 form of a token this long is over PostgreSQL's limit, and passes all the same.
+    use base64::Engine as _;
+    let plain = base64::engine::general_purpose::STANDARD.encode(tok.trim());
+    assert!(plain.len() > 10_000, "{}", plain.len());
+    let options = format!("-c stepgate.token={plain}");
+    let mut env3 = env.clone();
+    env3.push(("PGOPTIONS", options.as_str()));
+    let (ok, out, err) = psql(&conninfo, &["-c", "SHOW stepgate.status"], &env3);
+    assert!(ok && out.contains("statements=50"), "{out}{err}");
+    let files = stepgate::audit::log_files(g.state_dir());
+    let report = stepgate::audit_tool::verify(&files, None, None).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+}

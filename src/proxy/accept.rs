@@ -150,7 +150,7 @@ async fn negotiate(shared: &Shared, tcp: TcpStream) -> Result<Opening, Negotiate
             }
         };
         let Some((packet, used)) = parsed else {
-            // Bounded: parse() rejects a declared length above MAX_STARTUP_LEN before we get here.
+            // Bounded: parse() rejects a declared length above MAX_STARTUP_WITH_SETTINGS before we get here.
             buf.reserve(1024);
             if client.read_buf(&mut buf).await? == 0 {
                 return Err(NegotiateError::Closed);

@@ -53,12 +53,26 @@ pub(super) async fn session(
             return;
         }
     }
-    let settings = match startup.take_stepgate_settings() {
+    let settings = match startup.take_stepgate_settings().and_then(|s| {
+        // What PostgreSQL will read must fit its own limit; only stepgate's settings may go past it.
+        let forwarded = startup.encode().len();
+        if forwarded > crate::wire::startup::MAX_STARTUP_LEN {
+            return Err(crate::wire::startup::StartupError::TooLongForServer(
+                forwarded,
+            ));
+        }
+        Ok(s)
+    }) {
         Ok(s) => s,
         Err(e) => {
+            // Too long for the server is what PostgreSQL itself would answer with 08P01.
+            let code = match e {
+                crate::wire::startup::StartupError::TooLongForServer(_) => "08P01",
+                _ => "42501",
+            };
             send_and_close(
                 &mut client,
-                &ErrorReply::fatal("42501", format!("stepgate: {e}")),
+                &ErrorReply::fatal(code, format!("stepgate: {e}")),
             )
             .await;
             warn!(%user, %database, error = %e, "startup refused");

@@ -3,7 +3,7 @@
 //! Accepted: a cleartext-signed message (`gpg --clearsign`, `sq sign --cleartext-signature`, `stepgate token
 //! sign`), an inline-signed message, armored or binary and possibly compressed (`gpg --sign [--armor]`),
 //! several armored signed messages concatenated (one per signer, the same payload in each), and the one-line
-//! base64 of any of these. Limits: 64 KiB of token, 64 KiB of payload, 8 signatures.
+//! base64 of any of these, or `deflate:` and base64 of one deflated (`stepgate token pack`). Limits: 64 KiB of token, 64 KiB of payload, 8 signatures.
 //!
 //! Every signature must verify cryptographically; one bad signature rejects the token. Signatures by keys
 //! outside the keyring are ignored. A signing key must be alive and unrevoked *now*, not only when it signed
@@ -134,9 +134,31 @@ impl Keyring {
     }
 }
 
-/// The token as bytes OpenPGP can parse: the one-line base64 form is decoded first.
+/// The token as bytes OpenPGP can parse: the one-line forms (`deflate:` + base64, or base64) are decoded
+/// first.
 fn unwrap_base64(token: &[u8]) -> Result<Vec<u8>, SignatureError> {
     let trimmed = token.trim_ascii();
+    if let Some(packed) = trimmed.strip_prefix(super::PACKED_PREFIX.as_bytes()) {
+        let deflated = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(packed)
+            .or_else(|_| base64::engine::general_purpose::STANDARD.decode(packed))
+            .map_err(|e| {
+                SignatureError::Malformed(format!("a packed token that is not base64: {e}"))
+            })?;
+        let mut out = Vec::new();
+        flate2::read::DeflateDecoder::new(deflated.as_slice())
+            .take(MAX_TOKEN as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| {
+                SignatureError::Malformed(format!("a packed token that does not inflate: {e}"))
+            })?;
+        if out.len() > MAX_TOKEN {
+            return Err(SignatureError::Malformed(format!(
+                "a packed token that inflates past the limit of {MAX_TOKEN} bytes"
+            )));
+        }
+        return Ok(out);
+    }
     let looks_base64 = !trimmed.is_empty()
         && !trimmed.starts_with(b"-----")
         && trimmed

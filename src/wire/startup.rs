@@ -1,8 +1,9 @@
 //! The untagged packets a connection opens with: StartupMessage, SSLRequest, GSSENCRequest and
 //! CancelRequest, plus the handling of `stepgate.*` startup settings.
 //!
-//! Limits follow PostgreSQL's own: a startup packet is at most [`MAX_STARTUP_LEN`] bytes, and the length is
-//! checked before any of its body is read.
+//! Limits follow PostgreSQL's own: what is forwarded of a startup packet is at most [`MAX_STARTUP_LEN`] bytes.
+//! The packet a client sends may be up to [`MAX_STARTUP_WITH_SETTINGS`] when the surplus is stepgate's own
+//! settings (a long token in PGOPTIONS); the length is checked before any of its body is read.
 
 use thiserror::Error;
 
@@ -13,8 +14,10 @@ pub const PROTOCOL_3_0: u32 = 3 << 16;
 pub const SSL_REQUEST_CODE: u32 = 80_877_103;
 pub const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
-/// PostgreSQL's MAX_STARTUP_PACKET_LENGTH.
+/// PostgreSQL's MAX_STARTUP_PACKET_LENGTH: the most that is forwarded.
 pub const MAX_STARTUP_LEN: usize = 10_000;
+/// The most a client's startup packet may have, stepgate's settings included.
+pub const MAX_STARTUP_WITH_SETTINGS: usize = 64 * 1024;
 /// Prefix of the settings stepgate keeps for itself (case-insensitive, as PostgreSQL folds names).
 pub const SETTING_PREFIX: &str = "stepgate.";
 
@@ -22,8 +25,10 @@ pub const SETTING_PREFIX: &str = "stepgate.";
 pub enum StartupError {
     #[error("invalid startup packet length {0}")]
     BadLength(u32),
-    #[error("startup packet of {0} bytes exceeds the limit of {MAX_STARTUP_LEN} bytes")]
+    #[error("startup packet of {0} bytes exceeds the limit of {MAX_STARTUP_WITH_SETTINGS} bytes")]
     TooLong(u32),
+    #[error("startup packet of {0} bytes without stepgate's settings exceeds PostgreSQL's limit of {MAX_STARTUP_LEN} bytes (only stepgate settings may go past it)")]
+    TooLongForServer(usize),
     #[error("unsupported frontend protocol {0}.{1}: stepgate supports protocol 3")]
     UnsupportedProtocol(u16, u16),
     #[error("malformed startup packet: {0}")]
@@ -72,7 +77,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, StartupError>
     if len < 8 {
         return Err(StartupError::BadLength(len));
     }
-    if len as usize > MAX_STARTUP_LEN {
+    if len as usize > MAX_STARTUP_WITH_SETTINGS {
         return Err(StartupError::TooLong(len));
     }
     let len = len as usize;

@@ -37,7 +37,8 @@ fn partial_and_bad_lengths() {
     assert_eq!(parse(&bytes[..bytes.len() - 1]), Ok(None));
     assert_eq!(parse(&[0, 0, 0]), Ok(None));
     assert_eq!(parse(&[0, 0, 0, 3]), Err(StartupError::BadLength(3)));
-    assert_eq!(parse(&[0, 1, 0, 0]), Err(StartupError::TooLong(65536)));
+    assert_eq!(parse(&[0, 1, 0, 0]), Ok(None));
+    assert_eq!(parse(&[0, 1, 0, 1]), Err(StartupError::TooLong(65537)));
     assert_eq!(
         parse(&[0xff, 0xff, 0xff, 0xff]),
         Err(StartupError::TooLong(u32::MAX))
