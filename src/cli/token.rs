@@ -70,7 +70,7 @@ pub enum TokenCmd {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// The one-line base64 form of a token (standard input), for PGOPTIONS.
+    /// The one-line form of a token (standard input), for PGOPTIONS: `deflate:` + base64 of it compressed.
     #[command(after_help = "Example:
   PGOPTIONS=\"-c stepgate.token=$(stepgate token pack < token.asc)\" psql -f 0042.sql")]
     Pack,
