@@ -705,3 +705,85 @@ async fn pg_dump_works_through_stepgate() {
         .unwrap_err();
     held(&e, "privileged");
 }
+
+/// Issue 18: `[[allow]]` entries (in the config or an `include`d file) let a tool's exact bookkeeping
+/// statements pass without a token, recorded as `allowed`; anything else — another statement, another
+/// database than the entry names — is held as before.
+#[tokio::test]
+async fn allow_entries_pass_exact_statements_without_a_token() {
+    let db = "gate_allow";
+    let direct = setup(db).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tool.toml"),
+        "[[allow]]\nname = \"tool lock\"\nsql = \"UPDATE t SET x = 1\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("stepgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"state\"\ninclude = [\"tool.toml\"]\n\
+             [[allow]]\nname = \"bookkeeping\"\nsql = \"CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY)\"\ndatabases = [\"{db}\"]\n\
+             [[allow]]\nsql = \"DROP TABLE t\"\ndatabases = [\"elsewhere\"]\n"
+        ),
+    )
+    .unwrap();
+    let g = gate_from_file(&config).await;
+    let c = g.client(db).await;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY)")
+        .await
+        .unwrap();
+    // Layout and comments aside, it is the same statement.
+    c.batch_execute(
+        "create table if not exists schema_migrations (version text primary key) -- again",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("UPDATE t SET x = 1").await.unwrap();
+    assert_eq!(
+        direct
+            .query_one("SELECT count(*) FROM t WHERE x = 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        3
+    );
+    // The extended protocol too.
+    c.execute("UPDATE t SET x = 1", &[]).await.unwrap();
+    held(
+        &c.batch_execute("UPDATE t SET x = 2").await.unwrap_err(),
+        "destructive",
+    );
+    held(
+        &c.batch_execute("DROP TABLE t").await.unwrap_err(),
+        "destructive",
+    );
+    held(
+        &c.batch_execute("CREATE TABLE IF NOT EXISTS other (version text PRIMARY KEY)")
+            .await
+            .unwrap_err(),
+        "ddl",
+    );
+    let records = g.audit();
+    let allowed: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "allowed")
+        .map(|r| r["sql"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(allowed.len(), 4, "{allowed:?}");
+
+    // An entry with both sql and fingerprint stops the config from loading, naming the problem.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[allow]]\nsql = \"UPDATE t SET x = 1\"\nfingerprint = \"sha256:00\"\n",
+    )
+    .unwrap();
+    let err = stepgate::config::Config::load(Some(&bad), &Default::default()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("exactly one of sql or fingerprint"),
+        "{err}"
+    );
+}

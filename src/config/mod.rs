@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+pub mod allow;
 pub mod class;
 pub mod mode;
 pub mod rule;
@@ -118,6 +119,12 @@ struct RawConfig {
     signer: Vec<RawSigner>,
     /// The DBA console (virtual database `stepgate`).
     admin: Option<RawAdmin>,
+    /// Statements that pass without a token, recorded as `allowed`.
+    #[serde(default)]
+    allow: Vec<allow::RawAllow>,
+    /// Files of `[[allow]]` entries (the presets in fixtures/allow/), relative to this file.
+    #[serde(default)]
+    include: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,6 +225,8 @@ pub struct Config {
     /// Public keys of the signers (file or directory), resolved against the config's folder.
     pub keyring: Option<PathBuf>,
     pub signers: Vec<SignerPolicy>,
+    /// `[[allow]]` entries, the config's own then its includes'.
+    pub allow: Vec<allow::Allow>,
     /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
     pub metrics_listen: Option<String>,
     /// The DBA console; None: no console.
@@ -257,6 +266,7 @@ impl Default for Config {
             instance: None,
             keyring: None,
             signers: Vec::new(),
+            allow: Vec::new(),
             metrics_listen: None,
             admin: None,
         }
@@ -290,6 +300,7 @@ impl Config {
         })?;
         let d = Config::default();
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let allow = allow::load(raw.allow, raw.include, base, source)?;
         let config = Config {
             listen: raw.listen.unwrap_or(d.listen),
             upstream: raw.upstream.unwrap_or(d.upstream),
@@ -329,6 +340,7 @@ impl Config {
                 auth_database: a.auth_database.unwrap_or_else(|| "postgres".into()),
             }),
             keyring: raw.keyring.map(resolve),
+            allow,
             signers: raw
                 .signer
                 .into_iter()
@@ -379,6 +391,7 @@ impl Config {
             // Policy: reloaded.
             mode: _,
             max_held_sql: _,
+            allow: _,
             allow_unparsed: _,
             dangerous_functions: _,
             rules: _,

@@ -27,6 +27,8 @@ pub struct GateContext {
     pub ledger: Arc<Ledger>,
     /// Tokens deposited with `stepgate approve` / `APPROVE`, for any matching session (kept across reloads).
     pub approvals: Arc<Approvals>,
+    /// The config's `[[allow]]` entries by fingerprint.
+    pub allow: std::collections::HashMap<String, Vec<crate::config::allow::Allow>>,
     /// Where token events are recorded (None only in unit tests).
     pub audit: Option<Arc<AuditLog>>,
     /// Counters for `/metrics`, kept across reloads.
@@ -43,7 +45,9 @@ impl GateContext {
     /// A context sharing an existing registry (a reload keeps what was held).
     pub fn with_registry(config: Config, registry: Arc<Registry>, disabled: bool) -> GateContext {
         let classifier = crate::classify::Classifier::for_config(&config);
+        let allow = allow_by_fingerprint(&config);
         GateContext {
+            allow,
             mode: config.mode,
             config,
             cache: CachedClassifier::new(classifier, 50_000),
@@ -84,5 +88,65 @@ impl GateContext {
         self.ledger = ledger;
         self.audit = Some(audit);
         self
+    }
+}
+
+/// The `[[allow]]` entries keyed by fingerprint. An entry whose `sql` is not exactly one statement is left
+/// out, with an error in the log: what it meant to allow stays guarded.
+fn allow_by_fingerprint(
+    config: &Config,
+) -> std::collections::HashMap<String, Vec<crate::config::allow::Allow>> {
+    let mut out: std::collections::HashMap<String, Vec<_>> = Default::default();
+    for a in &config.allow {
+        let fingerprint = match (&a.fingerprint, &a.sql) {
+            (Some(f), _) => Some(f.clone()),
+            (None, Some(sql)) => crate::token::payload::fingerprint_of(sql),
+            (None, None) => None,
+        };
+        match fingerprint {
+            Some(f) => out.entry(f).or_default().push(a.clone()),
+            None => {
+                tracing::error!(allow = %a.name, source = %a.source, "an [[allow]] entry's sql is not exactly one statement; it allows nothing")
+            }
+        }
+    }
+    out
+}
+
+impl GateContext {
+    /// The `[[allow]]` entry that lets this statement pass for a session of `database` and `user`.
+    pub fn allow_for(
+        &self,
+        fingerprint: &str,
+        database: &str,
+        user: &str,
+    ) -> Option<&crate::config::allow::Allow> {
+        self.allow
+            .get(fingerprint)?
+            .iter()
+            .find(|a| a.applies_to(database, user))
+    }
+
+    /// Records a statement an `[[allow]]` entry let pass (`allowed`, not fsync'd: no token use hangs on it).
+    pub fn record_allowed(
+        &self,
+        session: &crate::audit::SessionFields,
+        entry: &crate::config::allow::Allow,
+        fingerprint: &str,
+        sql: &str,
+        class: crate::classify::Class,
+    ) {
+        tracing::info!(allow = %entry.name, %fingerprint, %class, "allowed without a token");
+        if let Some(log) = &self.audit {
+            let event = crate::audit::AuditEvent::Allowed {
+                session: session.clone(),
+                sql: crate::gate::redact(&crate::gate::clip(sql, self.config.max_held_sql)),
+                fingerprint: fingerprint.to_string(),
+                class,
+            };
+            if let Err(e) = log.write(&event, false) {
+                tracing::error!(error = %e, "audit log write failed");
+            }
+        }
     }
 }
