@@ -211,14 +211,15 @@ pub enum AuditEvent {
     Recovered { bytes: u64, reason: String },
     /// `serve --unsafe-no-gate`: nothing is classified or held until the next start.
     GateDisabled { reason: String },
-    /// A signed token deposited for later statements (`stepgate approve`; not written yet: planned).
+    /// A signed token handed to the running stepgate (`stepgate approve`, console `APPROVE`); `user` is the
+    /// admin. It then covers any session it names.
     Approved {
         user: String,
         token_id: String,
         signers: Vec<Signer>,
         token: String,
     },
-    /// An `[[allow]]` entry passed a statement without a token (planned).
+    /// An `[[allow]]` entry passed a statement without a token.
     Allowed {
         #[serde(flatten)]
         session: SessionFields,
