@@ -111,6 +111,40 @@ enum Cmd {
         #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Dry-run a migration command: every guarded statement it sends, as a token payload to sign.
+    #[command(after_help = "Examples:\n  \
+                            stepgate plan --config stepgate.toml --database app -- alembic upgrade head > 0042.txt\n  \
+                            stepgate plan -c stepgate.toml --database app --user migrator --schema-from \"$PROD_RO_URL\" -- dbmate migrate\n  \
+                            stepgate plan -c stepgate.toml --database app -- sqlx migrate run --database-url {url}\n\n\
+                            A throwaway PostgreSQL is started (needs initdb, postgres, psql; pg_dump with --schema-from),\n\
+                            loaded with the target's schema (pg_dump --schema-only, read-only) or empty, and an observe-mode\n\
+                            stepgate with this config's rules is put in front of it. The command runs with PGHOST, PGPORT,\n\
+                            PGDATABASE, PGUSER and DATABASE_URL pointing there; {url}, {host} and {port} in its arguments\n\
+                            are replaced. Its output goes to stderr; stdout is the payload, ready for gpg --clearsign.\n\
+                            Exit: 0 (payload printed, or nothing to sign), the command's own code if it failed, 2 on error.")]
+    Plan {
+        /// The config whose rules, instance and [[allow]] entries apply.
+        #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The database the migration will run in (the token names it).
+        #[arg(long)]
+        database: String,
+        /// The user it will run as (the token names it; its rule applies) [default: any user].
+        #[arg(long)]
+        user: Option<String>,
+        /// Load this database's schema first (pg_dump --schema-only; a libpq URL or connection string).
+        #[arg(long)]
+        schema_from: Option<String>,
+        /// How long the token is valid once made (not-after) [default: 30m].
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
+        ttl: std::time::Duration,
+        /// Shown to the signer.
+        #[arg(long)]
+        reason: Option<String>,
+        /// The migration command, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Hand a signed token to the running stepgate (its console's APPROVE): it then covers the statements
     /// it lists for any session of its database (and user), each use once, until its not-after.
     #[command(after_help = "Examples:\n  \
@@ -215,6 +249,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => cli::check::run(format, config, &database, &user, &files),
         Cmd::Token(cmd) => cli::token::run(cmd),
         Cmd::Audit(cmd) => cli::audit::run(cmd),
+        Cmd::Plan {
+            config,
+            database,
+            user,
+            schema_from,
+            ttl,
+            reason,
+            command,
+        } => {
+            // No log subscriber: the observe-mode stepgate's lines would bury the summary.
+            runtime()?.block_on(cli::plan::run(cli::plan::PlanOptions {
+                config,
+                database,
+                user,
+                schema_from,
+                ttl,
+                reason,
+                command,
+            }))
+        }
         Cmd::Approve {
             console,
             config,

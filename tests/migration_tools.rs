@@ -1,8 +1,9 @@
 //! Migration tools as their users run them, unchanged, through stepgate (issue 18): dbmate and knex (npm) and
 //! Alembic (PyPI), installed by `.ci/run` (`target/tools/node_modules`, and `alembic` on PATH). For each:
-//! without a token nothing changes in the database; the held statement is signed and handed over with
-//! `stepgate approve`; the migration then applies; a run with nothing to apply passes with the tool's preset
-//! (`fixtures/allow/<tool>.toml`) and no token; and a replay of the spent approval is refused.
+//! without a token nothing changes in the database; `stepgate plan` runs the tool against a throwaway copy
+//! of the schema and prints the payload; it is signed and handed over with `stepgate approve`; the migration
+//! then applies; a run with nothing to apply passes with the tool's preset (`fixtures/allow/<tool>.toml`) and
+//! no token; and a replay of the spent approval is refused.
 //!
 //! A tool that is not installed is skipped with a printed reason — unless STEPGATE_REQUIRE_TOOLS is set (as
 //! `.ci/run` does), where a missing tool fails the test.
@@ -43,7 +44,8 @@ fn tool(name: &str) -> Option<PathBuf> {
     found
 }
 
-/// A gate with the test policy, the DBA console for the password admin, and the tool's preset.
+/// A gate with the test policy, the DBA console for the password admin, and the tool's preset; the config
+/// file is `dir/stepgate.toml`.
 async fn gate_for(dir: &Path, preset: &str) -> Gate {
     let path = dir.join("stepgate.toml");
     std::fs::write(
@@ -92,10 +94,9 @@ fn held_statements(g: &Gate, after: usize) -> Vec<String> {
         .collect()
 }
 
-/// Signs a token for `statements` (alice) and hands it over with `stepgate approve`.
-fn approve(g: &Gate, dir: &Path, db: &str, statements: &[String]) -> (Option<i32>, String) {
-    let sqls: Vec<&str> = statements.iter().map(String::as_str).collect();
-    let tok = sign(&payload(db, &sqls), &["alice"]);
+/// Signs a payload (alice) and hands it over with `stepgate approve`.
+fn approve(g: &Gate, dir: &Path, payload: &str) -> (Option<i32>, String) {
+    let tok = sign_text_at(payload, &["alice"], std::time::SystemTime::now());
     let file = dir.join(format!("approve-{}.asc", rand_suffix()));
     std::fs::write(&file, tok).unwrap();
     let console = format!(
@@ -137,14 +138,15 @@ fn url(g: &Gate, db: &str) -> String {
     )
 }
 
-/// One tool's whole flow: held without a token (nothing changes), approved, applied; a no-op run with the
-/// preset and no token; a replay of the spent approval held.
+/// One tool's whole flow: held without a token (nothing changes); planned, signed, approved, applied; a
+/// no-op run with the preset and no token; a replay of the spent approval held. `command(work, url)` runs the
+/// tool against `url` (None: the DATABASE_URL in its environment, as `stepgate plan` sets it).
 async fn flow(
     name: &str,
     db: &str,
     table: &str,
     setup_dir: impl Fn(&Path, &str),
-    command: impl Fn(&Path) -> Command,
+    command: impl Fn(&Path, Option<&str>) -> Command,
 ) {
     if tool(name).is_none() {
         return;
@@ -156,11 +158,11 @@ async fn flow(
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     setup_dir(&work, &url(&g, db));
-    std::fs::write(work.join("url"), url(&g, db)).unwrap();
 
     // Without a token: refused, and the migration's table is not there.
     let before = g.audit().len();
-    let (ok, out) = run(&mut command(&work));
+    let target = url(&g, db);
+    let (ok, out) = run(&mut command(&work, Some(&target)));
     assert!(!ok, "{name} applied without a token: {out}");
     assert!(
         out.contains("held id "),
@@ -170,15 +172,47 @@ async fn flow(
     let statements = held_statements(&g, before);
     assert!(!statements.is_empty(), "{name}: nothing held");
 
-    // Signed, approved, applied — the tool unchanged.
-    let (code, out) = approve(&g, dir.path(), db, &statements);
+    // Planned against a throwaway copy of the schema, signed, approved, applied — the tool unchanged.
+    let tool_cmd = command(&work, None);
+    let mut plan = Command::new(common::serve::BIN);
+    plan.current_dir(&work)
+        .arg("plan")
+        .arg("--config")
+        .arg(dir.path().join("stepgate.toml"))
+        .args(["--database", db, "--schema-from", &target, "--"])
+        .arg(tool_cmd.get_program())
+        .args(tool_cmd.get_args())
+        .envs(
+            tool_cmd
+                .get_envs()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+        );
+    if let Some(p) = &pg().password {
+        plan.env("PGPASSWORD", p);
+    }
+    let out = tokio::task::block_in_place(|| plan.stdin(Stdio::null()).output().unwrap());
+    let planned = String::from_utf8_lossy(&out.stdout).into_owned();
+    let summary = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{name}: plan failed: {summary}");
+    for s in &statements {
+        let fp = stepgate::token::payload::fingerprint_of(s).unwrap();
+        assert!(
+            planned.contains(&fp),
+            "{name}: the plan misses {s}: {planned}{summary}"
+        );
+    }
+    assert!(
+        !exists(&direct, table).await,
+        "{name}: plan touched the real database"
+    );
+    let (code, out) = approve(&g, dir.path(), &planned);
     assert_eq!(code, Some(0), "{out}");
-    let (ok, out) = run(&mut command(&work));
+    let (ok, out) = run(&mut command(&work, Some(&target)));
     assert!(ok, "{name} did not apply once approved: {out}");
     assert!(exists(&direct, table).await, "{name}: {table} missing");
 
     // Nothing to apply: passes with the preset, no token.
-    let (ok, out) = run(&mut command(&work));
+    let (ok, out) = run(&mut command(&work, Some(&target)));
     assert!(ok, "{name}'s no-op run failed: {out}");
 
     // Replay: the table dropped behind stepgate's back is not made again by the spent approval.
@@ -192,7 +226,7 @@ async fn flow(
         _ => "DELETE FROM alembic_version",
     };
     direct.batch_execute(reset).await.unwrap();
-    let (ok, out) = run(&mut command(&work));
+    let (ok, out) = run(&mut command(&work, Some(&target)));
     assert!(!ok, "{name} replayed a spent approval: {out}");
     assert!(!exists(&direct, table).await, "{name}: replayed");
     let files = stepgate::audit::log_files(g.state_dir());
@@ -218,14 +252,14 @@ async fn dbmate_migrates_once_approved_and_its_noop_run_needs_no_token() {
             )
             .unwrap();
         },
-        |work| {
+        |work, url| {
             let mut c = Command::new(tool("dbmate").unwrap());
-            c.current_dir(work)
-                .args(["--no-dump-schema", "migrate"])
-                .env(
-                    "DATABASE_URL",
-                    std::fs::read_to_string(work.join("url")).unwrap_or_default() + "?sslmode=disable",
-                );
+            c.current_dir(work).args([
+                "--no-dump-schema",
+                "--url",
+                &format!("{}?sslmode=disable", url.unwrap_or("{url}")),
+                "migrate",
+            ]);
             c
         },
     )
@@ -256,12 +290,14 @@ async fn knex_migrates_once_approved_and_its_noop_run_needs_no_token() {
             )
             .unwrap();
         },
-        |work| {
+        |work, url| {
             let mut c = Command::new(tool("knex").unwrap());
             c.current_dir(work)
                 .arg("migrate:latest")
-                .env("NODE_PATH", tools_dir().join("node_modules"))
-                .env("DATABASE_URL", std::fs::read_to_string(work.join("url")).unwrap_or_default());
+                .env("NODE_PATH", tools_dir().join("node_modules"));
+            if let Some(url) = url {
+                c.env("DATABASE_URL", url);
+            }
             c
         },
     )
@@ -306,11 +342,12 @@ async fn alembic_upgrades_once_approved_and_its_noop_run_needs_no_token() {
             )
             .unwrap();
         },
-        |work| {
+        |work, url| {
             let mut c = Command::new(tool("alembic").unwrap());
-            c.current_dir(work)
-                .args(["upgrade", "head"])
-                .env("DATABASE_URL", std::fs::read_to_string(work.join("url")).unwrap_or_default());
+            c.current_dir(work).args(["upgrade", "head"]);
+            if let Some(url) = url {
+                c.env("DATABASE_URL", url);
+            }
             c
         },
     )

@@ -5,6 +5,7 @@ pub mod approve;
 pub mod audit;
 pub mod check;
 pub mod demo;
+pub mod plan;
 pub mod serve;
 pub mod token;
 pub mod token_ops;
