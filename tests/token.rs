@@ -1110,3 +1110,98 @@ async fn a_fifty_statement_token_goes_through_set_with_e_quoting_and_through_pgo
     let report = stepgate::audit_tool::verify(&files, None, None).unwrap();
     assert!(report.ok, "{:?}", report.error);
 }
+
+/// Issue 18's signing workflow: `token new` takes several `--held` and `--held` with `--file`, in order;
+/// warns about an `unparsed` statement and a `-- migrate:down` section (refuses them with `--strict`); and
+/// refuses a `--ttl` the rule's max_token_lifetime would never accept, naming the rule.
+#[tokio::test]
+async fn token_new_takes_several_sources_and_warns_before_signing() {
+    let db = "tok_new_many";
+    let _direct = setup(db).await;
+    let g = gate_with(policy).await;
+    let c = g.client(db).await;
+    let (a, _) = held(&c.batch_execute("DROP TABLE t2").await.unwrap_err());
+    let (b, _) = held(&c.batch_execute("DROP TABLE t3").await.unwrap_err());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(&g, dir.path());
+    let cfg = cfg.to_str().unwrap();
+    let file = dir.path().join("0042.sql");
+    std::fs::write(
+        &file,
+        "-- migrate:up\nTRUNCATE t;\n\n-- migrate:down\nDROP TABLE t;\n",
+    )
+    .unwrap();
+    let (ok, out, err) = stepgate(
+        &[
+            "token",
+            "new",
+            "--config",
+            cfg,
+            "--held",
+            &a,
+            "--held",
+            &b,
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(ok, "{err}");
+    let out = String::from_utf8(out).unwrap();
+    let order: Vec<usize> = [
+        "DROP TABLE t2",
+        "DROP TABLE t3",
+        "TRUNCATE t",
+        "DROP TABLE t\"",
+    ]
+    .iter()
+    .map(|s| out.find(s).unwrap_or_else(|| panic!("{s} missing: {out}")))
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+    assert!(
+        err.contains("0042.sql:4: a `-- migrate:down` section"),
+        "{err}"
+    );
+    // --strict refuses what it warned about, printing nothing.
+    let (ok, out, err) = stepgate(
+        &[
+            "token",
+            "new",
+            "--config",
+            cfg,
+            "--database",
+            db,
+            "--file",
+            file.to_str().unwrap(),
+            "--strict",
+        ],
+        b"",
+    );
+    assert!(!ok && out.is_empty(), "{err}");
+    // Tool output pasted by mistake is unparsed: warned about.
+    let (ok, _, err) = stepgate(
+        &[
+            "token",
+            "new",
+            "--config",
+            cfg,
+            "--database",
+            db,
+            "--sql",
+            "Applying: 0042_create.sql",
+        ],
+        b"",
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("is unparsed"), "{err}");
+    // A validity the rule would never accept (max_token_lifetime = 1h).
+    let (ok, _, err) = stepgate(
+        &["token", "new", "--config", cfg, "--held", &a, "--ttl", "2h"],
+        b"",
+    );
+    assert!(!ok, "made a token that can never work");
+    assert!(
+        err.contains("max_token_lifetime") && err.contains("1h"),
+        "{err}"
+    );
+}

@@ -320,12 +320,12 @@ fn walkthrough(
                     user: None,
                     ttl: Duration::from_secs(600),
                     reason: Some("stepgate demo".into()),
-                    source: super::token_ops::Source::Held(held_id.clone()),
+                    sources: vec![super::token_ops::Source::Held(held_id.clone())],
                 },
                 std::time::SystemTime::now(),
             )?;
             let keys = super::token_ops::read_secret_keys(&[key_file.display().to_string()])?;
-            let token = super::token_ops::sign(payload.as_bytes(), &keys, None)?;
+            let token = super::token_ops::sign(payload.text.as_bytes(), &keys, None)?;
             let tok = dir.join("drop.asc");
             std::fs::write(&tok, token)?;
             std::fs::write(

@@ -34,15 +34,18 @@ pub enum TokenCmd {
         /// Why (a ticket, a sentence); the signer reads it.
         #[arg(long)]
         reason: Option<String>,
-        /// SQL file (`-` for standard input).
-        #[arg(long, group = "source")]
+        /// SQL file (`-` for standard input); its guarded statements come after the held ones.
+        #[arg(long, conflicts_with = "sql")]
         file: Option<String>,
         /// SQL text.
-        #[arg(long, group = "source")]
+        #[arg(long)]
         sql: Option<String>,
-        /// A held statement's id (from the 42501 error or SHOW HELD).
-        #[arg(long, group = "source")]
-        held: Option<String>,
+        /// A held statement's id (from the 42501 error or SHOW HELD); repeat for several, in order.
+        #[arg(long)]
+        held: Vec<String>,
+        /// Refuse, rather than warn, when a statement is unparsed or a file has a `-- migrate:down` section.
+        #[arg(long)]
+        strict: bool,
     },
     /// Cleartext-sign a payload (standard input) with one or more secret keys.
     #[command(after_help = "Example:
@@ -97,14 +100,12 @@ pub fn run(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
             file,
             sql,
             held,
+            strict,
         } => {
             let config = with_state(config, state_dir)?;
-            let source = match (file, sql, held) {
-                (Some(f), _, _) => cli::Source::File(f),
-                (_, Some(s), _) => cli::Source::Sql(s),
-                (_, _, Some(h)) => cli::Source::Held(h),
-                _ => anyhow::bail!("say what to sign: --held ID, --file FILE or --sql SQL"),
-            };
+            let mut sources: Vec<cli::Source> = held.into_iter().map(cli::Source::Held).collect();
+            sources.extend(file.map(cli::Source::File));
+            sources.extend(sql.map(cli::Source::Sql));
             let payload = cli::new_payload(
                 &cli::NewToken {
                     config: &config,
@@ -112,11 +113,18 @@ pub fn run(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
                     user,
                     ttl,
                     reason,
-                    source,
+                    sources,
                 },
                 std::time::SystemTime::now(),
             )?;
-            print!("{payload}");
+            for w in &payload.warnings {
+                eprintln!("stepgate token new: warning: {w}");
+            }
+            if strict && !payload.warnings.is_empty() {
+                eprintln!("stepgate token new: refused (--strict): nothing printed");
+                return Ok(ExitCode::from(1));
+            }
+            print!("{}", payload.text);
             Ok(ExitCode::SUCCESS)
         }
         TokenCmd::Sign { key } => {

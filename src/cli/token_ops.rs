@@ -35,74 +35,148 @@ pub struct NewToken<'a> {
     pub user: Option<String>,
     pub ttl: Duration,
     pub reason: Option<String>,
-    pub source: Source,
+    /// In order: held entries' statements first, then a file's or `--sql`'s.
+    pub sources: Vec<Source>,
 }
 
 pub use stepgate::token::new_uuid;
 
+/// The payload to sign, and warnings for the signer's attention (an `unparsed` statement, a down migration,
+/// a validity the rule will not accept).
+pub struct NewPayload {
+    pub text: String,
+    pub warnings: Vec<String>,
+}
+
 /// Makes the payload to sign: only the statements the rule for the database and user guards.
-pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
+pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<NewPayload> {
     let classifier = stepgate::classify::Classifier::for_config(o.config);
-    let (database, user, statements) = match &o.source {
-        Source::Held(id) => {
-            let path = o.config.state_dir.join("audit.jsonl");
-            let registry = Registry::new(None);
-            registry.restore(&AuditLog::read_dir(&o.config.state_dir)?);
-            let entry = registry.get(id).ok_or_else(|| {
-                anyhow!(
-                    "no held statement {id:?} in {} (use --state-dir or --config to name stepgate's state directory)",
-                    path.display()
-                )
-            })?;
-            let statements =
-                stepgate::token::held::statements_of(&entry, o.database.as_deref(), &classifier)?;
-            let user = o.user.clone().or(Some(entry.session.user.clone()));
-            (entry.session.database.clone(), user, statements)
-        }
-        Source::File(_) | Source::Sql(_) => {
-            let (name, text) = match &o.source {
-                Source::File(f) if f == "-" => {
-                    let mut buf = Vec::new();
-                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
-                    (
-                        "-".to_string(),
-                        stepgate::check::read_source(&buf).map_err(|e| anyhow!("stdin: {e}"))?,
-                    )
-                }
-                Source::File(f) => {
-                    let bytes = std::fs::read(f).with_context(|| format!("cannot read {f}"))?;
-                    (
-                        f.clone(),
-                        stepgate::check::read_source(&bytes).map_err(|e| anyhow!("{f}: {e}"))?,
-                    )
-                }
-                Source::Sql(s) => ("--sql".to_string(), s.clone()),
-                Source::Held(_) => unreachable!("handled above"),
-            };
-            let database = o.database.clone().ok_or_else(|| {
-                anyhow!("--database is required with --file or --sql (a token names its database)")
-            })?;
-            let rule = o
-                .config
-                .rule_for(&database, o.user.as_deref().unwrap_or("*"));
-            let findings = stepgate::check::check_text(&name, &text, o.config, &rule, &classifier);
-            let out: Vec<StatementGrant> = findings
-                .into_iter()
-                .filter(|f| f.guarded)
-                .map(|f| StatementGrant {
-                    fingerprint: f.fingerprint,
-                    class: f.class,
-                    sql: f.sql,
-                })
-                .collect();
-            if out.is_empty() {
-                bail!(
-                    "nothing to sign: no statement in {name} is guarded for database {database:?}"
-                );
+    let mut database: Option<String> = None;
+    let mut user: Option<String> = o.user.clone();
+    let mut statements: Vec<StatementGrant> = Vec::new();
+    let mut warnings = Vec::new();
+    fn same_database(database: &mut Option<String>, db: &str) -> Result<()> {
+        match database {
+            Some(d) if d != db => bail!(
+                "the statements are for different databases ({d:?} and {db:?}): a token names one"
+            ),
+            _ => {
+                *database = Some(db.to_string());
+                Ok(())
             }
-            (database, o.user.clone(), out)
         }
-    };
+    }
+    if o.sources.is_empty() {
+        bail!("say what to sign: --held ID (repeatable), --file FILE or --sql SQL");
+    }
+    let mut registry: Option<Registry> = None;
+    for source in &o.sources {
+        match source {
+            Source::Held(id) => {
+                let registry = match &mut registry {
+                    Some(r) => r,
+                    None => {
+                        let r = Registry::new(None);
+                        r.restore(&AuditLog::read_dir(&o.config.state_dir)?);
+                        registry.insert(r)
+                    }
+                };
+                let path = o.config.state_dir.join("audit.jsonl");
+                let entry = registry.get(id).ok_or_else(|| {
+                    anyhow!(
+                        "no held statement {id:?} in {} (use --state-dir or --config to name stepgate's state directory)",
+                        path.display()
+                    )
+                })?;
+                let found = stepgate::token::held::statements_of(
+                    &entry,
+                    o.database.as_deref(),
+                    &classifier,
+                )?;
+                same_database(&mut database, &entry.session.database)?;
+                if user.is_none() {
+                    user = Some(entry.session.user.clone());
+                }
+                statements.extend(found);
+            }
+            Source::File(_) | Source::Sql(_) => {
+                let (name, text) = match source {
+                    Source::File(f) if f == "-" => {
+                        let mut buf = Vec::new();
+                        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+                        (
+                            "-".to_string(),
+                            stepgate::check::read_source(&buf)
+                                .map_err(|e| anyhow!("stdin: {e}"))?,
+                        )
+                    }
+                    Source::File(f) => {
+                        let bytes = std::fs::read(f).with_context(|| format!("cannot read {f}"))?;
+                        (
+                            f.clone(),
+                            stepgate::check::read_source(&bytes)
+                                .map_err(|e| anyhow!("{f}: {e}"))?,
+                        )
+                    }
+                    Source::Sql(s) => ("--sql".to_string(), s.clone()),
+                    Source::Held(_) => unreachable!("handled above"),
+                };
+                if let Some(line) = text.lines().position(|l| {
+                    l.trim_start()
+                        .to_ascii_lowercase()
+                        .starts_with("-- migrate:down")
+                }) {
+                    warnings.push(format!(
+                        "{name}:{}: a `-- migrate:down` section: its statements (the rollback) are in the payload too; cut them off unless the token is for the rollback",
+                        line + 1
+                    ));
+                }
+                let db = o
+                    .database
+                    .clone()
+                    .or_else(|| database.clone())
+                    .ok_or_else(|| {
+                        anyhow!("--database is required with --file or --sql (a token names its database)")
+                    })?;
+                same_database(&mut database, &db)?;
+                let rule = o.config.rule_for(&db, o.user.as_deref().unwrap_or("*"));
+                let findings =
+                    stepgate::check::check_text(&name, &text, o.config, &rule, &classifier);
+                let before = statements.len();
+                statements.extend(findings.into_iter().filter(|f| f.guarded).map(|f| {
+                    StatementGrant {
+                        fingerprint: f.fingerprint,
+                        class: f.class,
+                        sql: f.sql,
+                    }
+                }));
+                if statements.len() == before {
+                    bail!("nothing to sign: no statement in {name} is guarded for database {db:?}");
+                }
+            }
+        }
+    }
+    let database = database.unwrap_or_default();
+    for (i, s) in statements.iter().enumerate() {
+        if s.class == stepgate::config::Class::Unparsed {
+            let head: String = s.sql.split_whitespace().collect::<Vec<_>>().join(" ");
+            warnings.push(format!(
+                "statement {} is unparsed (PostgreSQL's parser cannot read it — tool output pasted by mistake?): {}",
+                i + 1,
+                head.chars().take(80).collect::<String>()
+            ));
+        }
+    }
+    let rule = o.config.rule_for(&database, user.as_deref().unwrap_or("*"));
+    if o.ttl > rule.max_token_lifetime {
+        bail!(
+            "--ttl {} is longer than the {} the rule for database {:?}, user {:?} accepts (max_token_lifetime): the token could never be used",
+            humantime::format_duration(o.ttl),
+            humantime::format_duration(rule.max_token_lifetime),
+            rule.database,
+            rule.user
+        );
+    }
     let payload = Payload {
         id: new_uuid(),
         instance: o.config.instance.clone(),
@@ -113,7 +187,10 @@ pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<String> {
         statements,
         reason: o.reason.clone(),
     };
-    Ok(payload.render())
+    Ok(NewPayload {
+        text: payload.render(),
+        warnings,
+    })
 }
 
 /// Reads secret keys (armored or binary; several per file allowed).
