@@ -4,7 +4,7 @@ WORKDIR /src
 # pg_query compiles PostgreSQL's parser (libpg_query); bindgen needs libclang.
 RUN apt-get update && apt-get install -y --no-install-recommends clang libclang-dev \
     && rm -rf /var/lib/apt/lists/*
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY benches ./benches
 RUN cargo build --release --locked --bin stepgate
