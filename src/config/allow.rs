@@ -6,7 +6,24 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{pattern_matches, ConfigError};
+use super::rule::pattern_matches;
+
+/// Why the `[[allow]]` entries or an `include` file cannot be used (the config turns it into its own error).
+#[derive(Debug)]
+pub enum AllowError {
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    Parse {
+        path: String,
+        message: String,
+    },
+    Invalid {
+        path: String,
+        message: String,
+    },
+}
 
 /// One `[[allow]]` entry as written.
 #[derive(Debug, Deserialize)]
@@ -54,13 +71,12 @@ impl Allow {
     }
 }
 
-fn convert(raw: Vec<RawAllow>, source: &str) -> Result<Vec<Allow>, ConfigError> {
+fn convert(raw: Vec<RawAllow>, source: &str) -> Result<Vec<Allow>, AllowError> {
     raw.into_iter()
         .enumerate()
         .map(|(i, a)| {
-            let invalid = |message: String| ConfigError::Invalid {
+            let invalid = |message: String| AllowError::Invalid {
                 path: source.to_string(),
-                key: "allow",
                 message,
             };
             match (&a.sql, &a.fingerprint) {
@@ -105,7 +121,7 @@ pub(super) fn load(
     include: Vec<PathBuf>,
     base: &Path,
     source: &str,
-) -> Result<Vec<Allow>, ConfigError> {
+) -> Result<Vec<Allow>, AllowError> {
     let mut out = convert(own, source)?;
     for path in include {
         let path = if path.is_absolute() {
@@ -113,12 +129,12 @@ pub(super) fn load(
         } else {
             base.join(path)
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+        let text = std::fs::read_to_string(&path).map_err(|e| AllowError::Read {
             path: path.clone(),
             source: e,
         })?;
         let shown = path.display().to_string();
-        let raw: RawInclude = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let raw: RawInclude = toml::from_str(&text).map_err(|e| AllowError::Parse {
             path: shown.clone(),
             message: e.to_string().trim_end().to_string(),
         })?;

@@ -300,7 +300,15 @@ impl Config {
         })?;
         let d = Config::default();
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
-        let allow = allow::load(raw.allow, raw.include, base, source)?;
+        let allow = allow::load(raw.allow, raw.include, base, source).map_err(|e| match e {
+            allow::AllowError::Read { path, source } => ConfigError::Read { path, source },
+            allow::AllowError::Parse { path, message } => ConfigError::Parse { path, message },
+            allow::AllowError::Invalid { path, message } => ConfigError::Invalid {
+                path,
+                key: "allow",
+                message,
+            },
+        })?;
         let config = Config {
             listen: raw.listen.unwrap_or(d.listen),
             upstream: raw.upstream.unwrap_or(d.upstream),

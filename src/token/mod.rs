@@ -30,8 +30,7 @@ pub fn new_uuid() -> String {
     )
 }
 
-/// Marks the compressed one-line form of a token: `deflate:` then base64 of the deflated token.
-pub const PACKED_PREFIX: &str = "deflate:";
+pub use signed::PACKED_PREFIX;
 
 /// `stepgate token pack`: the one-line form for PGOPTIONS — `deflate:` and base64 of the deflated token (a
 /// 50-statement token packs to a third of its armored size). Plain base64 of the token is read too.

@@ -126,19 +126,30 @@ impl Keyring {
         let mut certs = Vec::new();
         for f in files {
             let bytes = std::fs::read(&f).map_err(|e| at(&f)(&e))?;
-            for cert in CertParser::from_bytes(&bytes).map_err(|e| at(&f)(&e))? {
-                certs.push(cert.map_err(|e| at(&f)(&e))?);
+            // A README or a stray file in the keys directory reads as "unexpected EOF" to the parser: say
+            // what it is instead.
+            let not_a_key = |e: &dyn std::fmt::Display| {
+                at(&f)(&format!(
+                    "not an OpenPGP key (export one with gpg --export --armor NAME): {e}"
+                ))
+            };
+            for cert in CertParser::from_bytes(&bytes).map_err(|e| not_a_key(&e))? {
+                certs.push(cert.map_err(|e| not_a_key(&e))?);
             }
         }
         Ok(Keyring { certs })
     }
 }
 
+/// Marks the compressed one-line form of a token (`stepgate token pack`): `deflate:` then base64 of the
+/// deflated token.
+pub const PACKED_PREFIX: &str = "deflate:";
+
 /// The token as bytes OpenPGP can parse: the one-line forms (`deflate:` + base64, or base64) are decoded
 /// first.
 fn unwrap_base64(token: &[u8]) -> Result<Vec<u8>, SignatureError> {
     let trimmed = token.trim_ascii();
-    if let Some(packed) = trimmed.strip_prefix(super::PACKED_PREFIX.as_bytes()) {
+    if let Some(packed) = trimmed.strip_prefix(PACKED_PREFIX.as_bytes()) {
         let deflated = base64::engine::general_purpose::STANDARD_NO_PAD
             .decode(packed)
             .or_else(|_| base64::engine::general_purpose::STANDARD.decode(packed))
@@ -344,6 +355,11 @@ pub fn verify(token: &[u8], keyring: &Keyring, now: SystemTime) -> Result<Signed
         )));
     }
     let bytes = unwrap_base64(token)?;
+    if bytes.trim_ascii_start().starts_with(b"stepgate-token:") {
+        return Err(SignatureError::Malformed(
+            "not signed: this is the payload itself; sign it with gpg --clearsign (or stepgate token sign --key KEY)".into(),
+        ));
+    }
     let policy = StandardPolicy::new();
     let mut payload: Option<Vec<u8>> = None;
     let mut signers: Vec<SignerInfo> = Vec::new();

@@ -237,3 +237,15 @@ fn a_protected_key_signs_only_with_its_passphrase() {
     );
     assert!(!needs_passphrase(&[key("open")], now));
 }
+
+#[test]
+fn an_unsigned_payload_and_a_stray_keyring_file_say_what_they_are() {
+    let e = verify(PAYLOAD, &Keyring::default(), SystemTime::now()).unwrap_err();
+    assert!(e.to_string().contains("not signed"), "{e}");
+    assert!(e.to_string().contains("gpg --clearsign"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("README"), "these are our signers' keys\n").unwrap();
+    let e = Keyring::load(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("not an OpenPGP key"), "{e}");
+    assert!(e.to_string().contains("README"), "{e}");
+}
