@@ -97,7 +97,8 @@ fn psql_migration_stops_at_the_held_drop() {
             "{err}"
         );
         assert!(err.contains("DETAIL:  held id "), "{err}");
-        assert!(err.contains("HINT:  stepgate token new --held "), "{err}");
+        assert!(err.contains("HINT:  stepgate token new --"), "{err}");
+        assert!(err.contains(" --held "), "{err}");
         assert_eq!(direct("SELECT 1"), expected, "{extra:?}");
     }
 }

@@ -65,10 +65,17 @@ fn held(e: &tokio_postgres::Error, class: &str) -> String {
     );
     assert!(detail.contains("; fingerprint sha256:"), "{detail}");
     let hint = db.hint().unwrap();
+    // It says where the held entry is (the server's config, or its state directory) and what comes next.
     assert!(
-        hint.contains(&format!("stepgate token new --held {id}")),
+        hint.starts_with("stepgate token new --config ")
+            || hint.starts_with("stepgate token new --state-dir "),
         "{hint}"
     );
+    assert!(
+        hint.contains(&format!(" --held {id} | gpg --clearsign")),
+        "{hint}"
+    );
+    assert!(hint.contains("run the statement again"), "{hint}");
     assert!(hint.contains(&format!("SHOW HELD {id}")), "{hint}");
     id
 }

@@ -18,6 +18,18 @@ fn certs() -> &'static (std::path::PathBuf, std::path::PathBuf) {
     let (_, paths) = CERTS.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let paths = write_test_cert(dir.path());
+        // A static is never dropped: a watchdog removes the key files once this test process is gone.
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {} 2>/dev/null; do sleep 0.5; done; rm -rf '{}'",
+                std::process::id(),
+                dir.path().display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
         (dir, paths)
     });
     paths

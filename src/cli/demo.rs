@@ -24,6 +24,13 @@ pub struct DemoOptions {
 
 /// Runs the demo. In `--check` mode returns an error naming the first step that did not behave.
 pub async fn run(opts: DemoOptions) -> Result<()> {
+    // The port first: a taken one is said at once, not after PostgreSQL has started.
+    if let Err(e) = std::net::TcpListener::bind(&opts.listen) {
+        bail!(
+            "cannot listen on {}: {e}; choose another address, e.g. stepgate demo --listen 127.0.0.1:6433",
+            opts.listen
+        );
+    }
     eprintln!("starting a throwaway PostgreSQL …");
     let db = std::sync::Arc::new(
         tokio::task::spawn_blocking(|| DevDb::start(&DevDbOptions::default()))
@@ -140,7 +147,18 @@ fn demo_key(dir: &std::path::Path) -> Result<(std::path::PathBuf, stepgate::toke
         .serialize(&mut secret)
         .context("exporting the demo key")?;
     let key_file = dir.join("demo-signer.sec.asc");
-    std::fs::write(&key_file, secret)?;
+    // A secret key: readable by its owner only.
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_file)
+            .and_then(|mut f| f.write_all(&secret))
+            .with_context(|| format!("writing {}", key_file.display()))?;
+    }
     Ok((
         key_file,
         stepgate::token::SignerPolicy {
@@ -265,7 +283,9 @@ fn walkthrough(
                 .and_then(|r| r.get(..8))
                 .map(str::to_string)
                 .ok_or_else(|| anyhow::anyhow!("no held id in: {err}"))?;
-            if !err.contains(&format!("stepgate token new --held {held_id}")) {
+            if !err.contains("stepgate token new --")
+                || !err.contains(&format!(" --held {held_id} | gpg --clearsign"))
+            {
                 bail!("no signing hint in: {err}");
             }
             Ok(())

@@ -205,6 +205,10 @@ impl Server {
             gate.clock = clock.clone();
         }
         gate.restore_approvals(&approved);
+        gate.config_path = options
+            .config_path
+            .as_deref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
         let tls_acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let upstream_tls = match config.upstream_tls {
             UpstreamTls::Disable => None,

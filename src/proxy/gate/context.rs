@@ -27,6 +27,8 @@ pub struct GateContext {
     pub ledger: Arc<Ledger>,
     /// Tokens deposited with `stepgate approve` / `APPROVE`, for any matching session (kept across reloads).
     pub approvals: Arc<Approvals>,
+    /// The config file the server was started with (absolute), for the HINT of a held statement.
+    pub config_path: Option<std::path::PathBuf>,
     /// The config's `[[allow]]` entries by fingerprint.
     pub allow: std::collections::HashMap<String, Vec<crate::config::allow::Allow>>,
     /// Where token events are recorded (None only in unit tests).
@@ -47,6 +49,7 @@ impl GateContext {
         let classifier = crate::classify::Classifier::for_config(&config);
         let allow = allow_by_fingerprint(&config);
         GateContext {
+            config_path: None,
             allow,
             mode: config.mode,
             config,
@@ -71,6 +74,7 @@ impl GateContext {
         ctx.policy = policy;
         ctx.ledger = old.ledger.clone();
         ctx.approvals = old.approvals.clone();
+        ctx.config_path = old.config_path.clone();
         ctx.metrics = old.metrics.clone();
         ctx.audit = old.audit.clone();
         ctx.clock = old.clock.clone();

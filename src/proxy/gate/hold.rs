@@ -86,7 +86,14 @@ impl SessionState {
                         why.as_deref().map(|w| format!("; {w}")).unwrap_or_default()
                     ))
                     .with_hint(format!(
-                        "stepgate token new --held {id} | gpg --clearsign, then SET stepgate.token (or SHOW HELD {id} in the stepgate console)",
+                        "stepgate token new {source} --held {id} | gpg --clearsign, then SET stepgate.token = '<signed token>' and run the statement again (or SHOW HELD {id} in the stepgate console)",
+                        source = match &ctx.config_path {
+                            Some(p) => format!("--config {}", shell_word(&p.display().to_string())),
+                            None => format!(
+                                "--state-dir {}",
+                                shell_word(&ctx.config.state_dir.display().to_string())
+                            ),
+                        },
                         id = entry.id
                     ))
             }
@@ -153,5 +160,18 @@ impl SessionState {
                 ),
             }
         ))
+    }
+}
+
+/// `word` as one shell word: as it is when it needs no quoting, else in single quotes.
+fn shell_word(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:,@=".contains(&b))
+    {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }
