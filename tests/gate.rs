@@ -381,53 +381,85 @@ async fn function_call_fast_path_is_privileged_except_large_objects() {
     );
 }
 
-#[tokio::test]
-async fn stepgate_settings_stay_away_from_the_server() {
-    let g = gate().await;
-    let c = g.client("postgres").await;
-    c.batch_execute("SET stepgate.note = 'c2VjcmV0LXRva2Vu'")
-        .await
-        .unwrap();
-    // The server holds a harmless placeholder, never the value.
-    let rows = c.simple_query("SHOW stepgate.note").await.unwrap();
-    let shown = rows.iter().find_map(|m| match m {
+/// A valid token for database `postgres` (it lists one harmless statement).
+fn a_token() -> String {
+    use common::tokens::{payload, sign};
+    sign(
+        &payload("postgres", &["DROP TABLE IF EXISTS no_such_table"]),
+        &["alice"],
+    )
+}
+
+fn first_value(rows: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
+    rows.iter().find_map(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
         _ => None,
-    });
-    assert_eq!(shown.as_deref(), Some("set"));
-    let rows = c.simple_query("SHOW stepgate.status").await.unwrap();
-    let status = rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
+    })
+}
+
+#[tokio::test]
+async fn stepgate_settings_stay_away_from_the_server() {
+    let g = gate_with(common::tokens::policy).await;
+    let c = g.client("postgres").await;
+    let tok = a_token();
+    c.batch_execute(&common::tokens::set_token(&tok))
+        .await
         .unwrap();
+    // The server holds the token's id, never the token.
+    let shown = first_value(&c.simple_query("SHOW stepgate.token").await.unwrap()).unwrap();
+    assert_eq!(shown.len(), 36, "{shown}");
+    assert!(tok.contains(&shown), "{shown}");
+    let status = first_value(&c.simple_query("SHOW stepgate.status").await.unwrap()).unwrap();
     assert!(status.contains("mode=enforce"), "{status}");
-    assert!(status.contains("settings=stepgate.note"), "{status}");
-    assert!(!status.contains("c2VjcmV0"), "{status}");
-    c.batch_execute("RESET stepgate.note").await.unwrap();
+    assert!(status.contains("settings=stepgate.token"), "{status}");
+    assert!(!status.contains("BEGIN PGP"), "{status}");
+    c.batch_execute("RESET stepgate.token").await.unwrap();
     let status = c.simple_query("SHOW stepgate.status").await.unwrap();
     assert!(format!("{status:?}").contains("settings=-"));
     // In a multi-statement string it takes effect for the statements after it.
     let rows = c
-        .simple_query("SET stepgate.note = 'x'; SHOW stepgate.status")
+        .simple_query(&format!(
+            "{}; SHOW stepgate.status",
+            common::tokens::set_token(&tok)
+        ))
         .await
         .unwrap();
-    assert!(format!("{rows:?}").contains("settings=stepgate.note"));
+    assert!(format!("{rows:?}").contains("settings=stepgate.token"));
+    c.batch_execute("RESET stepgate.token").await.unwrap();
     // Inside an aborted transaction: 25P02 like any statement, and nothing changes.
     c.batch_execute("BEGIN").await.unwrap();
     let _ = c.batch_execute("SELECT 1/0").await.unwrap_err();
     let e = c
-        .batch_execute("SET stepgate.other = 'y'")
+        .batch_execute(&common::tokens::set_token(&tok))
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("25P02"));
     c.batch_execute("ROLLBACK").await.unwrap();
     let rows = c.simple_query("SHOW stepgate.status").await.unwrap();
-    assert!(!format!("{rows:?}").contains("stepgate.other"));
+    assert!(format!("{rows:?}").contains("token=none"), "{rows:?}");
     // DISCARD ALL and RESET ALL clear them.
+    c.batch_execute(&common::tokens::set_token(&tok))
+        .await
+        .unwrap();
     c.batch_execute("DISCARD ALL").await.unwrap();
+    let rows = c.simple_query("SHOW stepgate.status").await.unwrap();
+    assert!(format!("{rows:?}").contains("settings=-"), "{rows:?}");
+    // A stepgate setting stepgate does not know (a typo) is refused, naming the known ones, and never sent.
+    for sql in ["SET stepgate.tokn = 'x'", "SET stepgate.note TO 'c2VjcmV0'"] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        let db = e.as_db_error().unwrap();
+        assert_eq!(db.code().code(), "42704", "{db:?}");
+        assert!(
+            db.message().contains("unrecognized stepgate setting"),
+            "{db:?}"
+        );
+        assert!(
+            db.hint().unwrap_or_default().contains("stepgate.token"),
+            "{db:?}"
+        );
+    }
+    let e = c.execute("SET stepgate.tokn = 'x'", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42704"));
     let rows = c.simple_query("SHOW stepgate.status").await.unwrap();
     assert!(format!("{rows:?}").contains("settings=-"), "{rows:?}");
 }
@@ -438,15 +470,24 @@ async fn the_server_log_never_sees_the_value() {
     let Some(log) = pg().devdb().map(|d| d.log_path()) else {
         return; // DATABASE_URL: the server's log is not ours to read
     };
-    let g = gate().await;
+    let g = gate_with(common::tokens::policy).await;
     let c = g.client("postgres").await;
     c.batch_execute("SET log_statement = 'all'").await.unwrap();
-    c.batch_execute("SET stepgate.note = 'c2VjcmV0LWluLXRoZS1sb2c'; SELECT 'marker-after-set'")
+    let tok = a_token();
+    c.batch_execute(&format!(
+        "{}; SELECT 'marker-after-set'",
+        common::tokens::set_token(&tok)
+    ))
+    .await
+    .unwrap();
+    c.execute(&common::tokens::set_token(&tok), &[])
         .await
         .unwrap();
-    c.execute("SET stepgate.note = 'ZXh0ZW5kZWQtc2VjcmV0'", &[])
+    // A refused spelling never reaches the server either.
+    let _ = c
+        .batch_execute("SET stepgate.tokn = 'c2VjcmV0LWluLXRoZS1sb2c'")
         .await
-        .unwrap();
+        .unwrap_err();
     c.batch_execute("SELECT 'marker-end'").await.unwrap();
     let mut text = String::new();
     for _ in 0..50 {
@@ -458,38 +499,39 @@ async fn the_server_log_never_sees_the_value() {
     }
     assert!(text.contains("marker-after-set"), "the statement log is on");
     assert!(
-        text.contains("stepgate.note = 'set'"),
-        "the placeholder reached the server (tokens: see tests/token.rs)"
+        text.contains("SET stepgate.token = '"),
+        "the placeholder (the token's id) reached the server"
+    );
+    assert!(
+        !text.contains("BEGIN PGP SIGNED MESSAGE"),
+        "a token reached the server log"
     );
     assert!(
         !text.contains("c2VjcmV0LWluLXRoZS1sb2c"),
-        "a value reached the server log"
-    );
-    assert!(
-        !text.contains("ZXh0ZW5kZWQtc2VjcmV0"),
         "a value reached the server log"
     );
 }
 
 #[tokio::test]
 async fn stepgate_settings_through_the_extended_protocol() {
-    let g = gate().await;
+    let g = gate_with(common::tokens::policy).await;
     let c = g.client("postgres").await;
-    // tokio-postgres sends Parse/Bind/Execute: the Parse is rewritten, the value kept by stepgate.
-    c.execute("SET stepgate.note = 'extended-secret'", &[])
+    // tokio-postgres sends Parse/Bind/Execute: the Parse is rewritten, the token kept by stepgate.
+    let tok = a_token();
+    c.execute(&common::tokens::set_token(&tok), &[])
         .await
         .unwrap();
     let row = c.query_one("SHOW stepgate.status", &[]).await.unwrap();
     let status: String = row.get(0);
-    assert!(status.contains("settings=stepgate.note"), "{status}");
-    assert!(!status.contains("extended-secret"));
-    let row = c.query_one("SHOW stepgate.note", &[]).await.unwrap();
-    assert_eq!(
-        row.get::<_, String>(0),
-        "set",
-        "the server only ever saw the placeholder"
+    assert!(status.contains("settings=stepgate.token"), "{status}");
+    assert!(!status.contains("BEGIN PGP"));
+    let row = c.query_one("SHOW stepgate.token", &[]).await.unwrap();
+    let shown: String = row.get(0);
+    assert!(
+        shown.len() == 36 && tok.contains(&shown),
+        "the server only ever saw the token's id: {shown}"
     );
-    c.execute("RESET stepgate.note", &[]).await.unwrap();
+    c.execute("RESET stepgate.token", &[]).await.unwrap();
     let status: String = c
         .query_one("SHOW stepgate.status", &[])
         .await

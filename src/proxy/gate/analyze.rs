@@ -82,6 +82,19 @@ impl SessionState {
             };
             match kind {
                 SessionCommand::Mention => mention = true,
+                SessionCommand::Set { name, .. } if name != "stepgate.token" => {
+                    // A typo (`stepgate.tokn`) must not read as success: the session would go on thinking
+                    // it had a token.
+                    return Err(Refused::Token(
+                        crate::wire::reply::ErrorReply::error(
+                            "42704",
+                            format!("stepgate: unrecognized stepgate setting \"{}\"", sanitize(&name)),
+                        )
+                        .with_hint(
+                            "stepgate's settings are stepgate.token (SET, RESET, SHOW) and stepgate.status (SHOW)",
+                        ),
+                    ));
+                }
                 SessionCommand::Set { name, value } => {
                     c = Class::Session;
                     if !view.contains(&name) {
