@@ -58,10 +58,26 @@ pub const TRIM_AFTER_BYTES: usize = 1 << 20;
 /// Gives the memory the allocator holds free back to the system. Judging a large statement makes several
 /// short-lived copies of it inside PostgreSQL's parser and its tree; glibc keeps such freed blocks in its
 /// arenas (its mmap threshold rises after the first large free), so without this a process that judged one
-/// 16 MiB statement stayed ~75 MiB larger for good. Called after a message of [`TRIM_AFTER_BYTES`] or more.
+/// 16 MiB statement stayed ~75 MiB larger for good. Called after a message of [`TRIM_AFTER_BYTES`] or more, at
+/// most once a second (a trim locks each arena in turn: a client sending large statements in a loop must not
+/// make every other session wait on it).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 pub fn release_free_memory() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let last = LAST.load(Ordering::Relaxed);
+    if now <= last
+        || LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
     // SAFETY: malloc_trim takes no pointers; glibc locks each arena while it trims it.
     unsafe {
         libc::malloc_trim(0);
