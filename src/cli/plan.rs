@@ -74,26 +74,22 @@ pub async fn run(o: PlanOptions) -> Result<ExitCode> {
         if !dump.status.success() {
             bail!("pg_dump --schema-only of {} failed", redact_url(from));
         }
+        // Runs SQL text in the throwaway database with psql (errors in it do not stop it).
         let file = tempfile::NamedTempFile::new()?;
-        std::fs::write(file.path(), &dump.stdout)?;
-        let loaded = Command::new("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=0", "-h", "127.0.0.1"])
-            .args([
-                "-p",
-                &db.port().to_string(),
-                "-U",
-                SUPERUSER,
-                "-d",
-                &o.database,
-            ])
-            .arg("-f")
-            .arg(file.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .context("running psql")?;
-        if !loaded.success() {
-            eprintln!("stepgate plan: warning: the schema loaded with errors");
+        let load = |sql: &[u8]| -> Result<bool> {
+            std::fs::write(file.path(), sql)?;
+            Ok(Command::new("psql")
+                .args(["-X", "-q", "-h", "127.0.0.1", "-p", &db.port().to_string()])
+                .args(["-U", SUPERUSER, "-d", &o.database, "-f"])
+                .arg(file.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .context("running psql")?
+                .success())
+        };
+        if !load(&dump.stdout)? {
+            eprintln!("stepgate plan: warning: the schema did not load");
         }
         // A tool knows what it applied from the rows of its own bookkeeping table: those rows come too, so
         // the plan lists only what the real database has not had yet.
@@ -104,22 +100,7 @@ pub async fn run(o: PlanOptions) -> Result<ExitCode> {
         }
         if let Ok(rows) = data.stderr(Stdio::null()).output() {
             if rows.status.success() && !rows.stdout.is_empty() {
-                std::fs::write(file.path(), &rows.stdout)?;
-                let _ = Command::new("psql")
-                    .args(["-X", "-q", "-h", "127.0.0.1"])
-                    .args([
-                        "-p",
-                        &db.port().to_string(),
-                        "-U",
-                        SUPERUSER,
-                        "-d",
-                        &o.database,
-                    ])
-                    .arg("-f")
-                    .arg(file.path())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
+                load(&rows.stdout)?;
             }
         }
     }
