@@ -804,6 +804,31 @@ async fn allow_entries_pass_exact_statements_without_a_token() {
         &c.batch_execute("UPDATE t SET x = 2").await.unwrap_err(),
         "destructive",
     );
+    // An allowed statement does not carry a guarded one beside it, in either order; a prepared statement's
+    // EXECUTE is judged as any other (PREPARE itself runs nothing).
+    for sql in [
+        "UPDATE t SET x = 1; DROP TABLE t",
+        "DROP TABLE t; UPDATE t SET x = 1",
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}: {e:?}");
+    }
+    assert!(table_exists(&direct, "t").await);
+    c.batch_execute("PREPARE p AS UPDATE t SET x = 5")
+        .await
+        .unwrap();
+    held(
+        &c.batch_execute("EXECUTE p").await.unwrap_err(),
+        "destructive",
+    );
+    assert_eq!(
+        direct
+            .query_one("SELECT count(*) FROM t WHERE x = 5", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        0
+    );
     held(
         &c.batch_execute("DROP TABLE t").await.unwrap_err(),
         "destructive",

@@ -1205,3 +1205,42 @@ async fn token_new_takes_several_sources_and_warns_before_signing() {
         "{err}"
     );
 }
+
+/// A rollback gives uses back only inside an explicit transaction block. In an implicit one (a multi-statement
+/// string, an extended-protocol pipeline) something else in it could have committed the statement first (a
+/// procedure's COMMIT where the server allows it), so its use stays spent — checked on the server's tables.
+#[tokio::test]
+async fn only_an_explicit_block_gives_uses_back_on_rollback() {
+    let db = "tok_implicit_rb";
+    let direct = setup(db).await;
+    let g = gate_with(policy).await;
+    let c = g.client(db).await;
+    let tok = sign(
+        &payload(db, &["DROP TABLE t2", "DROP TABLE t3"]),
+        &["alice"],
+    );
+    c.batch_execute(&set_token(&tok)).await.unwrap();
+    // Implicit transaction: the error rolls the DROP back on the server, and its use stays spent.
+    let e = c
+        .batch_execute("DROP TABLE t2; SELECT 1/0")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("22012"));
+    assert!(exists(&direct, "t2").await);
+    let (_, detail) = held(&c.batch_execute("DROP TABLE t2").await.unwrap_err());
+    assert!(detail.contains("already_used"), "{detail}");
+    // A COMMIT ends the block: a statement after it in the same string is not given back either.
+    let e = c
+        .batch_execute("BEGIN; SELECT 1; COMMIT; DROP TABLE t3; SELECT 1/0")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("22012"));
+    assert!(exists(&direct, "t3").await);
+    let (_, detail) = held(&c.batch_execute("DROP TABLE t3").await.unwrap_err());
+    assert!(detail.contains("already_used"), "{detail}");
+    assert!(exists(&direct, "t3").await);
+    let report =
+        stepgate::audit_tool::verify(&stepgate::audit::log_files(g.state_dir()), None, None)
+            .unwrap();
+    assert!(report.ok, "{:?}", report.error);
+}

@@ -31,6 +31,10 @@ pub struct Reservation {
     pub fingerprint: String,
     pub sql: String,
     pub class: Class,
+    /// The statement completed inside an explicit transaction block (BEGIN …): only there can nothing
+    /// commit it before the block ends (a procedure's COMMIT is refused inside one), so only there may a
+    /// rollback give its use back.
+    pub in_block: bool,
 }
 
 /// Why a guarded message is not authorized.
@@ -206,6 +210,7 @@ impl GateContext {
                 fingerprint: g.fingerprint.clone(),
                 sql: g.sql.clone(),
                 class,
+                in_block: false,
             });
         }
         if let Some(out) = deferred {

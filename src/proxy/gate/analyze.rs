@@ -21,6 +21,25 @@ pub(super) struct Analysis {
     pub(super) effects: Vec<Effect>,
     pub(super) rewritten: Option<String>,
     pub(super) grants: Vec<Grant>,
+    /// Statements an `[[allow]]` entry lets pass: recorded (`allowed`) once the message goes to the server.
+    pub(super) allowed: Vec<Allowed>,
+}
+
+/// A statement an `[[allow]]` entry matched.
+pub(super) struct Allowed {
+    entry: crate::config::allow::Allow,
+    fingerprint: String,
+    sql: String,
+    class: Class,
+}
+
+impl SessionState {
+    /// Records the statements `[[allow]]` entries let pass, for a message that is going to the server.
+    pub(super) fn record_allowed(&self, ctx: &GateContext, allowed: &[Allowed]) {
+        for a in allowed {
+            ctx.record_allowed(&self.session, &a.entry, &a.fingerprint, &a.sql, a.class);
+        }
+    }
 }
 
 impl SessionState {
@@ -63,6 +82,7 @@ impl SessionState {
         let mut grants: Vec<Grant> = Vec::new();
         let mut reason: Option<(Class, String)> = None;
         let mut fetches = None;
+        let mut allowed = Vec::new();
         for s in &stmts {
             let index = effects.len();
             let mut c = s.verdict.class;
@@ -245,19 +265,21 @@ impl SessionState {
                 }
             }
             // An `[[allow]]` entry for exactly this statement (never for one PostgreSQL's parser could not
-            // read) lets it pass without a token; it is recorded as `allowed`.
-            let allowed =
-                c != Class::Unparsed && self.guarded(ctx, c) && !ctx.allow.is_empty() && {
-                    let fingerprint = s.fingerprint();
-                    match ctx.allow_for(&fingerprint, &self.session.database, &self.session.user) {
-                        Some(entry) => {
-                            ctx.record_allowed(&self.session, entry, &fingerprint, s.text, c);
-                            true
-                        }
-                        None => false,
-                    }
-                };
-            if allowed {
+            // read) lets it pass without a token; it is recorded as `allowed` once the message is forwarded.
+            let allow = if c != Class::Unparsed && self.guarded(ctx, c) && !ctx.allow.is_empty() {
+                let fingerprint = s.fingerprint();
+                ctx.allow_for(&fingerprint, &self.session.database, &self.session.user)
+                    .map(|entry| Allowed {
+                        entry: entry.clone(),
+                        fingerprint,
+                        sql: s.text.to_string(),
+                        class: c,
+                    })
+            } else {
+                None
+            };
+            if let Some(a) = allow {
+                allowed.push(a);
                 class = class.max(Class::Read);
                 effects.push(effect);
                 continue;
@@ -323,6 +345,7 @@ impl SessionState {
             effects,
             rewritten,
             grants,
+            allowed,
         })
     }
 

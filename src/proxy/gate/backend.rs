@@ -123,6 +123,9 @@ impl SessionState {
             }
             b'C' if body.starts_with(b"ROLLBACK\0") => {
                 self.txn_failed = true;
+                // The block is over (or was rolled back to a savepoint: then nothing is given back anyway);
+                // what follows in the same string runs outside it until a BEGIN or a `T` says otherwise.
+                self.txn_in_block = false;
                 return self.on_backend_complete(ctx, tag, body);
             }
             b'C' if body.starts_with(b"COMMIT\0") => {
@@ -130,7 +133,12 @@ impl SessionState {
                 // happens later in the same query string.
                 let action = self.on_backend_complete(ctx, tag, body);
                 self.settle(ctx, true, false);
+                self.txn_in_block = false;
                 return action;
+            }
+            b'C' if body.starts_with(b"BEGIN\0") || body.starts_with(b"START TRANSACTION\0") => {
+                self.txn_in_block = true;
+                return self.on_backend_complete(ctx, tag, body);
             }
             b'C' if body.starts_with(b"SAVEPOINT\0") => {
                 // ROLLBACK TO a savepoint answers ROLLBACK too, and what ran before the savepoint stays:
@@ -157,6 +165,9 @@ impl SessionState {
             }
             b'Z' => {
                 self.txn_status = body.first().copied().unwrap_or(b'I');
+                if self.txn_status != b'I' {
+                    self.txn_in_block = true;
+                }
                 while let Some(e) = self.queue.pop_front() {
                     let last = matches!(
                         e,
@@ -174,6 +185,7 @@ impl SessionState {
                     self.settle(ctx, committed, !committed && !self.txn_savepoint);
                     self.txn_failed = false;
                     self.txn_savepoint = false;
+                    self.txn_in_block = false;
                 }
             }
             b'S' => {

@@ -83,8 +83,11 @@ impl SessionState {
                 mut info,
                 effects,
                 rewritten,
+                allowed,
                 ..
             }) => {
+                // The Parse goes to the server; its Execute is judged on what is left.
+                self.record_allowed(ctx, &allowed);
                 // The statement's own fingerprints are what a token will have to list.
                 if info.statements.is_empty() {
                     if let Ok(text) = decode(query, &self.lex) {

@@ -92,6 +92,8 @@ pub struct SessionState {
     txn_failed: bool,
     /// The current transaction set a savepoint (a ROLLBACK may have been to it).
     txn_savepoint: bool,
+    /// The session is inside an explicit transaction block (BEGIN seen, or the server said `T`/`E`).
+    txn_in_block: bool,
     /// The session's tracing span (current when the state was made). The relay does not enter it on every
     /// wake-up (that would cost more than the gate's fast path): the paths that log or write audit records
     /// enter it themselves (`let _log = self.span.enter()`), so every log line still names its session.
@@ -120,6 +122,7 @@ impl SessionState {
             outcome_pending: Vec::new(),
             txn_failed: false,
             txn_savepoint: false,
+            txn_in_block: false,
             generation: 0,
             prepared: HashMap::new(),
             portals: HashMap::new(),

@@ -58,16 +58,17 @@ impl SessionState {
         let tag = cstr(body)
             .map(|(t, _)| String::from_utf8_lossy(t).into_owned())
             .unwrap_or_default();
-        for r in reservations {
+        for mut r in reservations {
             ctx.executed(&self.session, &r, &tag);
+            r.in_block = self.txn_in_block;
             self.outcome_pending.push(r);
         }
     }
 
     /// Records how the transaction of the authorized statements that ran in it ended. With `give_back` (the
     /// server itself reported the rollback: idle after an error or a ROLLBACK, and the transaction set no
-    /// savepoint), the uses of `ddl` and `destructive` statements PostgreSQL runs transactionally are given
-    /// back (`released`, reason `rolled_back`), so a migration that failed part-way can be retried with the
+    /// savepoint), the uses of `ddl` and `destructive` statements PostgreSQL runs transactionally, completed
+    /// inside an explicit transaction block, are given back (`released`, reason `rolled_back`), so a migration that failed part-way can be retried with the
     /// same token. `privileged` and `unparsed` uses, and anything not provably undone, stay spent.
     pub(super) fn settle(&mut self, ctx: &GateContext, committed: bool, give_back: bool) {
         if self.outcome_pending.is_empty() {
@@ -78,6 +79,7 @@ impl SessionState {
             ctx.outcome(&self.session, &r, committed);
             if give_back
                 && !committed
+                && r.in_block
                 && matches!(r.class, Class::Ddl | Class::Destructive)
                 && crate::classify::undone_by_rollback(&r.sql)
             {

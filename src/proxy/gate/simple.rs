@@ -50,6 +50,7 @@ impl SessionState {
                 effects,
                 rewritten,
                 grants,
+                allowed,
             }) => {
                 let guarded = !info.statements.is_empty() || self.guarded(ctx, info.class);
                 let (reservations, denied) = self.authorize(ctx, guarded, &grants, info.class);
@@ -80,6 +81,7 @@ impl SessionState {
                     }
                     Decision::Pass => {}
                 }
+                self.record_allowed(ctx, &allowed);
                 self.expect_query(effects, None, reservations);
                 match rewritten {
                     Some(text) => Action::Replace(build::query(text.as_bytes())),
