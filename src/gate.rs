@@ -111,6 +111,8 @@ pub fn decide(guarded: bool, mode: Mode, authorized: bool) -> Decision {
 #[serde(rename_all = "lowercase")]
 pub enum HeldStatus {
     Held,
+    /// Held under `on_hold = "wait"`: its session waits for an approval that covers it.
+    Waiting,
     Authorized,
     Observed,
     Dismissed,
@@ -314,11 +316,20 @@ impl Registry {
     /// Marks the held entries of `database` waiting for `fingerprint` as authorized: a token ran it.
     pub fn authorized(&self, database: &str, fingerprint: &str) {
         for mut e in self.entries.iter_mut() {
-            if e.status == HeldStatus::Held
+            if matches!(e.status, HeldStatus::Held | HeldStatus::Waiting)
                 && e.session.database == database
                 && e.fingerprints.iter().any(|f| f == fingerprint)
             {
                 e.status = HeldStatus::Authorized;
+            }
+        }
+    }
+
+    /// Sets the status of entry `id` (a wait that ended), unless it was dismissed meanwhile.
+    pub fn set_status(&self, id: &str, status: HeldStatus) {
+        if let Some(mut e) = self.entries.get_mut(id) {
+            if e.status != HeldStatus::Dismissed {
+                e.status = status;
             }
         }
     }

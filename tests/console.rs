@@ -402,3 +402,297 @@ async fn an_approved_token_covers_any_session_of_its_database_once() {
     assert!(report.ok, "{:?}", report.error);
     assert_eq!(report.authorizations, 2);
 }
+
+/// A psql that runs one statement through stepgate (`-c` each), its stderr read as it comes.
+struct Waiter {
+    child: std::process::Child,
+    stderr: std::sync::mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Waiter {
+    fn start(g: &Gate, db: &str, commands: &[&str]) -> Waiter {
+        use std::io::BufRead;
+        let mut cmd = Command::new("psql");
+        cmd.arg(format!(
+            "host=127.0.0.1 port={} user={} dbname={db} sslmode=disable",
+            g.addr.port(),
+            pg().user
+        ))
+        .args(["-X", "-v", "ON_ERROR_STOP=1"]);
+        for c in commands {
+            cmd.args(["-c", c]);
+        }
+        let mut child = cmd
+            .env_remove("PGPASSWORD")
+            .env_remove("PGOPTIONS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Waiter {
+            child,
+            stderr: rx,
+            seen: String::new(),
+        }
+    }
+
+    /// What psql printed on stderr once a line contains `words` (panics after `within`).
+    fn until(&mut self, words: &str, within: std::time::Duration) -> String {
+        let end = std::time::Instant::now() + within;
+        while !self.seen.contains(words) {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                }
+                Err(_) => panic!(
+                    "psql did not print {words:?} in time; it printed:\n{}",
+                    self.seen
+                ),
+            }
+        }
+        self.seen.clone()
+    }
+
+    /// psql's exit status, its stdout and all of its stderr (panics after `within`).
+    fn finish(mut self, within: std::time::Duration) -> (bool, String, String) {
+        let end = std::time::Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > end {
+                let _ = self.child.kill();
+                while let Ok(line) = self.stderr.recv_timeout(std::time::Duration::from_secs(1)) {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                }
+                panic!("psql did not finish in time; it printed:\n{}", self.seen);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut out = String::new();
+        use std::io::Read;
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        while let Ok(line) = self.stderr.recv_timeout(std::time::Duration::from_secs(2)) {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        (status.success(), out, self.seen)
+    }
+}
+
+async fn has_column(c: &tokio_postgres::Client, col: &str) -> bool {
+    c.query_one(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = $1",
+        &[&col],
+    )
+    .await
+    .unwrap()
+    .get::<_, i64>(0)
+        == 1
+}
+
+fn held_id_in(text: &str) -> String {
+    let at = text
+        .find("held id ")
+        .unwrap_or_else(|| panic!("no held id in {text}"))
+        + 8;
+    text[at..at + 8].to_string()
+}
+
+/// Issue 18, wait mode: under `on_hold = "wait"` a held `ALTER TABLE` in psql waits instead of failing; psql
+/// shows a NOTICE at once with the held id and the command that approves it; the console's SHOW HELD lists
+/// it as waiting; `stepgate approve` with a token that covers it lets it run, and psql prints ALTER TABLE.
+/// When the wait times out it fails as a held statement always did (same held id), and a later approval
+/// does not run it. Inside a transaction block nothing waits. Both relays (they write the NOTICE apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
+    if pg().devdb().is_none() {
+        return; // DATABASE_URL: the password roles are the throwaway server's
+    }
+    use std::time::{Duration, Instant};
+    for (i, options) in relays().into_iter().enumerate() {
+        let (db, short) = (format!("wait_{i}"), format!("waitq_{i}"));
+        let direct = setup(&db).await;
+        let direct_short = setup(&short).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stepgate.toml");
+        let rules = "[[rule]]\ndatabase = \"waitq_*\"\non_hold = \"wait\"\nwait_timeout = \"2s\"\n\
+                     [[rule]]\ndatabase = \"wait_*\"\non_hold = \"wait\"\nwait_timeout = \"40s\"\n[[rule]]";
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = \"state\"\n{}[admin]\nusers = [\"{SCRAM_USER}\"]\n",
+                policy_toml().replacen("[[rule]]", rules, 1)
+            ),
+        )
+        .unwrap();
+        let g = gate_from_file_with(&path, options).await;
+        let approve = |file: &std::path::Path| {
+            let out = Command::new(common::serve::BIN)
+                .args([
+                    "approve",
+                    "--console",
+                    &format!(
+                        "host=127.0.0.1 port={} user={SCRAM_USER} dbname=stepgate sslmode=disable",
+                        g.addr.port()
+                    ),
+                ])
+                .arg(file)
+                .env("PGPASSWORD", SCRAM_PASSWORD)
+                .env_remove("STEPGATE_CONFIG")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        // It waits: the NOTICE comes at once, the console lists it as waiting, nothing ran.
+        let alter = "ALTER TABLE t ADD COLUMN b int";
+        let mut waiter = tokio::task::block_in_place(|| Waiter::start(&g, &db, &[alter]));
+        let notice = tokio::task::block_in_place(|| waiter.until("HINT:", Duration::from_secs(10)));
+        assert!(
+            notice.contains("NOTICE:  stepgate: statement held (ddl), held id "),
+            "{notice}"
+        );
+        assert!(
+            notice.contains("waiting up to 40s for an approval"),
+            "{notice}"
+        );
+        assert!(notice.contains("stepgate approve --config"), "{notice}");
+        let id = held_id_in(&notice);
+        let (ok, shown, err) = tokio::task::block_in_place(|| {
+            psql_console(
+                &g,
+                SCRAM_USER,
+                Some(SCRAM_PASSWORD),
+                &format!("SHOW HELD {id}"),
+            )
+        });
+        assert!(ok, "{err}");
+        assert!(shown.contains("waiting"), "{shown}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !has_column(&direct, "b").await,
+            "it ran before it was approved"
+        );
+
+        // Approved with a token that covers it: it runs, psql reports success.
+        let file = dir.path().join(format!("{id}.asc"));
+        std::fs::write(&file, sign(&payload(&db, &[alter]), &["alice"])).unwrap();
+        let approved_at = Instant::now();
+        tokio::task::block_in_place(|| approve(&file));
+        let (ok, out, err) = tokio::task::block_in_place(|| waiter.finish(Duration::from_secs(15)));
+        assert!(ok, "relay {i}: {out}{err}");
+        assert!(out.contains("ALTER TABLE"), "{out}");
+        assert!(approved_at.elapsed() < Duration::from_secs(10));
+        assert!(has_column(&direct, "b").await);
+        let records = g.audit();
+        let of = |event: &str| records.iter().filter(|r| r["event"] == event).count();
+        assert!(records
+            .iter()
+            .any(|r| r["event"] == "held" && r["held_id"] == id.as_str()));
+        assert_eq!(of("approved"), 1);
+        assert_eq!(of("authorized"), 1, "{records:?}");
+        assert_eq!(of("executed"), 1);
+
+        // Dismissed in the console while it waits: it fails at once, and nothing ran.
+        let mut waiter = tokio::task::block_in_place(|| Waiter::start(&g, &db, &["DROP TABLE t3"]));
+        let notice = tokio::task::block_in_place(|| waiter.until("HINT:", Duration::from_secs(10)));
+        let id = held_id_in(&notice);
+        let (ok, _, err) = tokio::task::block_in_place(|| {
+            psql_console(
+                &g,
+                SCRAM_USER,
+                Some(SCRAM_PASSWORD),
+                &format!("DISMISS {id}"),
+            )
+        });
+        assert!(ok, "{err}");
+        let (ok, _, err) = tokio::task::block_in_place(|| waiter.finish(Duration::from_secs(10)));
+        assert!(!ok);
+        assert!(
+            err.contains(&format!(
+                "held id {id}; dismissed in the stepgate console while it waited"
+            )),
+            "{err}"
+        );
+        assert!(exists(&direct, "t3").await);
+
+        // Inside a transaction block it fails at once.
+        let started = Instant::now();
+        let block = tokio::task::block_in_place(|| {
+            Waiter::start(
+                &g,
+                &db,
+                &["BEGIN", "ALTER TABLE t ADD COLUMN c int", "COMMIT"],
+            )
+            .finish(Duration::from_secs(20))
+        });
+        assert!(!block.0, "{block:?}");
+        assert!(
+            block.2.contains("statement held (ddl)")
+                && block
+                    .2
+                    .contains("; not waiting for an approval inside a transaction block")
+                && !block.2.contains("waiting up to"),
+            "{block:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(!has_column(&direct, "c").await);
+
+        // No approval in time: refused with the same held id; an approval afterwards runs nothing.
+        let started = Instant::now();
+        let (ok, _, err) = tokio::task::block_in_place(|| {
+            Waiter::start(&g, &short, &["DROP TABLE t2"]).finish(Duration::from_secs(20))
+        });
+        assert!(!ok);
+        assert!(started.elapsed() >= Duration::from_secs(2), "{err}");
+        assert!(err.contains("waiting up to 2s"), "{err}");
+        let id = held_id_in(&err);
+        assert!(
+            err.contains(&format!("ERROR:  stepgate: statement held (destructive), held id {id}; no approval covered it within 2s")),
+            "{err}"
+        );
+        assert!(exists(&direct_short, "t2").await);
+        let late = dir.path().join("late.asc");
+        std::fs::write(
+            &late,
+            sign(&payload(&short, &["DROP TABLE t2"]), &["alice"]),
+        )
+        .unwrap();
+        tokio::task::block_in_place(|| approve(&late));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(exists(&direct_short, "t2").await);
+        let (_, shown, _) = tokio::task::block_in_place(|| {
+            psql_console(
+                &g,
+                SCRAM_USER,
+                Some(SCRAM_PASSWORD),
+                &format!("SHOW HELD {id}"),
+            )
+        });
+        assert!(
+            shown.contains("held") && !shown.contains("waiting"),
+            "{shown}"
+        );
+    }
+}

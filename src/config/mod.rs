@@ -21,7 +21,7 @@ pub mod values;
 pub use class::Class;
 pub use mode::Mode;
 use rule::patterns_overlap;
-pub use rule::{pattern_matches, Rule, DEFAULT_MAX_TOKEN_LIFETIME};
+pub use rule::{pattern_matches, OnHold, Rule, DEFAULT_MAX_TOKEN_LIFETIME, DEFAULT_WAIT_TIMEOUT};
 pub use signer::SignerPolicy;
 use values::{de_duration, de_size};
 pub use values::{parse_size, split_host_port, MAX_MESSAGE_SIZE, MIN_MESSAGE_SIZE};
@@ -176,6 +176,12 @@ struct RawRule {
     /// Tokens may list only statements whose tables and other objects are schema-qualified (an
     /// unqualified name resolves through the session's search_path when it runs). [false]
     require_qualified_names: Option<bool>,
+    /// What a statement held without a token does: `refuse` (fail at once) or `wait` (outside a
+    /// transaction block, wait up to `wait_timeout` for an approval, then run or fail). [refuse]
+    on_hold: Option<OnHold>,
+    /// How long `on_hold = "wait"` waits for an approval (1s … 1h). [60s]
+    #[serde(default, deserialize_with = "de_duration")]
+    wait_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -338,6 +344,8 @@ impl Config {
                     signatures: r.signatures.unwrap_or(1),
                     max_token_lifetime: r.max_token_lifetime.unwrap_or(DEFAULT_MAX_TOKEN_LIFETIME),
                     require_qualified_names: r.require_qualified_names.unwrap_or(false),
+                    on_hold: r.on_hold.unwrap_or_default(),
+                    wait_timeout: r.wait_timeout.unwrap_or(DEFAULT_WAIT_TIMEOUT),
                 })
                 .collect(),
             instance: raw.instance,
@@ -541,6 +549,25 @@ impl Config {
             ));
         }
         for r in &self.rules {
+            if r.wait_timeout < Duration::from_secs(1) || r.wait_timeout > Duration::from_secs(3600)
+            {
+                return Err(invalid(
+                    "rule.wait_timeout",
+                    format!(
+                        "rule for database {:?}, user {:?}: must be between 1s and 1h",
+                        r.database, r.user
+                    ),
+                ));
+            }
+            if r.on_hold == OnHold::Wait && self.admin.is_none() {
+                return Err(invalid(
+                    "rule.on_hold",
+                    format!(
+                        "rule for database {:?}, user {:?} waits for approvals (on_hold = \"wait\"), which come through the console: configure [admin]",
+                        r.database, r.user
+                    ),
+                ));
+            }
             if r.signatures == 0 {
                 return Err(invalid(
                     "rule.signatures",

@@ -16,7 +16,28 @@ pub struct Rule {
     pub max_token_lifetime: Duration,
     /// Tokens may list only statements with schema-qualified object names.
     pub require_qualified_names: bool,
+    /// What a statement held without a token does: fail at once, or wait for an approval.
+    pub on_hold: OnHold,
+    /// How long a statement held under `on_hold = "wait"` waits for an approval before it is refused.
+    pub wait_timeout: Duration,
 }
+
+/// What happens to a statement a rule holds (`on_hold`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnHold {
+    /// It fails at once with the held error (42501).
+    #[default]
+    Refuse,
+    /// A statement outside an explicit transaction block waits (up to `wait_timeout`) for an approval that
+    /// covers it (`stepgate approve`, the console's `APPROVE`): the client gets a NOTICE at once with the
+    /// held id and the command to approve it; approved, the statement runs; not in time, it fails as with
+    /// `refuse`. Inside a transaction block it fails at once: waiting there would keep the block's locks.
+    Wait,
+}
+
+/// Default `wait_timeout` of a rule.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default `max_token_lifetime` of a rule.
 pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
@@ -30,6 +51,8 @@ impl Default for Rule {
             signatures: 1,
             max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
             require_qualified_names: false,
+            on_hold: OnHold::Refuse,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
         }
     }
 }

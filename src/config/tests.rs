@@ -183,3 +183,34 @@ fn unsatisfiable_or_broken_signer_policy_is_refused() {
         assert!(err.contains(needle), "{text}\n=> {err}");
     }
 }
+
+#[test]
+fn wait_mode_needs_the_console_and_a_sane_timeout() {
+    let c = parse(
+        "[admin]\nusers = [\"dba\"]\n\
+         [[rule]]\ndatabase = \"app\"\non_hold = \"wait\"\nwait_timeout = \"5m\"\n",
+    )
+    .unwrap();
+    let r = c.rule_for("app", "x");
+    assert_eq!(r.on_hold, OnHold::Wait);
+    assert_eq!(r.wait_timeout, Duration::from_secs(300));
+    let d = c.rule_for("other", "x");
+    assert_eq!(d.on_hold, OnHold::Refuse);
+    assert_eq!(d.wait_timeout, Duration::from_secs(60));
+    let err = parse("[[rule]]\ndatabase = \"app\"\non_hold = \"wait\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("configure [admin]"), "{err}");
+    for t in ["0s", "2h"] {
+        let err = parse(&format!(
+            "[admin]\nusers = [\"dba\"]\n[[rule]]\non_hold = \"wait\"\nwait_timeout = \"{t}\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("between 1s and 1h"), "{t}: {err}");
+    }
+    let err = parse("[[rule]]\non_hold = \"sleep\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refuse") && err.contains("wait"), "{err}");
+}

@@ -111,13 +111,17 @@ where
             // A large statement is judged off this runtime's threads, sharing the buffer (whose front is the
             // message); then the same bytes are fed again.
             let frozen = std::mem::take(&mut buf).freeze();
+            let waits = work.waits();
             let job = work.bind(&frozen);
             let (tx, rx) = tokio::sync::oneshot::channel();
             // If the job panics (a bug), `tx` is dropped with it and the await ends all the same.
-            shared.judges.submit(Box::new(move || {
-                job();
-                let _ = tx.send(());
-            }));
+            shared.judges.submit_for(
+                waits,
+                Box::new(move || {
+                    job();
+                    let _ = tx.send(());
+                }),
+            );
             let _ = rx.await;
             buf = super::judge::reclaim(frozen);
             flow.judged();
@@ -156,7 +160,20 @@ where
     let mut out = BytesMut::new();
     loop {
         buf.reserve(READ_CHUNK);
-        if rd.read_buf(&mut buf).await? == 0 {
+        let n = tokio::select! {
+            biased;
+            n = rd.read_buf(&mut buf) => n?,
+            // A held statement now waits for an approval: the client hears why at once (between messages:
+            // everything fed so far has been written).
+            _ = flags.notice_ready.notified() => {
+                if let Some(notice) = flags.take_notice(flow.at_boundary()) {
+                    wr.write_all(&notice).await?;
+                    wr.flush().await?;
+                }
+                continue;
+            }
+        };
+        if n == 0 {
             return Ok(BackendEnd::Eof);
         }
         let (used, login_failed) = flow

@@ -80,6 +80,13 @@ pub(super) async fn finish<CW, UW>(
                     .with_hint("connect with channel_binding=disable: the client's TLS session ends at stepgate, so the server cannot bind to it"),
             )
         }
+        Ending::Frontend(Err(e @ FrontendError::Internal(_))) => {
+            tracing::error!(error = %e, "the session is closed");
+            Some(ErrorReply::fatal(
+                "XX000",
+                "stepgate: internal error while relaying; this session was closed (see stepgate's log)",
+            ))
+        }
         Ending::Backend(Ok(BackendEnd::LoginFailed)) => {
             info!("login refused by the upstream server");
             None

@@ -177,6 +177,21 @@ impl Conn {
         }
     }
 
+    /// Writes the NOTICE of a statement that waits for an approval, if there is one (see [`Flags::notice`]);
+    /// `Some` when the client's leg failed.
+    pub(super) fn send_notice(&mut self) -> Option<Ending> {
+        let notice = self.flags.take_notice(self.backend.at_boundary())?;
+        let mut failed = None;
+        send(
+            &mut self.client,
+            &mut self.to_client,
+            &mut self.client_w,
+            &mut failed,
+            &notice,
+        );
+        failed.map(|e| Ending::Backend(Err(e)))
+    }
+
     /// Feeds bytes from the client to the frontend direction, whose output goes upstream.
     pub(super) fn client_sent(&mut self, new: &[u8]) -> Option<Ending> {
         let mut failed = None;

@@ -291,24 +291,33 @@ impl Worker {
                         conn.judging = true;
                         // The job shares the client's buffer, whose front is the message.
                         let frozen = std::mem::take(&mut conn.from_client).freeze();
+                        let waits = work.waits();
                         let job = work.bind(&frozen);
+                        // A held statement that waits for an approval: the client hears why at once.
+                        let failed = conn.send_notice();
                         conn.frozen = Some(frozen);
                         let (tx, waker, id) =
                             (self.judged_tx.clone(), self._waker.clone(), conn.id);
-                        conn.shared.judges.submit(Box::new(move || {
-                            // Reported even if the job panics (a bug): the session is fed again and
-                            // decides on this thread instead of waiting for good.
-                            struct Done(mpsc::Sender<u64>, Arc<Waker>, u64);
-                            impl Drop for Done {
-                                fn drop(&mut self) {
-                                    if self.0.send(self.2).is_ok() {
-                                        let _ = self.1.wake();
+                        conn.shared.judges.submit_for(
+                            waits,
+                            Box::new(move || {
+                                // Reported even if the job panics (a bug): the session is fed again and
+                                // decides on this thread instead of waiting for good.
+                                struct Done(mpsc::Sender<u64>, Arc<Waker>, u64);
+                                impl Drop for Done {
+                                    fn drop(&mut self) {
+                                        if self.0.send(self.2).is_ok() {
+                                            let _ = self.1.wake();
+                                        }
                                     }
                                 }
-                            }
-                            let _done = Done(tx, waker, id);
-                            job();
-                        }));
+                                let _done = Done(tx, waker, id);
+                                job();
+                            }),
+                        );
+                        if let Some(end) = failed {
+                            self.release(slot, end);
+                        }
                     } else if conn.more {
                         self.again.push((slot, conn.id));
                     }

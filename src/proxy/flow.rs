@@ -36,6 +36,11 @@ pub(super) struct Flags {
     pub client_at_boundary: AtomicBool,
     /// Signalled with `logged_in`: the async relay drops its login timer.
     pub login_done: tokio::sync::Notify,
+    /// A NOTICE for the client from the frontend direction (a held statement now waits for an approval),
+    /// written by whoever writes to the client ([`Flags::take_notice`]); the async relay is woken by
+    /// `notice_ready`.
+    notice: Mutex<Option<Vec<u8>>>,
+    pub notice_ready: tokio::sync::Notify,
 }
 
 impl Flags {
@@ -43,6 +48,30 @@ impl Flags {
         let flags = Flags::default();
         flags.client_at_boundary.store(true, Ordering::Relaxed);
         flags
+    }
+
+    fn set_notice(&self, notice: Vec<u8>) {
+        *self.notice.lock().unwrap_or_else(|p| p.into_inner()) = Some(notice);
+        self.notice_ready.notify_one();
+    }
+
+    /// The NOTICE to write to the client now, if any. It goes out only between two messages (`at_boundary`:
+    /// everything written to the client so far ends at one); a wait begins only when every reply is in, so
+    /// only an asynchronous message still arriving (a NOTIFY) can be in the way, and then the NOTICE is
+    /// dropped rather than cut into it.
+    pub fn take_notice(&self, at_boundary: bool) -> Option<Vec<u8>> {
+        let notice = self
+            .notice
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        if !at_boundary {
+            tracing::debug!(
+                "a wait's NOTICE was dropped: the client was in the middle of a message"
+            );
+            return None;
+        }
+        Some(notice)
     }
 }
 
@@ -60,6 +89,9 @@ pub(super) enum FrontendError {
     ClientIo(std::io::Error),
     #[error("upstream: {0}")]
     UpstreamIo(std::io::Error),
+    /// A bug in stepgate's bookkeeping: the session ends rather than guess.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 /// The session state and the policy, taken once per fed chunk and only when a message needs them.
@@ -146,6 +178,71 @@ impl Frontend {
     /// and is not handed to a judge thread again for the same reason.
     pub fn judged(&mut self) {}
 
+    /// A held Query waits for an approval (`on_hold = "wait"`, see [`super::gate::wait`]): the client gets
+    /// the NOTICE, and the message (`len` bytes, at the front of what is fed) goes to a waiting thread,
+    /// which decides it again whenever an approval is added, and for the last time when the wait is over
+    /// (or its held entry is dismissed, or the session ends). The decision comes back like a judge
+    /// thread's: the message is fed again and takes it.
+    fn wait(
+        &mut self,
+        mut begin: Box<super::gate::wait::WaitStart>,
+        len: usize,
+        flags: &Flags,
+        shared: &Shared,
+        state: &std::sync::Arc<Mutex<SessionState>>,
+    ) {
+        flags.set_notice(std::mem::take(&mut begin.notice));
+        let ctx = shared.gate.load_full();
+        let weak = std::sync::Arc::downgrade(state);
+        let (slot, hasher) = (self.decided.clone(), self.hasher.clone());
+        let run = move |msg: &[u8]| {
+            use crate::gate::HeldStatus;
+            let mut seen = begin.approvals_seen;
+            loop {
+                let now = std::time::Instant::now();
+                let dismissed = ctx
+                    .registry
+                    .get(&begin.held_id)
+                    .is_some_and(|e| e.status == HeldStatus::Dismissed);
+                let last = now >= begin.deadline || dismissed;
+                if !last {
+                    // Woken by an approval, or once a second to see whether the session is still there
+                    // and the entry still waiting.
+                    let step = (begin.deadline - now).min(std::time::Duration::from_secs(1));
+                    let added = ctx.approvals.wait_added(seen, step);
+                    if weak.strong_count() == 0 {
+                        // The session ended while it waited.
+                        ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
+                        return;
+                    }
+                    if added == seen {
+                        continue;
+                    }
+                    seen = added;
+                }
+                let Some(state) = weak.upgrade() else {
+                    ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
+                    return;
+                };
+                state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .wait_round(&begin, last, dismissed);
+                let action = SessionState::on_frontend_durably(&state, &ctx, b'Q', msg);
+                if action == Action::StillWaiting {
+                    continue;
+                }
+                // Decided: it runs (its entry is `authorized` once it has) or it was refused.
+                ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((message_key(&hasher, msg), action));
+                return;
+            }
+        };
+        self.pending = Some(super::judge::MessageJob::waiting(len, Box::new(run)));
+        self.offloaded = Some(Offload::Decide);
+    }
+
     /// Processes `data` (what the client sent and is not consumed yet), emitting what to send upstream.
     /// Returns how many bytes were consumed (the rest is the start of an incomplete message, to be fed again
     /// with more bytes after it) and whether the client sent Terminate (nothing after it is consumed).
@@ -207,18 +304,29 @@ impl Frontend {
                                 None
                             };
                             if let Some((_, action)) = decided {
-                                if let Action::Replace(replacement) = action {
-                                    ready = substitute(
-                                        emit,
-                                        data,
-                                        &mut start,
-                                        ready,
-                                        len,
-                                        &replacement,
-                                    );
-                                    continue;
+                                match action {
+                                    Action::Replace(replacement) => {
+                                        ready = substitute(
+                                            emit,
+                                            data,
+                                            &mut start,
+                                            ready,
+                                            len,
+                                            &replacement,
+                                        );
+                                    }
+                                    Action::Forward => ready += len,
+                                    Action::Wait(begin) => {
+                                        drop(gate);
+                                        self.wait(begin, msg.len(), flags, shared, state);
+                                        break;
+                                    }
+                                    Action::StillWaiting => {
+                                        return Err(FrontendError::Internal(
+                                            "a waiting statement came back undecided",
+                                        ))
+                                    }
                                 }
-                                ready += len;
                                 continue;
                             }
                             let (session, ctx) = gate.get();
@@ -268,10 +376,29 @@ impl Frontend {
                             {
                                 super::judge::release_free_memory();
                             }
-                            if let Action::Replace(replacement) = action {
-                                ready =
-                                    substitute(emit, data, &mut start, ready, len, &replacement);
-                                continue;
+                            match action {
+                                Action::Forward => {}
+                                Action::Replace(replacement) => {
+                                    ready = substitute(
+                                        emit,
+                                        data,
+                                        &mut start,
+                                        ready,
+                                        len,
+                                        &replacement,
+                                    );
+                                    continue;
+                                }
+                                Action::Wait(begin) => {
+                                    drop(gate);
+                                    self.wait(begin, msg.len(), flags, shared, state);
+                                    break;
+                                }
+                                Action::StillWaiting => {
+                                    return Err(FrontendError::Internal(
+                                        "a statement was decided as a round of a wait it is not in",
+                                    ))
+                                }
                             }
                         }
                     }

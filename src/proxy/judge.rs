@@ -27,12 +27,32 @@ pub type MessageWork = Box<dyn FnOnce(&[u8]) + Send>;
 pub struct MessageJob {
     len: usize,
     run: MessageWork,
+    /// It waits (for an approval, up to a rule's `wait_timeout`): it gets a thread of its own rather than
+    /// one of the judge threads.
+    waits: bool,
 }
 
 impl MessageJob {
     /// `run` is given the message (its first `len` bytes of the buffer).
     pub fn new(len: usize, run: MessageWork) -> MessageJob {
-        MessageJob { len, run }
+        MessageJob {
+            len,
+            run,
+            waits: false,
+        }
+    }
+
+    /// A job that waits (see [`JudgePool::submit_waiting`]).
+    pub fn waiting(len: usize, run: MessageWork) -> MessageJob {
+        MessageJob {
+            len,
+            run,
+            waits: true,
+        }
+    }
+
+    pub fn waits(&self) -> bool {
+        self.waits
     }
 
     /// The job for the judge threads, sharing `buffer` (whose front is the message). Its share is dropped
@@ -115,6 +135,35 @@ impl JudgePool {
                 })?;
         }
         Ok(JudgePool { tx: Mutex::new(tx) })
+    }
+
+    /// Runs `job` (bound from a [`MessageJob`]) where it belongs: a waiting job on a thread of its own (it
+    /// may wait for minutes and must not keep other sessions' statements from being judged), any other on
+    /// the judge threads.
+    pub fn submit_for(&self, waits: bool, job: Job) {
+        if !waits {
+            return self.submit(job);
+        }
+        let job = std::sync::Arc::new(Mutex::new(Some(job)));
+        let spawned = {
+            let job = job.clone();
+            std::thread::Builder::new()
+                .name("stepgate-wait".into())
+                .stack_size(32 << 20)
+                .spawn(move || {
+                    let job = job.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(job) = job {
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    }
+                })
+        };
+        if spawned.is_err() {
+            // No thread to be had: the judge threads take it.
+            let job = job.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(job) = job {
+                self.submit(job);
+            }
+        }
     }
 
     /// Queues `job`; runs it on the calling thread if the pool is gone.

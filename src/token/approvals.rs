@@ -5,7 +5,8 @@
 //! and spends from the same ledger as a token set with `SET stepgate.token`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::RwLock;
+use std::sync::{Condvar, Mutex, RwLock};
+use std::time::Duration;
 use std::time::SystemTime;
 
 use super::grant::TokenRef;
@@ -17,6 +18,9 @@ pub struct Approvals {
     /// How many there are, read without the lock: [`Approvals::is_empty`] is asked on every guarded
     /// message of a session without a token.
     count: AtomicUsize,
+    /// Bumped by every [`Approvals::add`], with the statements waiting for an approval woken.
+    added: Mutex<u64>,
+    wake: Condvar,
 }
 
 impl Approvals {
@@ -28,7 +32,26 @@ impl Approvals {
         }
         tokens.push(token);
         self.count.store(tokens.len(), Ordering::Release);
+        drop(tokens);
+        *self.added.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.wake.notify_all();
         true
+    }
+
+    /// How many approvals were added so far (to wait for the next one with [`Approvals::wait_added`]).
+    pub fn added(&self) -> u64 {
+        *self.added.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until an approval was added after `seen` (see [`Approvals::added`]) or `timeout` passed;
+    /// returns the count then.
+    pub fn wait_added(&self, seen: u64, timeout: Duration) -> u64 {
+        let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
+        let (added, _) = self
+            .wake
+            .wait_timeout_while(added, timeout, |n| *n == seen)
+            .unwrap_or_else(|p| p.into_inner());
+        *added
     }
 
     /// Approved tokens that could cover `fingerprint` for a session of `database` and `user` at `now`

@@ -1,7 +1,7 @@
 //! Messages stepgate writes itself (errors it reports to a client), encoded with pgwire's message types.
 
 use bytes::BytesMut;
-use pgwire::messages::response::ErrorResponse;
+use pgwire::messages::response::{ErrorResponse, NoticeResponse};
 use pgwire::messages::Message;
 
 /// An ErrorResponse stepgate sends on its own behalf. Messages are prefixed `stepgate:` by the caller so a
@@ -43,8 +43,30 @@ impl ErrorReply {
         self
     }
 
+    /// A notice (severity NOTICE, SQLSTATE 00000), sent with [`ErrorReply::to_notice_bytes`].
+    pub fn notice(message: impl Into<String>) -> Self {
+        ErrorReply {
+            severity: "NOTICE",
+            ..Self::fatal("00000", message)
+        }
+    }
+
+    /// The encoded NoticeResponse with these fields.
+    pub fn to_notice_bytes(&self) -> BytesMut {
+        let mut out = BytesMut::new();
+        let _ = NoticeResponse::new(self.fields()).encode(&mut out);
+        out
+    }
+
     /// Appends the encoded ErrorResponse to `out`.
     pub fn encode_into(&self, out: &mut BytesMut) {
+        // Encoding into a BytesMut cannot fail for an ErrorResponse.
+        let _ = ErrorResponse::new(self.fields()).encode(out);
+    }
+
+    /// The message's fields; NUL bytes are removed so the message stays well-formed whatever text it
+    /// carries.
+    fn fields(&self) -> Vec<(u8, String)> {
         let mut fields = vec![
             (b'S', self.severity.to_string()),
             (b'V', self.severity.to_string()),
@@ -57,13 +79,10 @@ impl ErrorReply {
         if let Some(h) = &self.hint {
             fields.push((b'H', h.clone()));
         }
-        // Encoding into a BytesMut cannot fail for an ErrorResponse; NUL bytes are removed so the message
-        // stays well-formed whatever text it carries.
-        let fields = fields
+        fields
             .into_iter()
             .map(|(k, v)| (k, v.replace('\0', "")))
-            .collect();
-        let _ = ErrorResponse::new(fields).encode(out);
+            .collect()
     }
 
     pub fn to_bytes(&self) -> BytesMut {

@@ -179,6 +179,14 @@ pub async fn gate_with_options(
 /// Starts stepgate from a config file (its `listen` and `upstream` replaced by a free port and [`pg`]),
 /// so that a reload through [`Gate::handle`] re-reads that file.
 pub async fn gate_from_file(path: &std::path::Path) -> Gate {
+    gate_from_file_with(path, Default::default()).await
+}
+
+/// [`gate_from_file`] with server options (e.g. `workers: Some(0)` for the async relay).
+pub async fn gate_from_file_with(
+    path: &std::path::Path,
+    options: stepgate::proxy::ServeOptions,
+) -> Gate {
     let overrides = stepgate::config::Overrides {
         listen: Some("127.0.0.1:0".into()),
         upstream: Some(pg().addr()),
@@ -188,7 +196,7 @@ pub async fn gate_from_file(path: &std::path::Path) -> Gate {
     let options = stepgate::proxy::ServeOptions {
         config_path: Some(path.to_path_buf()),
         overrides,
-        ..Default::default()
+        ..options
     };
     launch(config, options, tempfile::tempdir().unwrap()).await
 }

@@ -12,7 +12,7 @@ use crate::wire::reply::ErrorReply;
 impl SessionState {
     /// Records a held/observed entry; returns the error to send for a refusal.
     pub(super) fn hold(
-        &self,
+        &mut self,
         ctx: &GateContext,
         sql: &str,
         info: &StmtInfo,
@@ -20,8 +20,23 @@ impl SessionState {
         denied: Option<&Denied>,
         because: Option<&str>,
     ) -> ErrorReply {
+        self.hold_entry(ctx, sql, info, status, denied, because).0
+    }
+
+    /// [`SessionState::hold`], and the held id when an entry was recorded (or reused).
+    pub(super) fn hold_entry(
+        &mut self,
+        ctx: &GateContext,
+        sql: &str,
+        info: &StmtInfo,
+        status: HeldStatus,
+        denied: Option<&Denied>,
+        because: Option<&str>,
+    ) -> (ErrorReply, Option<String>) {
+        // Set for this refusal only (never left for a later one).
+        let reuse_held = self.reuse_held.take();
         if let Some(Denied::AuditUnavailable) = denied {
-            return audit_unavailable();
+            return (audit_unavailable(), None);
         }
         let _log = self.span.enter();
         let why = denied.and_then(Denied::describe);
@@ -37,15 +52,29 @@ impl SessionState {
         if let Some(why) = &why {
             reason = format!("{reason}; {why}");
         }
-        match ctx.registry.record(
-            ctx.config.max_held_sql,
-            &self.session,
-            sql,
-            statements,
-            info.class,
-            &reason,
-            status,
-        ) {
+        // A refusal after a wait reuses the entry the wait began with (its held id is in the NOTICE).
+        // (Or a new entry whose message says why it did not wait.)
+        let (reuse, note) = match reuse_held {
+            Some((id, note)) => (id, Some(note)),
+            None => (None, None),
+        };
+        let reused = reuse.and_then(|id| {
+            ctx.registry.set_status(&id, status);
+            ctx.registry.get(&id)
+        });
+        let recorded = match reused {
+            Some(entry) => Ok(entry),
+            None => ctx.registry.record(
+                ctx.config.max_held_sql,
+                &self.session,
+                sql,
+                statements,
+                info.class,
+                &reason,
+                status,
+            ),
+        };
+        match recorded {
             Ok(entry) => {
                 let fps: Vec<&str> = entry
                     .fingerprints
@@ -55,16 +84,62 @@ impl SessionState {
                     .collect();
                 if status == HeldStatus::Observed {
                     tracing::warn!(held_id = %entry.id, class = %info.class, user = %self.session.user, database = %self.session.database, sql = %entry.sql, "would hold (observe mode)");
+                } else if status == HeldStatus::Waiting {
+                    tracing::warn!(held_id = %entry.id, class = %info.class, user = %self.session.user, database = %self.session.database, sql = %entry.sql, "statement held; waiting for an approval");
+                } else if let Some(note) = &note {
+                    tracing::warn!(held_id = %entry.id, "statement refused: {note}");
                 } else {
                     tracing::warn!(held_id = %entry.id, class = %info.class, user = %self.session.user, database = %self.session.database, sql = %entry.sql, "statement held");
                 }
                 // The held id and the reason are in the primary message: many tools print nothing else
                 // (knex, dbmate, sqlx). A statement PostgreSQL cannot parse reads like the typo it usually
                 // is; a token that does not cover the statement says why.
-                let head = format!(
+                let mut head = format!(
                     "stepgate: statement held ({}), held id {}",
                     info.class, entry.id
                 );
+                if let Some(note) = &note {
+                    head = format!("{head}; {note}");
+                }
+                let source = match &ctx.config_path {
+                    Some(p) => format!("--config {}", shell_word(&p.display().to_string())),
+                    None => format!(
+                        "--state-dir {}",
+                        shell_word(&ctx.config.state_dir.display().to_string())
+                    ),
+                };
+                let id = Some(entry.id.clone());
+                if status == HeldStatus::Waiting {
+                    let notice = ErrorReply::notice(format!(
+                        "{head}; waiting up to {} for an approval",
+                        humantime::format_duration(self.rule.wait_timeout)
+                    ))
+                    .with_detail(format!(
+                        "it runs once an approved token covers it, or fails when the wait ends; fingerprint {}",
+                        if fps.is_empty() { "(none)".to_string() } else { fps.join(", ") },
+                    ))
+                    .with_hint(format!(
+                        "stepgate token new {source} --held {id} | gpg --clearsign > {id}.asc && stepgate approve {console} {id}.asc",
+                        console = match &ctx.config_path {
+                            Some(_) => source.clone(),
+                            None => {
+                                let addr = ctx
+                                    .config
+                                    .admin
+                                    .as_ref()
+                                    .and_then(|a| a.listen.clone())
+                                    .unwrap_or_else(|| ctx.config.listen.clone());
+                                let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "5432"));
+                                format!(
+                                    "--console {}",
+                                    shell_word(&format!("host={} port={port}", host.trim_matches(['[', ']'])))
+                                )
+                            }
+                        },
+                        id = entry.id
+                    ));
+                    return (notice, id);
+                }
                 let message = match because.and_then(|b| b.strip_prefix("PostgreSQL: ")) {
                     Some(parser) if info.class == Class::Unparsed => format!("{head}: {parser}"),
                     _ => match &why {
@@ -77,7 +152,7 @@ impl SessionState {
                         None => head,
                     },
                 };
-                ErrorReply::error("42501", message)
+                let error = ErrorReply::error("42501", message)
                     .with_detail(format!(
                         "held id {}; fingerprint {}{}{}",
                         entry.id,
@@ -87,22 +162,16 @@ impl SessionState {
                     ))
                     .with_hint(format!(
                         "stepgate token new {source} --held {id} | gpg --clearsign, then SET stepgate.token = '<signed token>' and run the statement again (or SHOW HELD {id} in the stepgate console)",
-                        source = match &ctx.config_path {
-                            Some(p) => format!("--config {}", shell_word(&p.display().to_string())),
-                            None => format!(
-                                "--state-dir {}",
-                                shell_word(&ctx.config.state_dir.display().to_string())
-                            ),
-                        },
                         id = entry.id
-                    ))
+                    ));
+                (error, id)
             }
             Err(e) => {
                 ctx.metrics
                     .audit_write_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(error = %e, "audit log unavailable: guarded statement refused");
-                audit_unavailable()
+                (audit_unavailable(), None)
             }
         }
     }

@@ -33,6 +33,7 @@ mod settle;
 mod simple;
 #[cfg(test)]
 mod tests;
+pub mod wait;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -55,6 +56,12 @@ pub const MAX_QUEUED: usize = 65_536;
 pub enum Action {
     Forward,
     Replace(Vec<u8>),
+    /// A Query held under `on_hold = "wait"`: nothing is sent; the client gets the NOTICE, and the message
+    /// is decided again off the relay thread once an approval comes or the wait times out
+    /// ([`SessionState::on_frontend_durably`] with [`SessionState::wait_round`]).
+    Wait(Box<wait::WaitStart>),
+    /// A round of such a wait found no approval that covers the message yet: nothing changed.
+    StillWaiting,
 }
 
 /// One session's gate state.
@@ -101,6 +108,11 @@ pub struct SessionState {
     /// While a message is decided on a judge thread ([`SessionState::on_frontend_durably`]): the
     /// `authorized` records its decision needs, written there before the message is forwarded.
     deferred: Option<Vec<crate::audit::AuditEvent>>,
+    /// Set for one decision of a Query that waits for an approval ([`SessionState::wait_round`]).
+    waiting: Option<wait::Waiting>,
+    /// For the next refusal under `on_hold = "wait"`: the held entry it reuses (after a wait) and what to
+    /// add to its message (why it waited no longer, or did not wait).
+    reuse_held: Option<(Option<String>, String)>,
 }
 
 impl SessionState {
@@ -135,6 +147,8 @@ impl SessionState {
             login_done: false,
             span: tracing::Span::current(),
             deferred: None,
+            waiting: None,
+            reuse_held: None,
         }
     }
 

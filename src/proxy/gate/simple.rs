@@ -13,6 +13,8 @@ use crate::wire::build;
 impl SessionState {
     pub(super) fn on_query(&mut self, ctx: &GateContext, body: &[u8]) -> Action {
         let bytes = body.strip_suffix(&[0]).unwrap_or(body);
+        // Set only for a round of a wait (`on_hold = "wait"`), for this one decision.
+        let waiting = self.waiting.take();
         if ctx.disabled {
             self.expect_query(Vec::new(), None, Vec::new());
             return Action::Forward;
@@ -55,10 +57,24 @@ impl SessionState {
                 let guarded = !info.statements.is_empty() || self.guarded(ctx, info.class);
                 let (reservations, denied) = self.authorize(ctx, guarded, &grants, info.class);
                 let decision = decide(guarded, ctx.mode, denied.is_none());
-                ctx.metrics
-                    .statement(info.class, outcome(decision, &reservations));
+                let round = waiting.is_some();
                 match decision {
                     Decision::Refuse => {
+                        // A wait's rounds decide the same statement again: counted once.
+                        if !round {
+                            ctx.metrics.statement(info.class, Outcome::Held);
+                        }
+                        if let Some(action) = self.wait_instead(
+                            ctx,
+                            waiting,
+                            rewritten.is_some(),
+                            &sql(),
+                            &info,
+                            denied.as_ref(),
+                            reason.as_deref(),
+                        ) {
+                            return action;
+                        }
                         let err = self.hold(
                             ctx,
                             &sql(),
@@ -70,6 +86,8 @@ impl SessionState {
                         return self.refuse_query(err);
                     }
                     Decision::Observe => {
+                        ctx.metrics
+                            .statement(info.class, outcome(decision, &reservations));
                         self.hold(
                             ctx,
                             &sql(),
@@ -79,7 +97,10 @@ impl SessionState {
                             reason.as_deref(),
                         );
                     }
-                    Decision::Pass => {}
+                    Decision::Pass => {
+                        ctx.metrics
+                            .statement(info.class, outcome(decision, &reservations));
+                    }
                 }
                 self.record_allowed(ctx, &allowed);
                 self.expect_query(effects, None, reservations);

@@ -1,0 +1,127 @@
+//! `on_hold = "wait"`: a Query held without a token waits for an approval instead of failing at once.
+//!
+//! When a rule says so, a Query that would be refused — the session idle outside a transaction block, the
+//! statements ones an approval could cover — is recorded as held with status `waiting`, nothing is sent to
+//! the server, and the client gets a NOTICE with the held id and the commands that approve it. The relay
+//! stops reading from that client and hands the message to a waiting thread
+//! ([`crate::proxy::judge::JudgePool::submit_waiting`]), which decides it again
+//! ([`SessionState::on_frontend_durably`], each time after [`SessionState::wait_round`]) whenever an
+//! approval is added: once one covers it, it runs exactly as if the approval had been there at first (uses
+//! reserved, `authorized` records fsync'd before it is forwarded); when `wait_timeout` passes (or the entry
+//! is dismissed in the console), the last round refuses it with the same held id.
+//!
+//! Inside a transaction block nothing waits: the block's locks would be held meanwhile.
+
+use std::time::{Duration, Instant};
+
+use super::expect::StmtInfo;
+use super::{Action, GateContext, SessionState};
+use crate::classify::Class;
+use crate::config::OnHold;
+use crate::gate::HeldStatus;
+use crate::proxy::authz::Denied;
+
+/// A wait that begins: what the relay writes to the client, and what the waiting thread needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitStart {
+    pub held_id: String,
+    /// The NoticeResponse to send the client at once.
+    pub notice: Vec<u8>,
+    /// When the last round is due.
+    pub deadline: Instant,
+    pub timeout: Duration,
+    /// How many approvals had been added when the wait began ([`crate::token::approvals::Approvals::added`]).
+    pub approvals_seen: u64,
+}
+
+/// One round of a wait, set for one decision.
+pub(super) struct Waiting {
+    held_id: String,
+    /// The wait is over: refuse (reusing the held entry) rather than wait on.
+    last: bool,
+    timeout: Duration,
+    dismissed: bool,
+}
+
+impl SessionState {
+    /// The next decision (of the waiting message, on its waiting thread) is a round of its wait: it runs the
+    /// message if an approval now covers it, refuses it if `last`, and otherwise changes nothing and
+    /// returns [`Action::StillWaiting`].
+    pub fn wait_round(&mut self, start: &WaitStart, last: bool, dismissed: bool) {
+        self.waiting = Some(Waiting {
+            held_id: start.held_id.clone(),
+            last: last || dismissed,
+            timeout: start.timeout,
+            dismissed,
+        });
+    }
+
+    /// For a Query about to be refused: begins or continues a wait instead, when its rule says so and it can
+    /// wait; None to refuse it now (a last round leaves the held entry to reuse).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn wait_instead(
+        &mut self,
+        ctx: &GateContext,
+        waiting: Option<Waiting>,
+        sets_stepgate: bool,
+        sql: &str,
+        info: &StmtInfo,
+        denied: Option<&Denied>,
+        reason: Option<&str>,
+    ) -> Option<Action> {
+        match waiting {
+            Some(w) if !w.last => return Some(Action::StillWaiting),
+            Some(w) => {
+                let note = if w.dismissed {
+                    "dismissed in the stepgate console while it waited".to_string()
+                } else {
+                    format!(
+                        "no approval covered it within {}",
+                        humantime::format_duration(w.timeout)
+                    )
+                };
+                self.reuse_held = Some((Some(w.held_id), note));
+                return None;
+            }
+            None => {}
+        }
+        if self.rule.on_hold != OnHold::Wait {
+            return None;
+        }
+        if self.txn_in_block || self.txn_status != b'I' {
+            self.reuse_held = Some((
+                None,
+                "not waiting for an approval inside a transaction block".into(),
+            ));
+            return None;
+        }
+        // (Approvals come through the console, which the config requires for `wait`.)
+        let can_wait = info.class != Class::Unparsed
+            && !matches!(denied, Some(Denied::AuditUnavailable))
+            // A string that sets or resets a stepgate setting is decided once (its token's record is
+            // written when it is judged).
+            && !sets_stepgate
+            // Every earlier reply in: nothing is held meanwhile, and the NOTICE goes out between messages.
+            && self.queue.is_empty()
+            && !self.skip_until_sync
+            && !self.copy_in;
+        if !can_wait {
+            return None;
+        }
+        let approvals_seen = ctx.approvals.added();
+        let (notice, held_id) =
+            self.hold_entry(ctx, sql, info, HeldStatus::Waiting, denied, reason);
+        let Some(held_id) = held_id.filter(|_| notice.severity == "NOTICE") else {
+            // The held entry could not be recorded: refused as unrecorded.
+            return Some(self.refuse_query(notice));
+        };
+        let timeout = self.rule.wait_timeout;
+        Some(Action::Wait(Box::new(WaitStart {
+            held_id,
+            notice: notice.to_notice_bytes().to_vec(),
+            deadline: Instant::now() + timeout,
+            timeout,
+            approvals_seen,
+        })))
+    }
+}
