@@ -637,6 +637,27 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         );
         assert!(exists(&direct, "t3").await);
 
+        // psql's Ctrl-C (a CancelRequest) ends the wait: it fails at once, and nothing ran.
+        let mut waiter = tokio::task::block_in_place(|| Waiter::start(&g, &db, &["DROP TABLE t3"]));
+        let notice = tokio::task::block_in_place(|| waiter.until("HINT:", Duration::from_secs(10)));
+        let id = held_id_in(&notice);
+        let interrupted = Command::new("kill")
+            .args(["-INT", &waiter.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(interrupted.success());
+        let started = Instant::now();
+        let (ok, _, err) = tokio::task::block_in_place(|| waiter.finish(Duration::from_secs(10)));
+        assert!(!ok);
+        assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+        assert!(
+            err.contains(&format!(
+                "held id {id}; canceled by the client while it waited"
+            )),
+            "{err}"
+        );
+        assert!(exists(&direct, "t3").await);
+
         // Inside a transaction block it fails at once.
         let started = Instant::now();
         let block = tokio::task::block_in_place(|| {

@@ -208,10 +208,13 @@ async fn negotiate(shared: &Shared, tcp: TcpStream) -> Result<Opening, Negotiate
 
 /// Relays a CancelRequest to the upstream, but only for a key one of our sessions handed out.
 async fn relay_cancel(shared: &Shared, pid: i32, key: i32, raw: [u8; 16]) {
-    if !shared.cancel_keys.contains_key(&(pid, key)) {
+    let Some(wait) = shared.cancel_keys.get(&(pid, key)).map(|f| f.clone()) else {
         debug!(pid, "cancel request for an unknown key ignored");
         return;
-    }
+    };
+    // A statement of that session waiting for an approval gives up (the server has nothing to cancel then).
+    wait.store(true, std::sync::atomic::Ordering::Release);
+    shared.gate.load().approvals.nudge();
     match upstream::connect(shared, shared.config.startup_timeout).await {
         Ok(mut up) => {
             if let Err(e) = up.write_all(&raw).await {

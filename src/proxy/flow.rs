@@ -41,6 +41,8 @@ pub(super) struct Flags {
     /// `notice_ready`.
     notice: Mutex<Option<Vec<u8>>>,
     pub notice_ready: tokio::sync::Notify,
+    /// Set by a CancelRequest with this session's key: a statement waiting for an approval gives up.
+    pub cancel_wait: std::sync::Arc<AtomicBool>,
 }
 
 impl Flags {
@@ -194,22 +196,36 @@ impl Frontend {
         flags.set_notice(std::mem::take(&mut begin.notice));
         let ctx = shared.gate.load_full();
         let weak = std::sync::Arc::downgrade(state);
+        // A cancel sent before this wait began was for something else.
+        let cancel = flags.cancel_wait.clone();
+        cancel.store(false, Ordering::Release);
         let (slot, hasher) = (self.decided.clone(), self.hasher.clone());
         let run = move |msg: &[u8]| {
             use crate::gate::HeldStatus;
             let mut seen = begin.approvals_seen;
             loop {
+                use super::gate::wait::WaitEnd;
                 let now = std::time::Instant::now();
-                let dismissed = ctx
+                let end = if cancel.load(Ordering::Acquire) {
+                    Some(WaitEnd::Canceled)
+                } else if ctx
                     .registry
                     .get(&begin.held_id)
-                    .is_some_and(|e| e.status == HeldStatus::Dismissed);
-                let last = now >= begin.deadline || dismissed;
-                if !last {
-                    // Woken by an approval, or once a second to see whether the session is still there
-                    // and the entry still waiting.
+                    .is_some_and(|e| e.status == HeldStatus::Dismissed)
+                {
+                    Some(WaitEnd::Dismissed)
+                } else if now >= begin.deadline {
+                    Some(WaitEnd::Timeout)
+                } else {
+                    None
+                };
+                if end.is_none() {
+                    // Woken by an approval (or a cancel), or once a second to see whether the session is
+                    // still there and the entry still waiting.
                     let step = (begin.deadline - now).min(std::time::Duration::from_secs(1));
-                    let added = ctx.approvals.wait_added(seen, step);
+                    let added = ctx
+                        .approvals
+                        .wait_added(seen, step, &|| cancel.load(Ordering::Acquire));
                     if weak.strong_count() == 0 {
                         // The session ended while it waited.
                         ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
@@ -227,7 +243,7 @@ impl Frontend {
                 state
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .wait_round(&begin, last, dismissed);
+                    .wait_round(&begin, end);
                 let action = SessionState::on_frontend_durably(&state, &ctx, b'Q', msg);
                 if action == Action::StillWaiting {
                     continue;
@@ -522,7 +538,9 @@ impl Backend {
                                 frame::be_i32(body, 0).unwrap_or(0),
                                 frame::be_i32(body, 4).unwrap_or(0),
                             );
-                            shared.cancel_keys.insert((pid, key), ());
+                            shared
+                                .cancel_keys
+                                .insert((pid, key), flags.cancel_wait.clone());
                             self.keys.push((pid, key));
                         }
                         b'E' if !self.logged_in => login_failed = true,

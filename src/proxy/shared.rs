@@ -20,7 +20,9 @@ pub struct Shared {
     pub tls_acceptor: Option<TlsAcceptor>,
     pub upstream_tls: Option<TlsConnector>,
     /// BackendKeyData of open sessions: a CancelRequest is relayed only for a key stepgate handed out.
-    pub cancel_keys: DashMap<(i32, i32), ()>,
+    /// Each key's value is its session's [`super::flow::Flags::cancel_wait`]: a cancel also ends a wait for
+    /// an approval, which the server knows nothing of.
+    pub cancel_keys: DashMap<(i32, i32), std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Cancelled when open sessions must end (after `shutdown_timeout`).
     pub force_close: CancellationToken,
     pub next_session: AtomicU64,

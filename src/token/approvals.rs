@@ -38,18 +38,25 @@ impl Approvals {
         true
     }
 
+    /// Wakes every waiting statement without adding anything (a cancel request: the one it concerns sees
+    /// its flag and gives up).
+    pub fn nudge(&self) {
+        let _lock = self.added.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake.notify_all();
+    }
+
     /// How many approvals were added so far (to wait for the next one with [`Approvals::wait_added`]).
     pub fn added(&self) -> u64 {
         *self.added.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until an approval was added after `seen` (see [`Approvals::added`]) or `timeout` passed;
-    /// returns the count then.
-    pub fn wait_added(&self, seen: u64, timeout: Duration) -> u64 {
+    /// Waits until an approval was added after `seen` (see [`Approvals::added`]), `timeout` passed or, woken
+    /// by [`Approvals::nudge`], `give_up` says so; returns the count then.
+    pub fn wait_added(&self, seen: u64, timeout: Duration, give_up: &dyn Fn() -> bool) -> u64 {
         let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
         let (added, _) = self
             .wake
-            .wait_timeout_while(added, timeout, |n| *n == seen)
+            .wait_timeout_while(added, timeout, |n| *n == seen && !give_up())
             .unwrap_or_else(|p| p.into_inner());
         *added
     }

@@ -34,25 +34,33 @@ pub struct WaitStart {
     pub approvals_seen: u64,
 }
 
+/// Why a wait is over without an approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnd {
+    Timeout,
+    /// `DISMISS <held id>` in the console.
+    Dismissed,
+    /// A CancelRequest for the session (psql's Ctrl-C).
+    Canceled,
+}
+
 /// One round of a wait, set for one decision.
 pub(super) struct Waiting {
     held_id: String,
     /// The wait is over: refuse (reusing the held entry) rather than wait on.
-    last: bool,
+    end: Option<WaitEnd>,
     timeout: Duration,
-    dismissed: bool,
 }
 
 impl SessionState {
     /// The next decision (of the waiting message, on its waiting thread) is a round of its wait: it runs the
-    /// message if an approval now covers it, refuses it if `last`, and otherwise changes nothing and
+    /// message if an approval now covers it, refuses it if the wait is over (`end`), and otherwise changes nothing and
     /// returns [`Action::StillWaiting`].
-    pub fn wait_round(&mut self, start: &WaitStart, last: bool, dismissed: bool) {
+    pub fn wait_round(&mut self, start: &WaitStart, end: Option<WaitEnd>) {
         self.waiting = Some(Waiting {
             held_id: start.held_id.clone(),
-            last: last || dismissed,
+            end,
             timeout: start.timeout,
-            dismissed,
         });
     }
 
@@ -70,17 +78,23 @@ impl SessionState {
         reason: Option<&str>,
     ) -> Option<Action> {
         match waiting {
-            Some(w) if !w.last => return Some(Action::StillWaiting),
-            Some(w) => {
-                let note = if w.dismissed {
-                    "dismissed in the stepgate console while it waited".to_string()
-                } else {
-                    format!(
+            Some(Waiting { end: None, .. }) => return Some(Action::StillWaiting),
+            Some(Waiting {
+                end: Some(end),
+                held_id,
+                timeout,
+            }) => {
+                let note = match end {
+                    WaitEnd::Dismissed => {
+                        "dismissed in the stepgate console while it waited".to_string()
+                    }
+                    WaitEnd::Canceled => "canceled by the client while it waited".to_string(),
+                    WaitEnd::Timeout => format!(
                         "no approval covered it within {}",
-                        humantime::format_duration(w.timeout)
-                    )
+                        humantime::format_duration(timeout)
+                    ),
                 };
-                self.reuse_held = Some((Some(w.held_id), note));
+                self.reuse_held = Some((Some(held_id), note));
                 return None;
             }
             None => {}
