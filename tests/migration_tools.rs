@@ -1,5 +1,6 @@
-//! Migration tools as their users run them, unchanged, through stepgate (issue 18): dbmate and knex (npm) and
-//! Alembic (PyPI), installed by `.ci/run` (`target/tools/node_modules`, and `alembic` on PATH). For each:
+//! Migration tools as their users run them, unchanged, through stepgate (issue 18): dbmate, knex and
+//! node-pg-migrate (npm), Alembic and Django (PyPI) and sqlx-cli (crates.io), installed by `.ci/run`
+//! (`target/tools/node_modules`, `target/tools/sqlx/bin`, and `alembic` and Django for the `python3` on PATH). For each:
 //! without a token nothing changes in the database; `stepgate plan` runs the tool against a throwaway copy
 //! of the schema and prints the payload; it is signed and handed over with `stepgate approve`; the migration
 //! then applies; a run with nothing to apply passes with the tool's preset (`fixtures/allow/<tool>.toml`) and
@@ -25,11 +26,17 @@ fn tools_dir() -> PathBuf {
 /// The tool's program, or None (skip) when it is not installed and not required.
 fn tool(name: &str) -> Option<PathBuf> {
     let found = match name {
-        "alembic" => std::env::var_os("PATH").and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("alembic"))
-                .find(|f| f.is_file())
+        "alembic" => on_path("alembic"),
+        // Django is a Python module: its test runs `python3 -m django`.
+        "django" => on_path("python3").filter(|py| {
+            Command::new(py)
+                .args(["-c", "import django, psycopg2"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
         }),
+        "sqlx" => Some(tools_dir().join("sqlx/bin/sqlx")).filter(|f| f.exists()),
         _ => Some(tools_dir().join("node_modules/.bin").join(name)).filter(|f| f.exists()),
     };
     if found.is_none() {
@@ -42,6 +49,14 @@ fn tool(name: &str) -> Option<PathBuf> {
         );
     }
     found
+}
+
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(program))
+            .find(|f| f.is_file())
+    })
 }
 
 /// A gate with the test policy, the DBA console for the password admin, and the tool's preset; the config
@@ -223,6 +238,9 @@ async fn flow(
     let reset = match name {
         "dbmate" => "DELETE FROM schema_migrations",
         "knex" => "DELETE FROM knex_migrations",
+        "sqlx" => "DELETE FROM _sqlx_migrations",
+        "node-pg-migrate" => "DELETE FROM pgmigrations",
+        "django" => "DELETE FROM django_migrations",
         _ => "DELETE FROM alembic_version",
     };
     direct.batch_execute(reset).await.unwrap();
@@ -345,6 +363,119 @@ async fn alembic_upgrades_once_approved_and_its_noop_run_needs_no_token() {
         |work, url| {
             let mut c = Command::new(tool("alembic").unwrap());
             c.current_dir(work).args(["upgrade", "head"]);
+            if let Some(url) = url {
+                c.env("DATABASE_URL", url);
+            }
+            c
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_migrates_once_approved_and_its_noop_run_needs_no_token() {
+    if pg().devdb().is_none() {
+        return;
+    }
+    flow(
+        "sqlx",
+        "mt_sqlx",
+        "gadgets",
+        |work, _| {
+            let m = work.join("migrations");
+            std::fs::create_dir_all(&m).unwrap();
+            std::fs::write(
+                m.join("20260101000000_create_gadgets.sql"),
+                "CREATE TABLE gadgets (id bigserial PRIMARY KEY, label text NOT NULL);\n",
+            )
+            .unwrap();
+        },
+        |work, url| {
+            let mut c = Command::new(tool("sqlx").unwrap());
+            c.current_dir(work)
+                .args(["migrate", "run", "--source", "migrations"]);
+            // sqlx reads DATABASE_URL itself; `--database-url {url}` works too.
+            if let Some(url) = url {
+                c.env("DATABASE_URL", url);
+            }
+            c
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_pg_migrate_migrates_once_approved_and_its_noop_run_needs_no_token() {
+    if pg().devdb().is_none() {
+        return;
+    }
+    flow(
+        "node-pg-migrate",
+        "mt_npm",
+        "widgets",
+        |work, _| {
+            let m = work.join("migrations");
+            std::fs::create_dir_all(&m).unwrap();
+            std::fs::write(
+                m.join("1767225600000_create-widgets.js"),
+                "exports.up = (pgm) => { pgm.createTable('widgets', { id: 'id', name: { type: 'text' } }); };\n\
+                 exports.down = (pgm) => { pgm.dropTable('widgets'); };\n",
+            )
+            .unwrap();
+        },
+        |work, url| {
+            let mut c = Command::new(tool("node-pg-migrate").unwrap());
+            c.current_dir(work).args(["up", "-m", "migrations"]);
+            if let Some(url) = url {
+                c.env("DATABASE_URL", url);
+            }
+            c
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_migrates_once_approved_and_its_noop_run_needs_no_token() {
+    if pg().devdb().is_none() {
+        return;
+    }
+    flow(
+        "django",
+        "mt_django",
+        "notes_note",
+        |work, _| {
+            let app = work.join("notes/migrations");
+            std::fs::create_dir_all(&app).unwrap();
+            std::fs::write(
+                work.join("settings.py"),
+                "import os\nfrom urllib.parse import urlparse\nu = urlparse(os.environ['DATABASE_URL'])\n\
+                 SECRET_KEY = 'test'\nINSTALLED_APPS = ['notes']\nUSE_TZ = True\n\
+                 DEFAULT_AUTO_FIELD = 'django.db.models.BigAutoField'\n\
+                 DATABASES = {'default': {'ENGINE': 'django.db.backends.postgresql', 'NAME': u.path.lstrip('/'), \
+                 'USER': u.username, 'PASSWORD': u.password or '', 'HOST': u.hostname, 'PORT': u.port}}\n",
+            )
+            .unwrap();
+            std::fs::write(work.join("notes/__init__.py"), "").unwrap();
+            std::fs::write(app.join("__init__.py"), "").unwrap();
+            std::fs::write(
+                work.join("notes/models.py"),
+                "from django.db import models\nclass Note(models.Model):\n    body = models.TextField()\n",
+            )
+            .unwrap();
+            std::fs::write(
+                app.join("0001_initial.py"),
+                "from django.db import migrations, models\nclass Migration(migrations.Migration):\n    initial = True\n    dependencies = []\n    \
+                 operations = [migrations.CreateModel(name='Note', fields=[('id', models.BigAutoField(primary_key=True, serialize=False)), ('body', models.TextField())])]\n",
+            )
+            .unwrap();
+        },
+        |work, url| {
+            let mut c = Command::new(tool("django").unwrap());
+            c.current_dir(work)
+                .args(["-m", "django", "migrate", "--no-input"])
+                .env("DJANGO_SETTINGS_MODULE", "settings")
+                .env("PYTHONPATH", work);
             if let Some(url) = url {
                 c.env("DATABASE_URL", url);
             }
