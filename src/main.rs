@@ -115,7 +115,8 @@ enum Cmd {
     #[command(after_help = "Examples:\n  \
                             stepgate plan --config stepgate.toml --database app -- alembic upgrade head > 0042.txt\n  \
                             stepgate plan -c stepgate.toml --database app --user migrator --schema-from \"$PROD_RO_URL\" -- dbmate migrate\n  \
-                            stepgate plan -c stepgate.toml --database app -- sqlx migrate run --database-url {url}\n\n\
+                            stepgate plan -c stepgate.toml --database app -- sqlx migrate run --database-url {url}\n  \
+                            stepgate plan --database app --preset migrate -- sh -c 'migrate -path empty/ -database \"$DATABASE_URL?sslmode=disable\" up; migrate -path empty/ -database \"$DATABASE_URL?sslmode=disable\" up' > allow/migrate.toml\n\n\
                             A throwaway PostgreSQL is started (needs initdb, postgres, psql; pg_dump with --schema-from),\n\
                             loaded with the target's schema (pg_dump --schema-only, read-only) or empty, and an observe-mode\n\
                             stepgate with this config's rules is put in front of it. The command runs with PGHOST, PGPORT,\n\
@@ -141,6 +142,10 @@ enum Cmd {
         /// Shown to the signer.
         #[arg(long)]
         reason: Option<String>,
+        /// Print [[allow]] entries named after this tool instead of a payload: a preset for a tool's own
+        /// bookkeeping, from a run with no migrations of yours (see README "Migration tools").
+        #[arg(long, value_name = "TOOL")]
+        preset: Option<String>,
         /// The migration command, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -256,6 +261,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             schema_from,
             ttl,
             reason,
+            preset,
             command,
         } => {
             // No log subscriber: the observe-mode stepgate's lines would bury the summary.
@@ -266,6 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 schema_from,
                 ttl,
                 reason,
+                preset,
                 command,
             }))
         }

@@ -484,3 +484,53 @@ async fn django_migrates_once_approved_and_its_noop_run_needs_no_token() {
     )
     .await;
 }
+
+/// `stepgate plan --preset`: a tool's bookkeeping as `[[allow]]` entries, from a real run with no migrations —
+/// how a preset for a tool not shipped is made, and how the shipped sqlx preset was. The output loads as an
+/// include and lists the same statements as `fixtures/allow/sqlx.toml`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_preset_reproduces_the_shipped_sqlx_preset() {
+    let Some(sqlx) = tool("sqlx") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+    let mut cmd = Command::new(common::serve::BIN);
+    cmd.current_dir(dir.path())
+        .args(["plan", "--database", "app", "--preset", "sqlx", "--"])
+        .arg(&sqlx)
+        .args(["migrate", "run", "--source", "empty"])
+        .env_remove("STEPGATE_CONFIG");
+    let out = tokio::task::block_in_place(|| cmd.stdin(Stdio::null()).output().unwrap());
+    let made = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.path().join("made.toml"), &made).unwrap();
+    let fingerprints = |include: &Path| {
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!("include = [{:?}]\n", include.display().to_string()),
+        )
+        .unwrap();
+        let c = stepgate::config::Config::load(Some(&cfg), &Default::default()).unwrap();
+        let mut f: Vec<String> = c
+            .allow
+            .iter()
+            .map(|a| stepgate::token::payload::fingerprint_of(a.sql.as_deref().unwrap()).unwrap())
+            .collect();
+        f.sort();
+        f
+    };
+    let shipped =
+        fingerprints(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/allow/sqlx.toml"));
+    assert!(!shipped.is_empty());
+    assert_eq!(
+        fingerprints(&dir.path().join("made.toml")),
+        shipped,
+        "{made}"
+    );
+}

@@ -21,6 +21,8 @@ pub struct PlanOptions {
     pub schema_from: Option<String>,
     pub ttl: Duration,
     pub reason: Option<String>,
+    /// Print `[[allow]]` entries named after this tool instead of a payload.
+    pub preset: Option<String>,
     pub command: Vec<String>,
 }
 
@@ -201,6 +203,10 @@ pub async fn run(o: PlanOptions) -> Result<ExitCode> {
         let short: String = line.chars().take(100).collect();
         eprintln!("  {:>3}. {:<11} {short}", i + 1, s.class.as_str());
     }
+    if let Some(tool) = &o.preset {
+        print!("{}", preset_toml(tool, &o.command.join(" "), &statements));
+        return Ok(ExitCode::SUCCESS);
+    }
     if statements.is_empty() {
         eprintln!("stepgate plan: nothing to sign");
         return Ok(ExitCode::SUCCESS);
@@ -221,6 +227,34 @@ pub async fn run(o: PlanOptions) -> Result<ExitCode> {
         println!();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `[[allow]]` entries for the distinct statements a tool sent (its bookkeeping, when it ran with no
+/// migrations of the user's), in the order first sent, as `fixtures/allow/*.toml` has them.
+fn preset_toml(tool: &str, command: &str, statements: &[StatementGrant]) -> String {
+    let mut out = format!(
+        "# {tool}: the guarded statements `{command}` sent, from a run through stepgate plan ({}).\n\
+         # Use it with include = [\"<this file>\"]; every entry lets exactly that statement pass without a token.\n",
+        humantime::format_rfc3339_seconds(SystemTime::now())
+    );
+    let mut seen = std::collections::HashSet::new();
+    for s in statements {
+        if !seen.insert(s.fingerprint.clone()) {
+            continue;
+        }
+        let words = s
+            .sql
+            .split_whitespace()
+            .take(6)
+            .collect::<Vec<_>>()
+            .join(" ");
+        out.push_str(&format!(
+            "\n[[allow]]\nname = {}\nsql = {}\n",
+            toml::Value::String(format!("{tool}: {words}")),
+            toml::Value::String(s.sql.clone())
+        ));
+    }
+    out
 }
 
 /// A connection string with its password, if any, left out.
