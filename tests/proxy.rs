@@ -362,12 +362,15 @@ async fn latin1_bytes_pass_byte_for_byte() {
     assert!(row.1.ends_with(b"3"));
 }
 
+/// A stepgate setting in the startup packet other than `stepgate.token` is a typo or a probe: the session is
+/// refused (42704, naming it) instead of starting without the token its user meant to give — and nothing of
+/// it reaches the server, where it would exist as a placeholder any session could read. (The token itself is
+/// taken at login: tests/token.rs.)
 #[tokio::test]
-async fn stepgate_startup_settings_are_not_forwarded() {
+async fn unknown_stepgate_startup_settings_are_refused() {
     let g = gate().await;
     let p = pg();
     let direct_addr: std::net::SocketAddr = format!("{}:{}", p.host, p.port).parse().unwrap();
-    // (stepgate.token itself must verify at login: tests/token.rs covers it.)
     let probe = b"SHOW stepgate.note";
     let opts: &[u8] = b"-c stepgate.note=secret-value -c search_path=pipe_schema,public";
     // Sent straight to PostgreSQL, the setting would exist as a placeholder: the probe can tell.
@@ -380,23 +383,31 @@ async fn stepgate_startup_settings_are_not_forwarded() {
             .any(|(t, b)| *t == b'D' && b.ends_with(b"secret-value")),
         "{direct:?}"
     );
-
-    let mut r = Raw::login(
-        g.addr,
-        &p.user,
-        "postgres",
-        &[("options", opts), ("stepgate.other", b"direct-param")],
-    )
-    .await;
-    r.send(&raw::query(probe)).await;
-    let msgs = r.until_ready().await;
-    // Not set on the server: PostgreSQL does not know the parameter.
-    assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42704"), "{msgs:?}");
-    r.send(&raw::query(b"SHOW search_path")).await;
-    let msgs = r.until_ready().await;
-    assert!(msgs
-        .iter()
-        .any(|(t, b)| *t == b'D' && b.ends_with(b"pipe_schema,public")));
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("options", opts, "stepgate.note"),
+        ("stepgate.Tokn", b"direct-param", "stepgate.tokn"),
+        (
+            "options",
+            b"--stepgate.token=x -c stepgate.status=on",
+            "stepgate.status",
+        ),
+    ];
+    for (key, value, named) in cases {
+        let mut r = Raw::connect(g.addr).await;
+        r.send(&raw::startup_packet(&[
+            ("user", p.user.as_bytes()),
+            (key, value),
+        ]))
+        .await;
+        let msgs = r.until_closed().await;
+        assert_eq!(Raw::error_code(&msgs).as_deref(), Some("42704"), "{msgs:?}");
+        let message = Raw::error_message(&msgs).unwrap();
+        assert!(
+            message.contains(&format!("unrecognized stepgate setting \"{named}\"")),
+            "{message}"
+        );
+    }
+    g.assert_healthy().await;
 }
 
 #[tokio::test]

@@ -54,6 +54,15 @@ pub(super) async fn session(
         }
     }
     let settings = match startup.take_stepgate_settings().and_then(|s| {
+        // A typo (`stepgate.tokn`) must not read as a session with a token.
+        if let Some((name, _)) = s.iter().find(|(n, _)| n != "stepgate.token") {
+            return Err(crate::wire::startup::StartupError::UnknownSetting(
+                name.chars()
+                    .take(64)
+                    .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+                    .collect(),
+            ));
+        }
         // What PostgreSQL will read must fit its own limit; only stepgate's settings may go past it.
         let forwarded = startup.encode().len();
         if forwarded > crate::wire::startup::MAX_STARTUP_LEN {
@@ -68,6 +77,7 @@ pub(super) async fn session(
             // Too long for the server is what PostgreSQL itself would answer with 08P01.
             let code = match e {
                 crate::wire::startup::StartupError::TooLongForServer(_) => "08P01",
+                crate::wire::startup::StartupError::UnknownSetting(_) => "42704",
                 _ => "42501",
             };
             send_and_close(

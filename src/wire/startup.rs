@@ -35,6 +35,10 @@ pub enum StartupError {
     Malformed(&'static str),
     #[error("startup option {0:?} names a stepgate setting in a form stepgate does not accept; use -c stepgate.<name>=<value>")]
     OddStepgateOption(String),
+    #[error(
+        "unrecognized stepgate setting \"{0}\" (the startup packet may set stepgate.token only)"
+    )]
+    UnknownSetting(String),
     #[error("stepgate setting {0} is not valid UTF-8")]
     NotUtf8(String),
     #[error("options carries a stepgate setting and words PostgreSQL would read as stray arguments (a token with spaces?); pack the token first: stepgate token pack < token.asc")]
