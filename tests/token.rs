@@ -1206,6 +1206,75 @@ async fn token_new_takes_several_sources_and_warns_before_signing() {
     );
 }
 
+/// `token new --session`: every statement still held in one session, in order — named by a held id of that
+/// session or by its number — a retry listed once, what another session held left out, what already ran with
+/// a token left out. The token runs them all in a new session.
+#[tokio::test]
+async fn token_new_session_lists_what_one_session_had_held() {
+    let db = "tok_new_session";
+    let direct = setup(db).await;
+    let g = gate_with(policy).await;
+    let c = g.client(db).await;
+    let (first, _) = held(&c.batch_execute("DROP TABLE t2").await.unwrap_err());
+    held(&c.batch_execute("TRUNCATE t").await.unwrap_err());
+    // A retry of the first: held again, listed once.
+    held(&c.batch_execute("DROP TABLE t2").await.unwrap_err());
+    let other = g.client(db).await;
+    held(&other.batch_execute("DROP TABLE t3").await.unwrap_err());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(&g, dir.path());
+    let cfg = cfg.to_str().unwrap();
+    let (ok, out, err) = stepgate(&["token", "new", "--config", cfg, "--session", &first], b"");
+    assert!(ok, "{err}");
+    let payload = String::from_utf8(out).unwrap();
+    assert_eq!(payload.matches("statement: ").count(), 2, "{payload}");
+    let (t2, tr) = (
+        payload.find("DROP TABLE t2").unwrap(),
+        payload.find("TRUNCATE t").unwrap(),
+    );
+    assert!(t2 < tr, "{payload}");
+    assert!(!payload.contains("DROP TABLE t3"), "{payload}");
+    assert!(err.contains("(a retry?): listed once"), "{err}");
+    // By number: the same statements.
+    let session = g
+        .audit()
+        .into_iter()
+        .find(|r| r["held_id"] == first.as_str())
+        .unwrap()["session_id"]
+        .as_u64()
+        .unwrap();
+    let (ok, out, err) = stepgate(
+        &[
+            "token",
+            "new",
+            "--config",
+            cfg,
+            "--session",
+            &session.to_string(),
+        ],
+        b"",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        String::from_utf8(out)
+            .unwrap()
+            .matches("statement: ")
+            .count(),
+        2
+    );
+    let tok = sign_text_at(&payload, &["alice"], std::time::SystemTime::now());
+    let c2 = g.client(db).await;
+    c2.batch_execute(&set_token(&tok)).await.unwrap();
+    c2.batch_execute("DROP TABLE t2; TRUNCATE t").await.unwrap();
+    assert!(!exists(&direct, "t2").await);
+    // Once they ran, the session has nothing left to sign.
+    let (ok, _, err) = stepgate(&["token", "new", "--config", cfg, "--session", &first], b"");
+    assert!(
+        !ok && err.contains("no held statement left to sign"),
+        "{err}"
+    );
+}
+
 /// A rollback gives uses back only inside an explicit transaction block. In an implicit one (a multi-statement
 /// string, an extended-protocol pipeline) something else in it could have committed the statement first (a
 /// procedure's COMMIT where the server allows it), so its use stays spent — checked on the server's tables.

@@ -41,8 +41,12 @@ pub enum TokenCmd {
         #[arg(long)]
         sql: Option<String>,
         /// A held statement's id (from the 42501 error or SHOW HELD); repeat for several, in order.
-        #[arg(long)]
+        #[arg(long, value_name = "ID")]
         held: Vec<String>,
+        /// Every statement still held in one session, in order: its number (session_id in stepgate's log
+        /// and the audit log) or the held id of one of its statements. Comes after --held.
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
         /// Refuse, rather than warn, when a statement is unparsed or a file has a `-- migrate:down` section.
         #[arg(long)]
         strict: bool,
@@ -100,10 +104,12 @@ pub fn run(cmd: TokenCmd) -> anyhow::Result<ExitCode> {
             file,
             sql,
             held,
+            session,
             strict,
         } => {
             let config = with_state(config, state_dir)?;
             let mut sources: Vec<cli::Source> = held.into_iter().map(cli::Source::Held).collect();
+            sources.extend(session.map(cli::Source::Session));
             sources.extend(file.map(cli::Source::File));
             sources.extend(sql.map(cli::Source::Sql));
             let payload = cli::new_payload(

@@ -26,6 +26,9 @@ pub enum Source {
     Sql(String),
     /// A held entry's id, looked up in the state directory.
     Held(String),
+    /// Every statement still held in one session: its number (`session_id` in the log and SHOW SESSIONS),
+    /// or the id of one of its held entries.
+    Session(String),
 }
 
 /// `stepgate token new`.
@@ -67,37 +70,87 @@ pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<NewPayload> {
         }
     }
     if o.sources.is_empty() {
-        bail!("say what to sign: --held ID (repeatable), --file FILE or --sql SQL");
+        bail!("say what to sign: --held ID (repeatable), --session ID, --file FILE or --sql SQL");
     }
-    let mut registry: Option<Registry> = None;
+    let mut held: Option<(Registry, Vec<serde_json::Value>)> = None;
+    let path = o.config.state_dir.join("audit.jsonl");
     for source in &o.sources {
         match source {
-            Source::Held(id) => {
-                let registry = match &mut registry {
-                    Some(r) => r,
+            Source::Held(_) | Source::Session(_) => {
+                let (registry, records) = match &mut held {
+                    Some(h) => h,
                     None => {
+                        let records = AuditLog::read_dir(&o.config.state_dir)?;
                         let r = Registry::new(None);
-                        r.restore(&AuditLog::read_dir(&o.config.state_dir)?);
-                        registry.insert(r)
+                        r.restore(&records);
+                        held.insert((r, records))
                     }
                 };
-                let path = o.config.state_dir.join("audit.jsonl");
-                let entry = registry.get(id).ok_or_else(|| {
-                    anyhow!(
-                        "no held statement {id:?} in {} (use --state-dir or --config to name stepgate's state directory)",
-                        path.display()
-                    )
-                })?;
-                let found = stepgate::token::held::statements_of(
-                    &entry,
-                    o.database.as_deref(),
-                    &classifier,
-                )?;
-                same_database(&mut database, &entry.session.database)?;
-                if user.is_none() {
-                    user = Some(entry.session.user.clone());
+                let entry_of = |id: &str| {
+                    registry.get(id).ok_or_else(|| {
+                        anyhow!(
+                            "no held statement {id:?} in {} (use --state-dir or --config to name stepgate's state directory)",
+                            path.display()
+                        )
+                    })
+                };
+                let entries = match source {
+                    Source::Held(id) => vec![entry_of(id)?],
+                    Source::Session(s) => {
+                        let session: u64 = match s.parse() {
+                            Ok(n) => n,
+                            Err(_) => entry_of(s)?.session.session_id,
+                        };
+                        // In the order they were held; what already ran with a token or was dismissed is
+                        // not listed, and a statement held again (a retry) is listed once.
+                        let mut seen = std::collections::HashSet::new();
+                        let mut entries = Vec::new();
+                        for r in records.iter().filter(|r| {
+                            matches!(r["event"].as_str(), Some("held" | "observed"))
+                                && r["session_id"].as_u64() == Some(session)
+                        }) {
+                            let Some(e) = r["held_id"].as_str().and_then(|id| registry.get(id))
+                            else {
+                                continue;
+                            };
+                            if matches!(
+                                e.status,
+                                stepgate::gate::HeldStatus::Authorized
+                                    | stepgate::gate::HeldStatus::Dismissed
+                            ) {
+                                continue;
+                            }
+                            if !seen.insert(e.fingerprints.clone()) {
+                                warnings.push(format!(
+                                    "held {} repeats an earlier statement of session {session} (a retry?): listed once",
+                                    e.id
+                                ));
+                                continue;
+                            }
+                            entries.push(e);
+                        }
+                        if entries.is_empty() {
+                            bail!(
+                                "session {session} has no held statement left to sign in {}",
+                                path.display()
+                            );
+                        }
+                        entries
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                for entry in entries {
+                    let found = stepgate::token::held::statements_of(
+                        &entry,
+                        o.database.as_deref(),
+                        &classifier,
+                    )?;
+                    same_database(&mut database, &entry.session.database)?;
+                    if user.is_none() {
+                        user = Some(entry.session.user.clone());
+                    }
+                    statements.extend(found);
                 }
-                statements.extend(found);
             }
             Source::File(_) | Source::Sql(_) => {
                 let (name, text) = match source {
@@ -119,7 +172,7 @@ pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<NewPayload> {
                         )
                     }
                     Source::Sql(s) => ("--sql".to_string(), s.clone()),
-                    Source::Held(_) => unreachable!("handled above"),
+                    Source::Held(_) | Source::Session(_) => unreachable!("handled above"),
                 };
                 if let Some(line) = text.lines().position(|l| {
                     l.trim_start()
