@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use stepgate::config::Config;
-use stepgate::devdb::{DevDb, DevDbOptions, SUPERUSER};
+use stepgate::devdb::{DevDb, DevDbOptions, SCRAM_PASSWORD, SCRAM_USER, SUPERUSER};
 use stepgate::proxy::Server;
 
 pub struct DemoOptions {
@@ -48,6 +48,12 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         state_dir: state.path().join("state"),
         keyring: Some(state.path().join("keys")),
         signers: vec![signer],
+        // The console, for the throwaway server's password role (the console takes password logins only).
+        admin: Some(stepgate::config::AdminConfig {
+            users: vec![SCRAM_USER.to_string()],
+            listen: None,
+            auth_database: "postgres".into(),
+        }),
         ..Config::default()
     };
     let server = Server::bind(config).await?;
@@ -107,6 +113,14 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         println!("  \\set tok `cat {}`", tok.display());
         println!("  SET stepgate.token = :'tok';");
         println!("  DROP TABLE notes;                             -- runs, once");
+        println!();
+        println!("Or look at it in the DBA console (its password is {SCRAM_PASSWORD}):");
+        println!(
+            "  PGPASSWORD={SCRAM_PASSWORD} psql -h {} -p {} -U {SCRAM_USER} stepgate",
+            addr.ip(),
+            addr.port()
+        );
+        println!("  SHOW HELD;  SHOW HELD <held id>;  SHOW SESSIONS;  SHOW AUDIT 10;  HELP;");
         println!();
         println!(
             "Everything is recorded in {}",
@@ -320,6 +334,29 @@ fn walkthrough(
                 .any(|l| l.contains("\"event\":\"held\"") && l.contains(&held_id))
             {
                 bail!("no held record for {held_id}");
+            }
+            Ok(())
+        })(),
+    )?;
+    step(
+        "the DBA console shows it (SHOW HELD, a password admin)",
+        (|| {
+            let out = Command::new("psql")
+                .arg(format!(
+                    "host=127.0.0.1 port={port} user={SCRAM_USER} dbname=stepgate sslmode=disable"
+                ))
+                .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", "SHOW HELD"])
+                .env("PGPASSWORD", SCRAM_PASSWORD)
+                .env_remove("PGOPTIONS")
+                .stdin(Stdio::null())
+                .output()
+                .context("running psql")?;
+            let shown = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() || !shown.contains(&held_id) {
+                bail!(
+                    "SHOW HELD did not list {held_id}: {shown}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             Ok(())
         })(),
