@@ -107,7 +107,13 @@ enum Cmd {
     #[command(subcommand)]
     Audit(AuditCmd),
     /// The signers, their key fingerprints, expiry and revocation state.
+    #[command(
+        after_help = "Example:\n  stepgate keys --config /etc/stepgate/stepgate.toml\n\n\
+                            Reads the config's [[signer]] entries and its keyring; a signer without a key, an expired\n\
+                            or revoked key is shown as such."
+    )]
     Keys {
+        /// The config whose [[signer]] entries and keyring are listed.
         #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -116,7 +122,7 @@ enum Cmd {
                             stepgate plan --config stepgate.toml --database app -- alembic upgrade head > 0042.txt\n  \
                             stepgate plan -c stepgate.toml --database app --user migrator --schema-from \"$PROD_RO_URL\" -- dbmate migrate\n  \
                             stepgate plan -c stepgate.toml --database app -- sqlx migrate run --database-url {url}\n  \
-                            stepgate plan --database app --preset migrate -- sh -c 'migrate -path empty/ -database \"$DATABASE_URL?sslmode=disable\" up; migrate -path empty/ -database \"$DATABASE_URL?sslmode=disable\" up' > allow/migrate.toml\n\n\
+                            stepgate plan --database app --preset golang-migrate -- migrate -path empty -database {url}?sslmode=disable up\n\n\
                             A throwaway PostgreSQL is started (needs initdb, postgres, psql; pg_dump with --schema-from),\n\
                             loaded with the target's schema (pg_dump --schema-only, read-only) or empty, and an observe-mode\n\
                             stepgate with this config's rules is put in front of it. The command runs with PGHOST, PGPORT,\n\
@@ -136,7 +142,7 @@ enum Cmd {
         /// Load this database's schema first (pg_dump --schema-only; a libpq URL or connection string).
         #[arg(long)]
         schema_from: Option<String>,
-        /// How long the token is valid once made (not-after) [default: 30m].
+        /// How long the token is valid once made (not-after).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
         ttl: std::time::Duration,
         /// Shown to the signer.
@@ -160,7 +166,7 @@ enum Cmd {
                             Without --console: STEPGATE_CONSOLE, else [admin] listen (or listen) of --config, user $PGUSER.\n\
                             Exit 0 approved; 1 refused (the reason is printed); 2 the console could not be reached.")]
     Approve {
-        /// The console as a libpq connection string or URL [env: STEPGATE_CONSOLE].
+        /// The console as a libpq connection string or URL.
         #[arg(long, env = "STEPGATE_CONSOLE")]
         console: Option<String>,
         /// Find the console from this config ([admin] listen, else listen).
@@ -314,4 +320,42 @@ fn mode_parser() -> impl clap::builder::TypedValueParser<Value = stepgate::gate:
     use clap::builder::TypedValueParser;
     clap::builder::PossibleValuesParser::new(["enforce", "observe"])
         .map(|s| s.parse::<stepgate::gate::Mode>().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every argument of every command says what it is, and every example in a `--help` starts two spaces in
+    /// (a continuation line that kept its source indentation reads as garbage in a terminal).
+    #[test]
+    fn every_help_documents_its_arguments_with_aligned_examples() {
+        fn walk(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some() || arg.get_long_help().is_some(),
+                    "{path}: argument {id} has no help"
+                );
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                assert!(
+                    !help.contains("[env:") && !help.contains("[default: 30m]"),
+                    "{path}: {id} repeats what clap adds: {help}"
+                );
+            }
+            if let Some(after) = cmd.get_after_help() {
+                for line in after.to_string().lines() {
+                    let indent = line.len() - line.trim_start().len();
+                    assert!(indent <= 4, "{path}: misaligned help line {line:?}");
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        walk(&super::Cli::command(), "stepgate");
+    }
 }

@@ -21,6 +21,7 @@ pub enum AuditCmd {
         /// SEQ:HASH of a head recorded elsewhere (console, /metrics): the log must reach it unchanged.
         #[arg(long)]
         expect_head: Option<String>,
+        /// A report for people, or one JSON object for machines.
         #[arg(long, value_enum, default_value = "text")]
         format: CheckFormat,
         /// Log files in chain order, or a state directory.
@@ -32,15 +33,19 @@ pub enum AuditCmd {
         after_help = "Example:\n  stepgate audit show --event authorized --since 2026-11-28T00:00:00Z state/"
     )]
     Show {
+        /// Only records of this event (held, token_set, authorized, executed, approved, allowed, …).
         #[arg(long)]
         event: Option<String>,
         /// RFC 3339 time, e.g. 2026-11-28T00:00:00Z.
         #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
         since: Option<std::time::SystemTime>,
+        /// Only records of this user.
         #[arg(long)]
         user: Option<String>,
+        /// Only records of this database.
         #[arg(long)]
         database: Option<String>,
+        /// Log files in chain order, or a state directory.
         #[arg(required = true)]
         logs: Vec<PathBuf>,
     },

@@ -9,12 +9,14 @@ use stepgate::config::{Config, Overrides};
 #[derive(Subcommand)]
 pub enum TokenCmd {
     /// Print the payload to sign for guarded statements (only those the rule guards).
-    #[command(after_help = "Examples:
-  stepgate token new --held k3x9q2ab > drop.txt
-                              stepgate token new --database app --file migrations/0042.sql --reason PROJ-142
-                              stepgate token new --database app --sql 'DROP TABLE staging_orders' --ttl 10m
-
-                            Then sign it: gpg --clearsign drop.txt (or stepgate token sign --key KEY.asc < drop.txt).")]
+    #[command(after_help = "Examples:\n  \
+                            stepgate token new --config /etc/stepgate/stepgate.toml --held k3x9q2ab > drop.txt\n  \
+                            stepgate token new --held k3x9q2ab --held 7dq0c1mz --file migrations/0042.sql\n  \
+                            stepgate token new --session k3x9q2ab --reason PROJ-142\n  \
+                            stepgate token new --database app --file migrations/0042.sql --reason PROJ-142\n  \
+                            stepgate token new --database app --sql 'DROP TABLE staging_orders' --ttl 10m\n\n\
+                            Then sign it: gpg --clearsign drop.txt (or stepgate token sign --key KEY.asc < drop.txt).\n\
+                            Sources are listed in this order: --held, --session, then --file or --sql.")]
     New {
         /// The config (its state_dir, instance, rules and dangerous_functions apply).
         #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
@@ -52,10 +54,9 @@ pub enum TokenCmd {
         strict: bool,
     },
     /// Cleartext-sign a payload (standard input) with one or more secret keys.
-    #[command(after_help = "Example:
-  stepgate token new --held k3x9q2ab | stepgate token sign --key alice.sec.asc > token.asc
-
-                            A key protected by a passphrase reads it from STEPGATE_PASSPHRASE, else asks on the terminal.
+    #[command(after_help = "Example:\n  \
+                            stepgate token new --held k3x9q2ab | stepgate token sign --key alice.sec.asc > token.asc\n\n\
+                            A key protected by a passphrase reads it from STEPGATE_PASSPHRASE, else asks on the terminal.\n\
                             GnuPG makes the same thing: gpg --clearsign.")]
     Sign {
         /// Secret key file (armored or binary); repeat for several signers.
@@ -66,11 +67,17 @@ pub enum TokenCmd {
     #[command(after_help = "Example:
   stepgate token merge alice.asc bob.asc > token.asc")]
     Merge {
+        /// Two or more tokens over the same payload, each signed by one or more people.
         #[arg(required = true, num_args = 2..)]
         files: Vec<PathBuf>,
     },
     /// Who signed a token (standard input), what it covers, and whether it is valid now.
+    #[command(after_help = "Example:\n  \
+                            stepgate token inspect --config /etc/stepgate/stepgate.toml < token.asc\n\n\
+                            Exit 0 when the token is valid now for its database and user, 1 when it is refused (the reason\n\
+                            is printed: already_used, signature_too_old, unknown_signer …).")]
     Inspect {
+        /// The config whose keyring, signers and rules judge the token.
         #[arg(long, short = 'c', env = "STEPGATE_CONFIG")]
         config: Option<PathBuf>,
         /// stepgate's state directory (to count used statements) [default: the config's].
