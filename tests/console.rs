@@ -658,6 +658,31 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         );
         assert!(exists(&direct, "t3").await);
 
+        // The client leaves while it waits: the wait ends, and an approval afterwards runs nothing.
+        let mut waiter = tokio::task::block_in_place(|| Waiter::start(&g, &db, &["DROP TABLE t3"]));
+        let notice = tokio::task::block_in_place(|| waiter.until("HINT:", Duration::from_secs(10)));
+        let id = held_id_in(&notice);
+        waiter.child.kill().unwrap();
+        waiter.child.wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let file = dir.path().join("t3.asc");
+        std::fs::write(&file, sign(&payload(&db, &["DROP TABLE t3"]), &["alice"])).unwrap();
+        tokio::task::block_in_place(|| approve(&file));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            exists(&direct, "t3").await,
+            "relay {i}: ran for a client that left"
+        );
+        let (_, shown, _) = tokio::task::block_in_place(|| {
+            psql_console(
+                &g,
+                SCRAM_USER,
+                Some(SCRAM_PASSWORD),
+                &format!("SHOW HELD {id}"),
+            )
+        });
+        assert!(!shown.contains("waiting"), "{shown}");
+
         // Inside a transaction block it fails at once.
         let started = Instant::now();
         let block = tokio::task::block_in_place(|| {

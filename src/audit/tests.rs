@@ -10,7 +10,7 @@ fn chain_continues_across_reopen() {
     f.insert("sql".into(), "DROP TABLE t".into());
     assert_eq!(log.append("held", f.clone(), false).unwrap(), 1);
     drop(log);
-    let log = AuditLog::open(dir.path()).unwrap();
+    let log = reopen(dir.path());
     assert_eq!(log.append("held", f, true).unwrap(), 2);
     let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -41,7 +41,22 @@ fn a_second_instance_on_the_same_state_directory_is_refused() {
     assert!(matches!(err, AuditError::Locked(_)), "{err}");
     assert!(err.to_string().contains("in use by another stepgate"));
     drop(first);
-    AuditLog::open(dir.path()).unwrap();
+    reopen(dir.path());
+}
+
+/// Opens the log again after the previous handle was dropped. The lock is an flock on a file the handle
+/// opened: a process another test forks at that moment holds the lock until it execs, so a reopen may have
+/// to wait a moment.
+fn reopen(dir: &std::path::Path) -> AuditLog {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match AuditLog::open(dir) {
+            Err(AuditError::Locked(_)) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            r => return r.unwrap(),
+        }
+    }
 }
 
 #[test]
@@ -54,7 +69,7 @@ fn a_torn_last_record_is_cut_and_recorded() {
     let mut f = OpenOptions::new().append(true).open(&path).unwrap();
     f.write_all(b"{\"seq\":2,\"time\":\"2026-").unwrap();
     drop(f);
-    let log = AuditLog::open(dir.path()).unwrap();
+    let log = reopen(dir.path());
     assert_eq!(log.head().0, 2);
     let l = lines(&path);
     assert_eq!(l.len(), 2);
@@ -89,7 +104,7 @@ fn rotation_keeps_the_chain_across_files() {
     }
     assert_eq!(head, (7, prev.clone()));
     // Reopened after a rotation left audit.jsonl empty, the chain continues from the rotated file.
-    let log = AuditLog::open_with(dir.path(), 300).unwrap();
+    let log = reopen(dir.path());
     assert_eq!(log.head(), (7, prev));
     assert_eq!(AuditLog::read_dir(dir.path()).unwrap().len(), 7);
 }

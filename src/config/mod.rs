@@ -20,7 +20,6 @@ pub mod values;
 
 pub use class::Class;
 pub use mode::Mode;
-use rule::patterns_overlap;
 pub use rule::{pattern_matches, OnHold, Rule, DEFAULT_MAX_TOKEN_LIFETIME, DEFAULT_WAIT_TIMEOUT};
 pub use signer::SignerPolicy;
 use values::{de_duration, de_size};
@@ -549,55 +548,8 @@ impl Config {
             ));
         }
         for r in &self.rules {
-            if r.wait_timeout < Duration::from_secs(1) || r.wait_timeout > Duration::from_secs(3600)
-            {
-                return Err(invalid(
-                    "rule.wait_timeout",
-                    format!(
-                        "rule for database {:?}, user {:?}: must be between 1s and 1h",
-                        r.database, r.user
-                    ),
-                ));
-            }
-            if r.on_hold == OnHold::Wait && self.admin.is_none() {
-                return Err(invalid(
-                    "rule.on_hold",
-                    format!(
-                        "rule for database {:?}, user {:?} waits for approvals (on_hold = \"wait\"), which come through the console: configure [admin]",
-                        r.database, r.user
-                    ),
-                ));
-            }
-            if r.signatures == 0 {
-                return Err(invalid(
-                    "rule.signatures",
-                    format!(
-                        "rule for database {:?}, user {:?}: must be at least 1",
-                        r.database, r.user
-                    ),
-                ));
-            }
-            // With signers configured, every rule's demand must be one the signers can meet.
-            // (A rule that guards nothing never asks for a token.)
-            if (!self.signers.is_empty() || r.signatures > 1) && !r.guard.is_empty() {
-                let able = self
-                    .signers
-                    .iter()
-                    .filter(|s| {
-                        s.databases.iter().any(|d| patterns_overlap(d, &r.database))
-                            && s.classes.iter().any(|c| r.guard.contains(c))
-                    })
-                    .count();
-                if able < r.signatures {
-                    return Err(invalid(
-                        "rule.signatures",
-                        format!(
-                            "rule for database {:?}, user {:?} needs {} signers but only {able} [[signer]]s may sign for it",
-                            r.database, r.user, r.signatures
-                        ),
-                    ));
-                }
-            }
+            r.check(&self.signers, self.admin.is_some())
+                .map_err(|(key, message)| invalid(key, message))?;
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::class::Class;
+use super::signer::SignerPolicy;
 
 /// Which statements are guarded for a database and user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +59,64 @@ impl Default for Rule {
 }
 
 impl Rule {
+    /// What the config check says of this rule, given the signers and whether the console is configured:
+    /// the key and the message of the first problem.
+    pub(super) fn check(
+        &self,
+        signers: &[SignerPolicy],
+        console: bool,
+    ) -> Result<(), (&'static str, String)> {
+        let r = self;
+        if r.wait_timeout < Duration::from_secs(1) || r.wait_timeout > Duration::from_secs(3600) {
+            return Err((
+                "rule.wait_timeout",
+                format!(
+                    "rule for database {:?}, user {:?}: must be between 1s and 1h",
+                    r.database, r.user
+                ),
+            ));
+        }
+        if r.on_hold == OnHold::Wait && !console {
+            return Err((
+                "rule.on_hold",
+                format!(
+                    "rule for database {:?}, user {:?} waits for approvals (on_hold = \"wait\"), which come through the console: configure [admin]",
+                    r.database, r.user
+                ),
+            ));
+        }
+        if r.signatures == 0 {
+            return Err((
+                "rule.signatures",
+                format!(
+                    "rule for database {:?}, user {:?}: must be at least 1",
+                    r.database, r.user
+                ),
+            ));
+        }
+        // With signers configured, every rule's demand must be one the signers can meet.
+        // (A rule that guards nothing never asks for a token.)
+        if (!signers.is_empty() || r.signatures > 1) && !r.guard.is_empty() {
+            let able = signers
+                .iter()
+                .filter(|s| {
+                    s.databases.iter().any(|d| patterns_overlap(d, &r.database))
+                        && s.classes.iter().any(|c| r.guard.contains(c))
+                })
+                .count();
+            if able < r.signatures {
+                return Err((
+                    "rule.signatures",
+                    format!(
+                        "rule for database {:?}, user {:?} needs {} signers but only {able} [[signer]]s may sign for it",
+                        r.database, r.user, r.signatures
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn matches(&self, database: &str, user: &str) -> bool {
         pattern_matches(&self.database, database) && pattern_matches(&self.user, user)
     }

@@ -122,8 +122,27 @@ where
                     let _ = tx.send(());
                 }),
             );
-            let _ = rx.await;
+            // While a statement waits for an approval the client is watched, not read: if it leaves, the
+            // wait ends (an approval must not run the statement for nobody). What it sends meanwhile (at
+            // most one read) is kept for after.
+            let mut extra = BytesMut::new();
+            let mut rx = rx;
+            let mut watching = waits;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut rx => break,
+                    r = rd.read_buf(&mut extra), if watching && extra.is_empty() => {
+                        if !matches!(r, Ok(n) if n > 0) {
+                            watching = false;
+                            flags.cancel_wait.store(true, Ordering::Release);
+                            shared.gate.load().approvals.nudge();
+                        }
+                    }
+                }
+            }
             buf = super::judge::reclaim(frozen);
+            buf.extend_from_slice(&extra);
             flow.judged();
             continue;
         }

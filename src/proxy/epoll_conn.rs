@@ -177,6 +177,14 @@ impl Conn {
         }
     }
 
+    /// A statement of this session waiting for an approval gives up (the client cancelled or left).
+    pub(super) fn give_up_wait(&self) {
+        self.flags
+            .cancel_wait
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shared.gate.load().approvals.nudge();
+    }
+
     /// Writes the NOTICE of a statement that waits for an approval, if there is one (see [`Flags::notice`]);
     /// `Some` when the client's leg failed.
     pub(super) fn send_notice(&mut self) -> Option<Ending> {

@@ -165,6 +165,12 @@ impl Worker {
                     conn.client_r |= r;
                     conn.client_hup |= hup;
                     conn.client_w |= w;
+                    if hup && conn.judging {
+                        // The client left while its statement waits for an approval: the wait ends (an
+                        // approval must not run it for nobody). Nothing is read from it meanwhile, so its
+                        // close is seen here.
+                        conn.give_up_wait();
+                    }
                 } else {
                     conn.upstream_r |= r;
                     conn.upstream_hup |= hup;

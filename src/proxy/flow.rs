@@ -187,75 +187,26 @@ impl Frontend {
     /// thread's: the message is fed again and takes it.
     fn wait(
         &mut self,
-        mut begin: Box<super::gate::wait::WaitStart>,
+        mut begin: Box<super::gate::waiting::WaitStart>,
         len: usize,
         flags: &Flags,
         shared: &Shared,
         state: &std::sync::Arc<Mutex<SessionState>>,
     ) {
         flags.set_notice(std::mem::take(&mut begin.notice));
-        let ctx = shared.gate.load_full();
-        let weak = std::sync::Arc::downgrade(state);
-        // A cancel sent before this wait began was for something else.
-        let cancel = flags.cancel_wait.clone();
-        cancel.store(false, Ordering::Release);
         let (slot, hasher) = (self.decided.clone(), self.hasher.clone());
-        let run = move |msg: &[u8]| {
-            use crate::gate::HeldStatus;
-            let mut seen = begin.approvals_seen;
-            loop {
-                use super::gate::wait::WaitEnd;
-                let now = std::time::Instant::now();
-                let end = if cancel.load(Ordering::Acquire) {
-                    Some(WaitEnd::Canceled)
-                } else if ctx
-                    .registry
-                    .get(&begin.held_id)
-                    .is_some_and(|e| e.status == HeldStatus::Dismissed)
-                {
-                    Some(WaitEnd::Dismissed)
-                } else if now >= begin.deadline {
-                    Some(WaitEnd::Timeout)
-                } else {
-                    None
-                };
-                if end.is_none() {
-                    // Woken by an approval (or a cancel), or once a second to see whether the session is
-                    // still there and the entry still waiting.
-                    let step = (begin.deadline - now).min(std::time::Duration::from_secs(1));
-                    let added = ctx
-                        .approvals
-                        .wait_added(seen, step, &|| cancel.load(Ordering::Acquire));
-                    if weak.strong_count() == 0 {
-                        // The session ended while it waited.
-                        ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
-                        return;
-                    }
-                    if added == seen {
-                        continue;
-                    }
-                    seen = added;
-                }
-                let Some(state) = weak.upgrade() else {
-                    ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
-                    return;
-                };
-                state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .wait_round(&begin, end);
-                let action = SessionState::on_frontend_durably(&state, &ctx, b'Q', msg);
-                if action == Action::StillWaiting {
-                    continue;
-                }
-                // Decided: it runs (its entry is `authorized` once it has) or it was refused.
-                ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
-                *slot.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((message_key(&hasher, msg), action));
-                return;
-            }
-        };
-        self.pending = Some(super::judge::MessageJob::waiting(len, Box::new(run)));
+        let decided = Box::new(move |msg: &[u8], action: Action| {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((message_key(&hasher, msg), action));
+        });
+        let run = super::waiter::job(
+            begin,
+            shared.gate.load_full(),
+            std::sync::Arc::downgrade(state),
+            flags.cancel_wait.clone(),
+            decided,
+        );
+        self.pending = Some(super::judge::MessageJob::waiting(len, run));
         self.offloaded = Some(Offload::Decide);
     }
 

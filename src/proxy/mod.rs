@@ -25,6 +25,7 @@ mod shared;
 mod stream;
 pub mod tls;
 mod upstream;
+mod waiter;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;

@@ -19,7 +19,9 @@
 //! Layout: [`context`] is what sessions share; [`expect`] the expected-response queue and what it carries;
 //! `names` resolves statement and portal names; `analyze` judges a query string (pure); `simple` handles
 //! Query, `extended` Parse/Bind/Execute/Close/FunctionCall; `hold` records held entries and builds refusals;
-//! `backend` reads the server's answers and `settle` confirms or gives back reserved token uses.
+//! `backend` reads the server's answers and `settle` confirms or gives back reserved token uses; `wait`
+//! holds a query for an approval instead of refusing it (`on_hold = "wait"`), `waiting` is what such a wait
+//! carries.
 
 mod analyze;
 mod backend;
@@ -33,7 +35,8 @@ mod settle;
 mod simple;
 #[cfg(test)]
 mod tests;
-pub mod wait;
+mod wait;
+pub mod waiting;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -59,7 +62,7 @@ pub enum Action {
     /// A Query held under `on_hold = "wait"`: nothing is sent; the client gets the NOTICE, and the message
     /// is decided again off the relay thread once an approval comes or the wait times out
     /// ([`SessionState::on_frontend_durably`] with [`SessionState::wait_round`]).
-    Wait(Box<wait::WaitStart>),
+    Wait(Box<waiting::WaitStart>),
     /// A round of such a wait found no approval that covers the message yet: nothing changed.
     StillWaiting,
 }
@@ -109,7 +112,7 @@ pub struct SessionState {
     /// `authorized` records its decision needs, written there before the message is forwarded.
     deferred: Option<Vec<crate::audit::AuditEvent>>,
     /// Set for one decision of a Query that waits for an approval ([`SessionState::wait_round`]).
-    waiting: Option<wait::Waiting>,
+    waiting: Option<waiting::Waiting>,
     /// For the next refusal under `on_hold = "wait"`: the held entry it reuses (after a wait) and what to
     /// add to its message (why it waited no longer, or did not wait).
     reuse_held: Option<(Option<String>, String)>,

@@ -12,45 +12,15 @@
 //!
 //! Inside a transaction block nothing waits: the block's locks would be held meanwhile.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::expect::StmtInfo;
+use super::waiting::{WaitEnd, WaitStart, Waiting};
 use super::{Action, GateContext, SessionState};
 use crate::classify::Class;
 use crate::config::OnHold;
 use crate::gate::HeldStatus;
 use crate::proxy::authz::Denied;
-
-/// A wait that begins: what the relay writes to the client, and what the waiting thread needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WaitStart {
-    pub held_id: String,
-    /// The NoticeResponse to send the client at once.
-    pub notice: Vec<u8>,
-    /// When the last round is due.
-    pub deadline: Instant,
-    pub timeout: Duration,
-    /// How many approvals had been added when the wait began ([`crate::token::approvals::Approvals::added`]).
-    pub approvals_seen: u64,
-}
-
-/// Why a wait is over without an approval.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaitEnd {
-    Timeout,
-    /// `DISMISS <held id>` in the console.
-    Dismissed,
-    /// A CancelRequest for the session (psql's Ctrl-C).
-    Canceled,
-}
-
-/// One round of a wait, set for one decision.
-pub(super) struct Waiting {
-    held_id: String,
-    /// The wait is over: refuse (reusing the held entry) rather than wait on.
-    end: Option<WaitEnd>,
-    timeout: Duration,
-}
 
 impl SessionState {
     /// The next decision (of the waiting message, on its waiting thread) is a round of its wait: it runs the

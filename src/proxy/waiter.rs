@@ -1,0 +1,79 @@
+//! The waiting thread's work for a statement held under `on_hold = "wait"` (see [`super::gate::wait`]): it
+//! decides the message again whenever an approval is added, and one last time when the wait is over — the
+//! timeout passed, the held entry was dismissed in the console, or the client cancelled or left.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::gate::waiting::{WaitEnd, WaitStart};
+use super::gate::{Action, GateContext, SessionState};
+use super::judge::MessageWork;
+use crate::gate::HeldStatus;
+
+/// Where the decision goes: the relay feeds the message again and takes it.
+pub(super) type Decided = Box<dyn FnOnce(&[u8], Action) + Send>;
+
+/// The work for the waiting thread. `cancel` is the session's flag a CancelRequest (or the client leaving)
+/// sets; a cancel sent before this wait began was for something else, so it is cleared here.
+pub(super) fn job(
+    begin: Box<WaitStart>,
+    ctx: Arc<GateContext>,
+    state: Weak<Mutex<SessionState>>,
+    cancel: Arc<AtomicBool>,
+    decided: Decided,
+) -> MessageWork {
+    cancel.store(false, Ordering::Release);
+    Box::new(move |msg: &[u8]| {
+        let mut seen = begin.approvals_seen;
+        loop {
+            let now = Instant::now();
+            let end = if cancel.load(Ordering::Acquire) {
+                Some(WaitEnd::Canceled)
+            } else if ctx
+                .registry
+                .get(&begin.held_id)
+                .is_some_and(|e| e.status == HeldStatus::Dismissed)
+            {
+                Some(WaitEnd::Dismissed)
+            } else if now >= begin.deadline {
+                Some(WaitEnd::Timeout)
+            } else {
+                None
+            };
+            if end.is_none() {
+                // Woken by an approval (or a cancel), or once a second to see whether the session is still
+                // there and the entry still waiting.
+                let step = (begin.deadline - now).min(Duration::from_secs(1));
+                let added = ctx
+                    .approvals
+                    .wait_added(seen, step, &|| cancel.load(Ordering::Acquire));
+                if state.strong_count() == 0 {
+                    // The session ended while it waited.
+                    ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
+                    return;
+                }
+                if added == seen {
+                    continue;
+                }
+                seen = added;
+            }
+            let Some(state) = state.upgrade() else {
+                ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
+                return;
+            };
+            state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .wait_round(&begin, end);
+            let action = SessionState::on_frontend_durably(&state, &ctx, b'Q', msg);
+            if action == Action::StillWaiting {
+                continue;
+            }
+            // Decided: it runs (its entry is `authorized` once it has) or it was refused.
+            ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
+            decided(msg, action);
+            return;
+        }
+    })
+}
