@@ -508,6 +508,15 @@ async fn has_column(c: &tokio_postgres::Client, col: &str) -> bool {
         == 1
 }
 
+/// A psql whose statement now waits for an approval (its NOTICE printed whole), and the held id.
+fn waiting(g: &Gate, db: &str, sql: &str) -> (Waiter, String) {
+    tokio::task::block_in_place(|| {
+        let mut waiter = Waiter::start(g, db, &[sql]);
+        let notice = waiter.until("HINT:", std::time::Duration::from_secs(10));
+        (waiter, held_id_in(&notice))
+    })
+}
+
 fn held_id_in(text: &str) -> String {
     let at = text
         .find("held id ")
@@ -615,9 +624,7 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         assert_eq!(of("executed"), 1);
 
         // Dismissed in the console while it waits: it fails at once, and nothing ran.
-        let mut waiter = tokio::task::block_in_place(|| Waiter::start(&g, &db, &["DROP TABLE t3"]));
-        let notice = tokio::task::block_in_place(|| waiter.until("HINT:", Duration::from_secs(10)));
-        let id = held_id_in(&notice);
+        let (waiter, id) = waiting(&g, &db, "DROP TABLE t3");
         let (ok, _, err) = tokio::task::block_in_place(|| {
             psql_console(
                 &g,
@@ -638,9 +645,7 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         assert!(exists(&direct, "t3").await);
 
         // psql's Ctrl-C (a CancelRequest) ends the wait: it fails at once, and nothing ran.
-        let mut waiter = tokio::task::block_in_place(|| Waiter::start(&g, &db, &["DROP TABLE t3"]));
-        let notice = tokio::task::block_in_place(|| waiter.until("HINT:", Duration::from_secs(10)));
-        let id = held_id_in(&notice);
+        let (waiter, id) = waiting(&g, &db, "DROP TABLE t3");
         let interrupted = Command::new("kill")
             .args(["-INT", &waiter.child.id().to_string()])
             .status()
@@ -659,9 +664,7 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         assert!(exists(&direct, "t3").await);
 
         // The client leaves while it waits: the wait ends, and an approval afterwards runs nothing.
-        let mut waiter = tokio::task::block_in_place(|| Waiter::start(&g, &db, &["DROP TABLE t3"]));
-        let notice = tokio::task::block_in_place(|| waiter.until("HINT:", Duration::from_secs(10)));
-        let id = held_id_in(&notice);
+        let (mut waiter, id) = waiting(&g, &db, "DROP TABLE t3");
         waiter.child.kill().unwrap();
         waiter.child.wait().unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -180,6 +180,34 @@ impl Frontend {
     /// and is not handed to a judge thread again for the same reason.
     pub fn judged(&mut self) {}
 
+    /// Carries out the action decided for the message at `at` (`len` bytes of `data`): returns where
+    /// scanning resumes, or None when feeding stops there (a wait begins; the message is fed again later).
+    #[allow(clippy::too_many_arguments)]
+    fn act(
+        &mut self,
+        action: Action,
+        (data, start, at, len): (&[u8], &mut usize, usize, usize),
+        emit: &mut impl FnMut(&[u8]),
+        flags: &Flags,
+        shared: &Shared,
+        state: &std::sync::Arc<Mutex<SessionState>>,
+    ) -> Result<Option<usize>, FrontendError> {
+        match action {
+            Action::Forward => Ok(Some(at + len)),
+            Action::Replace(replacement) => {
+                Ok(Some(substitute(emit, data, start, at, len, &replacement)))
+            }
+            Action::Wait(begin) => {
+                self.wait(begin, len, flags, shared, state);
+                Ok(None)
+            }
+            // Only a waiting thread's round can decide this (see `waiter`); here it would be a bug.
+            Action::StillWaiting => Err(FrontendError::Internal(
+                "a statement was decided as a round of a wait it is not in",
+            )),
+        }
+    }
+
     /// A held Query waits for an approval (`on_hold = "wait"`, see [`super::gate::wait`]): the client gets
     /// the NOTICE, and the message (`len` bytes, at the front of what is fed) goes to a waiting thread,
     /// which decides it again whenever an approval is added, and for the last time when the wait is over
@@ -271,30 +299,21 @@ impl Frontend {
                                 None
                             };
                             if let Some((_, action)) = decided {
-                                match action {
-                                    Action::Replace(replacement) => {
-                                        ready = substitute(
-                                            emit,
-                                            data,
-                                            &mut start,
-                                            ready,
-                                            len,
-                                            &replacement,
-                                        );
+                                let next = self.act(
+                                    action,
+                                    (data, &mut start, ready, len),
+                                    emit,
+                                    flags,
+                                    shared,
+                                    state,
+                                )?;
+                                match next {
+                                    Some(next) => {
+                                        ready = next;
+                                        continue;
                                     }
-                                    Action::Forward => ready += len,
-                                    Action::Wait(begin) => {
-                                        drop(gate);
-                                        self.wait(begin, msg.len(), flags, shared, state);
-                                        break;
-                                    }
-                                    Action::StillWaiting => {
-                                        return Err(FrontendError::Internal(
-                                            "a waiting statement came back undecided",
-                                        ))
-                                    }
+                                    None => break,
                                 }
-                                continue;
                             }
                             let (session, ctx) = gate.get();
                             if after.is_none()
@@ -343,29 +362,20 @@ impl Frontend {
                             {
                                 super::judge::release_free_memory();
                             }
-                            match action {
-                                Action::Forward => {}
-                                Action::Replace(replacement) => {
-                                    ready = substitute(
-                                        emit,
-                                        data,
-                                        &mut start,
-                                        ready,
-                                        len,
-                                        &replacement,
-                                    );
+                            let next = self.act(
+                                action,
+                                (data, &mut start, ready, len),
+                                emit,
+                                flags,
+                                shared,
+                                state,
+                            )?;
+                            match next {
+                                Some(next) => {
+                                    ready = next;
                                     continue;
                                 }
-                                Action::Wait(begin) => {
-                                    drop(gate);
-                                    self.wait(begin, msg.len(), flags, shared, state);
-                                    break;
-                                }
-                                Action::StillWaiting => {
-                                    return Err(FrontendError::Internal(
-                                        "a statement was decided as a round of a wait it is not in",
-                                    ))
-                                }
+                                None => break,
                             }
                         }
                     }
