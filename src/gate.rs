@@ -219,12 +219,16 @@ impl Registry {
             audit.write(&event, false)?;
         }
         if self.entries.len() >= self.capacity {
-            if let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|e| e.created)
-                .map(|e| e.key().clone())
-            {
+            // The oldest entry goes, but not one whose session still waits on it (a DBA must be able to
+            // see it and DISMISS it), unless every entry waits.
+            let oldest = |waiting: bool| {
+                self.entries
+                    .iter()
+                    .filter(|e| waiting || e.status != HeldStatus::Waiting)
+                    .min_by_key(|e| e.created)
+                    .map(|e| e.key().clone())
+            };
+            if let Some(oldest) = oldest(false).or_else(|| oldest(true)) {
                 self.entries.remove(&oldest);
             }
         }
@@ -470,5 +474,36 @@ mod tests {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
             assert!(seen.insert(e.id));
         }
+    }
+
+    /// A full registry drops its oldest entry, but not one a session still waits on: a flood of held
+    /// statements must not take a waiting statement out of the DBA's sight (SHOW HELD, DISMISS).
+    #[test]
+    fn a_full_registry_keeps_the_entries_sessions_wait_on() {
+        let mut r = Registry::new(None);
+        r.capacity = 5;
+        let s = SessionFields::default();
+        let add = |status| {
+            r.record(
+                MAX_HELD_SQL,
+                &s,
+                "DROP TABLE t",
+                vec![("sha256:x".into(), "DROP TABLE t".into())],
+                Class::Destructive,
+                "guarded",
+                status,
+            )
+            .unwrap()
+            .id
+        };
+        let waiting = add(HeldStatus::Waiting);
+        let first_held = add(HeldStatus::Held);
+        for _ in 0..20 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            add(HeldStatus::Held);
+        }
+        assert_eq!(r.len(), 5);
+        assert!(r.get(&waiting).is_some(), "the waiting entry was dropped");
+        assert!(r.get(&first_held).is_none());
     }
 }

@@ -686,6 +686,87 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         });
         assert!(!shown.contains("waiting"), "{shown}");
 
+        // A client that sends more behind the waiting statement, or closes its side together with the query,
+        // and then leaves: it is seen leaving all the same (raw clients, so the timing is the attacker's).
+        for (n, how) in ["more", "half-close"].into_iter().enumerate() {
+            use tokio::io::AsyncWriteExt;
+            let col = format!("e{n}");
+            let sql = format!("ALTER TABLE t ADD COLUMN {col} int");
+            let mut r = common::raw::Raw::login(g.addr, &pg().user, &db, &[]).await;
+            r.send(&common::raw::query(sql.as_bytes())).await;
+            if how == "half-close" {
+                r.stream.shutdown().await.unwrap();
+            }
+            let (tag, _) = r.recv().await.unwrap();
+            assert_eq!(tag, b'N', "relay {i}, {how}: no NOTICE");
+            if how == "more" {
+                r.send(&common::raw::query(b"SELECT 1")).await;
+            }
+            drop(r);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let file = dir.path().join(format!("{col}.asc"));
+            std::fs::write(&file, sign(&payload(&db, &[&sql]), &["alice"])).unwrap();
+            tokio::task::block_in_place(|| approve(&file));
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            assert!(
+                !has_column(&direct, &col).await,
+                "relay {i}, {how}: ran for a client that left"
+            );
+        }
+
+        // A reload while it waits applies to it: under the new rule for its user (two signatures) an
+        // approval signed by one person (valid for the database's other users) does not run it.
+        let strict = format!(
+            "[[rule]]\ndatabase = \"wait_*\"\nuser = \"{}\"\nsignatures = 2\non_hold = \"wait\"\nwait_timeout = \"40s\"\n{rules}",
+            pg().user
+        );
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = \"state\"\n{}[admin]\nusers = [\"{SCRAM_USER}\"]\n",
+                policy_toml().replacen("[[rule]]", &strict, 1)
+            ),
+        )
+        .unwrap();
+        let (waiter, id) = waiting(&g, &db, "ALTER TABLE t ADD COLUMN f int");
+        g.handle().reload().unwrap();
+        let file = dir.path().join("f.asc");
+        std::fs::write(
+            &file,
+            sign(
+                &payload(&db, &["ALTER TABLE t ADD COLUMN f int"]),
+                &["alice"],
+            ),
+        )
+        .unwrap();
+        tokio::task::block_in_place(|| approve(&file));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !has_column(&direct, "f").await,
+            "relay {i}: judged under the old policy: {:#?}",
+            g.audit().iter().rev().take(6).collect::<Vec<_>>()
+        );
+        let (ok, _, err) = tokio::task::block_in_place(|| {
+            psql_console(
+                &g,
+                SCRAM_USER,
+                Some(SCRAM_PASSWORD),
+                &format!("DISMISS {id}"),
+            )
+        });
+        assert!(ok, "{err}");
+        let (ok, _, _) = tokio::task::block_in_place(|| waiter.finish(Duration::from_secs(10)));
+        assert!(!ok);
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = \"state\"\n{}[admin]\nusers = [\"{SCRAM_USER}\"]\n",
+                policy_toml().replacen("[[rule]]", rules, 1)
+            ),
+        )
+        .unwrap();
+        g.handle().reload().unwrap();
+
         // Inside a transaction block it fails at once.
         let started = Instant::now();
         let block = tokio::task::block_in_place(|| {

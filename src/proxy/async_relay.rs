@@ -73,6 +73,10 @@ pub(super) async fn relay<CR, CW, UR, UW>(
     finish(shared, ending, &flags, &flow.keys, state, client_wr, up_wr).await;
 }
 
+/// The most a client may send behind a statement that waits for an approval and still be watched for
+/// leaving (what it sends is kept until the wait is over).
+const WATCH_LIMIT: usize = 64 * 1024;
+
 /// Client → upstream.
 async fn frontend<R, W>(
     rd: &mut R,
@@ -112,6 +116,7 @@ where
             // message); then the same bytes are fed again.
             let frozen = std::mem::take(&mut buf).freeze();
             let waits = work.waits();
+            let mut watching = waits.is_some();
             let job = work.bind(&frozen);
             let (tx, rx) = tokio::sync::oneshot::channel();
             // If the job panics (a bug), `tx` is dropped with it and the await ends all the same.
@@ -122,17 +127,19 @@ where
                     let _ = tx.send(());
                 }),
             );
-            // While a statement waits for an approval the client is watched, not read: if it leaves, the
-            // wait ends (an approval must not run the statement for nobody). What it sends meanwhile (at
-            // most one read) is kept for after.
+            // While a statement waits for an approval the client is watched: if it leaves, the wait ends (an
+            // approval must not run the statement for nobody). What it sends meanwhile is kept for after,
+            // up to WATCH_LIMIT; past that it is not read (nor watched) until the wait is over.
             let mut extra = BytesMut::new();
             let mut rx = rx;
-            let mut watching = waits;
             loop {
+                if watching {
+                    extra.reserve(8 * 1024);
+                }
                 tokio::select! {
                     biased;
                     _ = &mut rx => break,
-                    r = rd.read_buf(&mut extra), if watching && extra.is_empty() => {
+                    r = rd.read_buf(&mut extra), if watching && extra.len() < WATCH_LIMIT => {
                         if !matches!(r, Ok(n) if n > 0) {
                             watching = false;
                             flags.cancel_wait.store(true, Ordering::Release);

@@ -299,8 +299,13 @@ impl Worker {
                         let frozen = std::mem::take(&mut conn.from_client).freeze();
                         let waits = work.waits();
                         let job = work.bind(&frozen);
-                        // A held statement that waits for an approval: the client hears why at once.
+                        // A held statement that waits for an approval: the client hears why at once. A client
+                        // whose close came before the wait began (with the query itself) is not reported
+                        // again (edge-triggered): it has left already.
                         let failed = conn.send_notice();
+                        if waits.is_some() && conn.client_hup {
+                            conn.give_up_wait();
+                        }
                         conn.frozen = Some(frozen);
                         let (tx, waker, id) =
                             (self.judged_tx.clone(), self._waker.clone(), conn.id);

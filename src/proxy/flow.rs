@@ -227,14 +227,16 @@ impl Frontend {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some((message_key(&hasher, msg), action));
         });
+        let no_thread = std::sync::Arc::new(AtomicBool::new(false));
         let run = super::waiter::job(
             begin,
-            shared.gate.load_full(),
+            shared.gate.clone(),
             std::sync::Arc::downgrade(state),
             flags.cancel_wait.clone(),
+            no_thread.clone(),
             decided,
         );
-        self.pending = Some(super::judge::MessageJob::waiting(len, run));
+        self.pending = Some(super::judge::MessageJob::waiting(len, run, no_thread));
         self.offloaded = Some(Offload::Decide);
     }
 

@@ -28,8 +28,8 @@ pub struct MessageJob {
     len: usize,
     run: MessageWork,
     /// It waits (for an approval, up to a rule's `wait_timeout`): it gets a thread of its own rather than
-    /// one of the judge threads.
-    waits: bool,
+    /// one of the judge threads. Set, when no thread can be had, to make it end at once instead.
+    waits: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl MessageJob {
@@ -38,21 +38,26 @@ impl MessageJob {
         MessageJob {
             len,
             run,
-            waits: false,
+            waits: None,
         }
     }
 
-    /// A job that waits (see [`JudgePool::submit_waiting`]).
-    pub fn waiting(len: usize, run: MessageWork) -> MessageJob {
+    /// A job that waits (see [`JudgePool::submit_for`]); `no_thread` makes it end at once.
+    pub fn waiting(
+        len: usize,
+        run: MessageWork,
+        no_thread: Arc<std::sync::atomic::AtomicBool>,
+    ) -> MessageJob {
         MessageJob {
             len,
             run,
-            waits: true,
+            waits: Some(no_thread),
         }
     }
 
-    pub fn waits(&self) -> bool {
-        self.waits
+    /// For a job that waits: the flag that makes it end at once.
+    pub fn waits(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        self.waits.clone()
     }
 
     /// The job for the judge threads, sharing `buffer` (whose front is the message). Its share is dropped
@@ -139,11 +144,12 @@ impl JudgePool {
 
     /// Runs `job` (bound from a [`MessageJob`]) where it belongs: a waiting job on a thread of its own (it
     /// may wait for minutes and must not keep other sessions' statements from being judged), any other on
-    /// the judge threads.
-    pub fn submit_for(&self, waits: bool, job: Job) {
-        if !waits {
+    /// the judge threads. A waiting job that gets no thread is told to end at once (`waits`), then runs on
+    /// the judge threads for that one last round.
+    pub fn submit_for(&self, waits: Option<Arc<std::sync::atomic::AtomicBool>>, job: Job) {
+        let Some(no_thread) = waits else {
             return self.submit(job);
-        }
+        };
         let job = std::sync::Arc::new(Mutex::new(Some(job)));
         let spawned = {
             let job = job.clone();
@@ -157,8 +163,9 @@ impl JudgePool {
                     }
                 })
         };
-        if spawned.is_err() {
-            // No thread to be had: the judge threads take it.
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread for a statement that would wait for an approval: it is refused");
+            no_thread.store(true, std::sync::atomic::Ordering::Release);
             let job = job.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(job) = job {
                 self.submit(job);

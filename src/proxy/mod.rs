@@ -251,7 +251,7 @@ impl Server {
                 cancel_keys: DashMap::new(),
                 force_close: CancellationToken::new(),
                 next_session: AtomicU64::new(1),
-                gate: arc_swap::ArcSwap::from_pointee(gate),
+                gate: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(gate)),
                 options,
                 sessions: DashMap::new(),
                 judges: judge::JudgePool::start(2).map_err(ServeError::Judges)?,

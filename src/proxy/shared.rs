@@ -27,7 +27,8 @@ pub struct Shared {
     pub force_close: CancellationToken,
     pub next_session: AtomicU64,
     /// The policy in force; a reload swaps it while sessions run.
-    pub gate: arc_swap::ArcSwap<GateContext>,
+    /// (Shared with the threads where statements wait for an approval: each round reads the policy in force.)
+    pub gate: std::sync::Arc<arc_swap::ArcSwap<GateContext>>,
     pub options: ServeOptions,
     /// Open client sessions, for the console's SHOW SESSIONS.
     pub sessions: DashMap<u64, SessionSummary>,

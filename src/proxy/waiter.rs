@@ -14,21 +14,27 @@ use crate::gate::HeldStatus;
 /// Where the decision goes: the relay feeds the message again and takes it.
 pub(super) type Decided = Box<dyn FnOnce(&[u8], Action) + Send>;
 
-/// The work for the waiting thread. `cancel` is the session's flag a CancelRequest (or the client leaving)
-/// sets; a cancel sent before this wait began was for something else, so it is cleared here.
+/// The work for the waiting thread. Each round reads the policy in force (`gate`: a reload while it waits
+/// applies to it). `cancel` is the session's flag a CancelRequest (or the client leaving) sets; a cancel sent
+/// before this wait began was for something else, so it is cleared here. `no_thread` is set when no thread
+/// could be started for the wait: the job then runs its last round at once, wherever it runs.
 pub(super) fn job(
     begin: Box<WaitStart>,
-    ctx: Arc<GateContext>,
+    gate: Arc<arc_swap::ArcSwap<GateContext>>,
     state: Weak<Mutex<SessionState>>,
     cancel: Arc<AtomicBool>,
+    no_thread: Arc<AtomicBool>,
     decided: Decided,
 ) -> MessageWork {
     cancel.store(false, Ordering::Release);
     Box::new(move |msg: &[u8]| {
         let mut seen = begin.approvals_seen;
         loop {
+            let ctx = gate.load_full();
             let now = Instant::now();
-            let end = if cancel.load(Ordering::Acquire) {
+            let end = if no_thread.load(Ordering::Acquire) {
+                Some(WaitEnd::NoThread)
+            } else if cancel.load(Ordering::Acquire) {
                 Some(WaitEnd::Canceled)
             } else if ctx
                 .registry
@@ -62,6 +68,8 @@ pub(super) fn job(
                 ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
                 return;
             };
+            // The policy in force now (a reload may have come while it waited).
+            let ctx = gate.load_full();
             state
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

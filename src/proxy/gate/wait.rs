@@ -59,6 +59,9 @@ impl SessionState {
                         "dismissed in the stepgate console while it waited".to_string()
                     }
                     WaitEnd::Canceled => "canceled by the client while it waited".to_string(),
+                    WaitEnd::NoThread => {
+                        "stepgate could not start a thread to wait for an approval".to_string()
+                    }
                     WaitEnd::Timeout => format!(
                         "no approval covered it within {}",
                         humantime::format_duration(timeout)
@@ -82,8 +85,8 @@ impl SessionState {
         // (Approvals come through the console, which the config requires for `wait`.)
         let can_wait = info.class != Class::Unparsed
             && !matches!(denied, Some(Denied::AuditUnavailable))
-            // A string that sets or resets a stepgate setting is decided once (its token's record is
-            // written when it is judged).
+            // A string that sets a stepgate setting is decided once (its token's record is written when
+            // it is judged).
             && !sets_stepgate
             // Every earlier reply in: nothing is held meanwhile, and the NOTICE goes out between messages.
             && self.queue.is_empty()

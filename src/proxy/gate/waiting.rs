@@ -22,8 +22,10 @@ pub enum WaitEnd {
     Timeout,
     /// `DISMISS <held id>` in the console.
     Dismissed,
-    /// A CancelRequest for the session (psql's Ctrl-C).
+    /// A CancelRequest for the session (psql's Ctrl-C), or the client left.
     Canceled,
+    /// No thread could be started to wait on (the system's thread limit).
+    NoThread,
 }
 
 /// One round of a wait, set for one decision.
