@@ -767,6 +767,21 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         .unwrap();
         g.handle().reload().unwrap();
 
+        // With the extended protocol it fails at once, saying why it did not wait.
+        let c = g.client(&db).await;
+        let started = Instant::now();
+        let err = c.execute("DROP TABLE t2", &[]).await.unwrap_err();
+        let db_err = err.as_db_error().unwrap();
+        assert_eq!(db_err.code().code(), "42501");
+        assert!(
+            db_err
+                .message()
+                .ends_with("; not waiting for an approval: sent with the extended protocol"),
+            "{db_err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(exists(&direct, "t2").await);
+
         // Inside a transaction block it fails at once.
         let started = Instant::now();
         let block = tokio::task::block_in_place(|| {

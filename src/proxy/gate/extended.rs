@@ -204,6 +204,13 @@ impl SessionState {
             .statement(info.class, outcome(decision, &reservations));
         match decision {
             Decision::Refuse => {
+                // Only a simple Query waits for an approval: say why this one did not.
+                if self.rule.on_hold == crate::config::OnHold::Wait {
+                    self.reuse_held = Some((
+                        None,
+                        "not waiting for an approval: sent with the extended protocol".into(),
+                    ));
+                }
                 let err = self.hold(
                     ctx,
                     &sql(&info),

@@ -75,26 +75,37 @@ impl SessionState {
         if self.rule.on_hold != OnHold::Wait {
             return None;
         }
-        if self.txn_in_block || self.txn_status != b'I' {
+        // Why it does not wait, said in its error (a user who configured `wait` would wonder).
+        let why_not = if self.txn_in_block || self.txn_status != b'I' {
+            // Waiting there would keep the block's locks.
+            Some("inside a transaction block")
+        } else if info.class == Class::Unparsed {
+            Some("a statement PostgreSQL cannot parse is never approved")
+        } else if matches!(denied, Some(Denied::AuditUnavailable)) {
+            // Refused as unrecorded (58030), which says why.
+            return None;
+        } else if sets_stepgate {
+            // Decided once: its token's record is written when it is judged.
+            Some("the query string sets stepgate.token")
+        } else if !self.queue.is_empty() || self.skip_until_sync || self.copy_in {
+            // Every earlier reply must be in: nothing is held meanwhile, and the NOTICE goes out between
+            // messages.
+            Some("earlier statements of the session are still running")
+        } else {
+            None
+        };
+        if let Some(why) = why_not {
             self.reuse_held = Some((
                 None,
-                "not waiting for an approval inside a transaction block".into(),
+                if why.starts_with("inside") {
+                    format!("not waiting for an approval {why}")
+                } else {
+                    format!("not waiting for an approval: {why}")
+                },
             ));
             return None;
         }
         // (Approvals come through the console, which the config requires for `wait`.)
-        let can_wait = info.class != Class::Unparsed
-            && !matches!(denied, Some(Denied::AuditUnavailable))
-            // A string that sets a stepgate setting is decided once (its token's record is written when
-            // it is judged).
-            && !sets_stepgate
-            // Every earlier reply in: nothing is held meanwhile, and the NOTICE goes out between messages.
-            && self.queue.is_empty()
-            && !self.skip_until_sync
-            && !self.copy_in;
-        if !can_wait {
-            return None;
-        }
         let approvals_seen = ctx.approvals.added();
         let (notice, held_id) =
             self.hold_entry(ctx, sql, info, HeldStatus::Waiting, denied, reason);
