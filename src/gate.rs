@@ -329,6 +329,20 @@ impl Registry {
         }
     }
 
+    /// A waiting entry whose statement an approval now covers becomes `held` (it runs, then reads as
+    /// `authorized`); false if it was dismissed meanwhile — then it must not run. One step under the entry's
+    /// lock, so a DISMISS either comes first (and the statement does not run) or finds it taken.
+    pub fn claim(&self, id: &str) -> bool {
+        match self.entries.get_mut(id) {
+            Some(e) if e.status == HeldStatus::Dismissed => false,
+            Some(mut e) => {
+                e.status = HeldStatus::Held;
+                true
+            }
+            None => true,
+        }
+    }
+
     /// Sets the status of entry `id` (a wait that ended), unless it was dismissed meanwhile.
     pub fn set_status(&self, id: &str, status: HeldStatus) {
         if let Some(mut e) = self.entries.get_mut(id) {

@@ -644,6 +644,46 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         );
         assert!(exists(&direct, "t3").await);
 
+        // DISMISS, then at once an approval that covers it: the dismissal wins, nothing runs, and the
+        // approval's use is left for another session.
+        let (waiter, id) = waiting(&g, &db, "TRUNCATE t");
+        let file = dir.path().join("truncate.asc");
+        std::fs::write(&file, sign(&payload(&db, &["TRUNCATE t"]), &["alice"])).unwrap();
+        let (ok, _, err) = tokio::task::block_in_place(|| {
+            psql_console(
+                &g,
+                SCRAM_USER,
+                Some(SCRAM_PASSWORD),
+                &format!("DISMISS {id}"),
+            )
+        });
+        assert!(ok, "{err}");
+        tokio::task::block_in_place(|| approve(&file));
+        let (ok, _, err) = tokio::task::block_in_place(|| waiter.finish(Duration::from_secs(10)));
+        assert!(!ok, "{err}");
+        assert!(err.contains("dismissed in the stepgate console"), "{err}");
+        let rows: i64 = direct
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(rows > 0, "relay {i}: TRUNCATE ran after its DISMISS");
+        g.client(&db)
+            .await
+            .batch_execute("TRUNCATE t")
+            .await
+            .unwrap();
+        let rows: i64 = direct
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 0);
+        direct
+            .batch_execute("INSERT INTO t VALUES (1), (2), (3)")
+            .await
+            .unwrap();
+
         // psql's Ctrl-C (a CancelRequest) ends the wait: it fails at once, and nothing ran.
         let (waiter, id) = waiting(&g, &db, "DROP TABLE t3");
         let interrupted = Command::new("kill")

@@ -74,11 +74,19 @@ pub(super) fn job(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .wait_round(&begin, end);
-            let action = SessionState::on_frontend_durably(&state, &ctx, b'Q', msg);
+            let mut action = SessionState::on_frontend_durably(&state, &ctx, b'Q', msg);
             if action == Action::StillWaiting {
                 continue;
             }
-            // Decided: it runs (its entry is `authorized` once it has) or it was refused.
+            // Decided: it runs (its entry is `authorized` once it has) or it was refused. A DISMISS that came
+            // while it was decided wins: what it reserved is given back and it is refused.
+            if action == Action::Forward && !ctx.registry.claim(&begin.held_id) {
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                s.withdraw_last(&ctx, "dismissed in the stepgate console while it waited");
+                s.wait_round(&begin, Some(WaitEnd::Dismissed));
+                drop(s);
+                action = SessionState::on_frontend_durably(&state, &ctx, b'Q', msg);
+            }
             ctx.registry.set_status(&begin.held_id, HeldStatus::Held);
             decided(msg, action);
             return;

@@ -55,8 +55,19 @@ impl SessionState {
                 allowed,
             }) => {
                 let guarded = !info.statements.is_empty() || self.guarded(ctx, info.class);
-                let (reservations, denied) = self.authorize(ctx, guarded, &grants, info.class);
-                let decision = decide(guarded, ctx.mode, denied.is_none());
+                // The last round of a wait (timed out, dismissed, cancelled) refuses whatever has come
+                // meanwhile: an approval that arrives with the cancel must not run it.
+                let last_round = waiting.as_ref().is_some_and(|w| w.end.is_some());
+                let (reservations, denied) = if last_round {
+                    (Vec::new(), Some(crate::proxy::authz::Denied::NoToken))
+                } else {
+                    self.authorize(ctx, guarded, &grants, info.class)
+                };
+                let decision = if last_round {
+                    Decision::Refuse
+                } else {
+                    decide(guarded, ctx.mode, denied.is_none())
+                };
                 let round = waiting.is_some();
                 match decision {
                     Decision::Refuse => {

@@ -34,6 +34,16 @@ impl SessionState {
         });
     }
 
+    /// A waiting Query was decided to run, but its held entry was dismissed at that very moment: what the
+    /// decision reserved is given back (`released`, after its `authorized` records) before it is refused
+    /// instead. Its expected reply is the last one queued (nothing else of this session is decided while it
+    /// waits).
+    pub fn withdraw_last(&mut self, ctx: &GateContext, why: &str) {
+        if let Some(entry) = self.queue.pop_back() {
+            self.abandon(ctx, entry, why);
+        }
+    }
+
     /// For a Query about to be refused: begins or continues a wait instead, when its rule says so and it can
     /// wait; None to refuse it now (a last round leaves the held entry to reuse).
     #[allow(clippy::too_many_arguments)]
