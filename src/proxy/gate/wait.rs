@@ -4,11 +4,11 @@
 //! statements ones an approval could cover — is recorded as held with status `waiting`, nothing is sent to
 //! the server, and the client gets a NOTICE with the held id and the commands that approve it. The relay
 //! stops reading from that client and hands the message to a waiting thread
-//! ([`crate::proxy::judge::JudgePool::submit_waiting`]), which decides it again
-//! ([`SessionState::on_frontend_durably`], each time after [`SessionState::wait_round`]) whenever an
-//! approval is added: once one covers it, it runs exactly as if the approval had been there at first (uses
-//! reserved, `authorized` records fsync'd before it is forwarded); when `wait_timeout` passes (or the entry
-//! is dismissed in the console), the last round refuses it with the same held id.
+//! (`proxy::waiter`), which decides it again ([`SessionState::on_frontend_durably`], each time after
+//! [`SessionState::wait_round`]) whenever an approval is added: once one covers it, it runs exactly as if the
+//! approval had been there at first (uses reserved, `authorized` records fsync'd before it is forwarded);
+//! when `wait_timeout` passes, the entry is dismissed in the console, or the client cancels or leaves, the
+//! last round refuses it with the same held id — whatever approval arrives with it.
 //!
 //! Inside a transaction block nothing waits: the block's locks would be held meanwhile.
 
@@ -24,8 +24,8 @@ use crate::proxy::authz::Denied;
 
 impl SessionState {
     /// The next decision (of the waiting message, on its waiting thread) is a round of its wait: it runs the
-    /// message if an approval now covers it, refuses it if the wait is over (`end`), and otherwise changes nothing and
-    /// returns [`Action::StillWaiting`].
+    /// message if an approval now covers it, refuses it if the wait is over (`end`), and otherwise changes
+    /// nothing and returns [`Action::StillWaiting`].
     pub fn wait_round(&mut self, start: &WaitStart, end: Option<WaitEnd>) {
         self.waiting = Some(Waiting {
             held_id: start.held_id.clone(),
