@@ -140,6 +140,14 @@ pub struct HeldEntry {
     pub created: Option<SystemTime>,
 }
 
+/// Why a DISMISS did not take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DismissError {
+    NotFound,
+    /// It ran (or is running) under a token or an approval.
+    Authorized,
+}
+
 /// The held registry: bounded, entries expire; every entry is also written to the audit log.
 pub struct Registry {
     entries: DashMap<String, HeldEntry>,
@@ -277,7 +285,7 @@ impl Registry {
                             .as_str()
                             .is_some_and(|c| c.to_ascii_uppercase().starts_with("DISMISS"));
                     if let (true, Some(id)) = (dismissed, r["held_id"].as_str()) {
-                        self.dismiss(id);
+                        let _ = self.dismiss(id);
                     }
                     continue;
                 }
@@ -329,14 +337,14 @@ impl Registry {
         }
     }
 
-    /// A waiting entry whose statement an approval now covers becomes `held` (it runs, then reads as
-    /// `authorized`); false if it was dismissed meanwhile — then it must not run. One step under the entry's
-    /// lock, so a DISMISS either comes first (and the statement does not run) or finds it taken.
+    /// A waiting entry whose statement an approval now covers becomes `authorized` (it is forwarded next);
+    /// false if it was dismissed meanwhile — then it must not run. One step under the entry's lock, so a
+    /// DISMISS either comes first (and the statement does not run) or finds it authorized and is refused.
     pub fn claim(&self, id: &str) -> bool {
         match self.entries.get_mut(id) {
             Some(e) if e.status == HeldStatus::Dismissed => false,
             Some(mut e) => {
-                e.status = HeldStatus::Held;
+                e.status = HeldStatus::Authorized;
                 true
             }
             None => true,
@@ -352,14 +360,16 @@ impl Registry {
         }
     }
 
-    /// Marks a held entry as dismissed (the console's DISMISS); false when there is no such entry.
-    pub fn dismiss(&self, id: &str) -> bool {
+    /// Marks a held entry as dismissed (the console's DISMISS). An entry whose statement ran (or is being
+    /// forwarded) under a token or an approval cannot be: a DISMISS that succeeds means it does not run.
+    pub fn dismiss(&self, id: &str) -> Result<(), DismissError> {
         match self.entries.get_mut(id) {
+            Some(e) if e.status == HeldStatus::Authorized => Err(DismissError::Authorized),
             Some(mut e) => {
                 e.status = HeldStatus::Dismissed;
-                true
+                Ok(())
             }
-            None => false,
+            None => Err(DismissError::NotFound),
         }
     }
 

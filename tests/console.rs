@@ -622,6 +622,19 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         assert_eq!(of("approved"), 1);
         assert_eq!(of("authorized"), 1, "{records:?}");
         assert_eq!(of("executed"), 1);
+        // It ran: a DISMISS now cannot pretend otherwise.
+        let (ok, _, err) = tokio::task::block_in_place(|| {
+            psql_console(
+                &g,
+                SCRAM_USER,
+                Some(SCRAM_PASSWORD),
+                &format!("DISMISS {id}"),
+            )
+        });
+        assert!(
+            !ok && err.contains("was authorized") && err.contains("cannot be dismissed"),
+            "{err}"
+        );
 
         // Dismissed in the console while it waits: it fails at once, and nothing ran.
         let (waiter, id) = waiting(&g, &db, "DROP TABLE t3");
@@ -806,6 +819,42 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         )
         .unwrap();
         g.handle().reload().unwrap();
+
+        // A cancel sent right behind the query (before its NOTICE, while the hold is being recorded) ends
+        // the wait too; the approval that follows runs nothing.
+        let c = g.client(&db).await;
+        let cancel = c.cancel_token();
+        let running = tokio::spawn(async move {
+            let r = c.simple_query("ALTER TABLE t ADD COLUMN g int").await;
+            (c, r)
+        });
+        cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let (_c, r) = tokio::time::timeout(Duration::from_secs(10), running)
+            .await
+            .expect("a cancelled wait ends at once")
+            .unwrap();
+        let err = r.unwrap_err();
+        assert!(
+            err.as_db_error().is_some_and(|e| e
+                .message()
+                .contains("canceled by the client while it waited")),
+            "relay {i}: {err:?}"
+        );
+        let file = dir.path().join("g.asc");
+        std::fs::write(
+            &file,
+            sign(
+                &payload(&db, &["ALTER TABLE t ADD COLUMN g int"]),
+                &["alice"],
+            ),
+        )
+        .unwrap();
+        tokio::task::block_in_place(|| approve(&file));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !has_column(&direct, "g").await,
+            "relay {i}: ran after its cancel"
+        );
 
         // With the extended protocol it fails at once, saying why it did not wait.
         let c = g.client(&db).await;

@@ -383,8 +383,10 @@ async fn unknown_stepgate_startup_settings_are_refused() {
             .any(|(t, b)| *t == b'D' && b.ends_with(b"secret-value")),
         "{direct:?}"
     );
-    let cases: [(&str, &[u8], &str); 3] = [
+    let cases: [(&str, &[u8], &str); 4] = [
         ("options", opts, "stepgate.note"),
+        // PostgreSQL unescapes options: this is stepgate.x to the server.
+        ("options", b"-c st\\epgate\\.x=1", "stepgate.x"),
         ("stepgate.Tokn", b"direct-param", "stepgate.tokn"),
         (
             "options",

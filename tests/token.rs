@@ -1273,6 +1273,29 @@ async fn token_new_session_lists_what_one_session_had_held() {
         !ok && err.contains("no held statement left to sign"),
         "{err}"
     );
+
+    // Session numbers go on across a restart: a session after it is not mixed with one before.
+    drop((c, c2, other));
+    let mut g = g;
+    g.restart().await;
+    let c3 = g.client(db).await;
+    let (after, _) = held(&c3.batch_execute("DROP TABLE t3").await.unwrap_err());
+    let records = g.audit();
+    let session_of = |id: &str| {
+        records.iter().find(|r| r["held_id"] == id).unwrap()["session_id"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        session_of(&after) > session,
+        "{} <= {session}",
+        session_of(&after)
+    );
+    let (ok, out, err) = stepgate(&["token", "new", "--config", cfg, "--session", &after], b"");
+    assert!(ok, "{err}");
+    let payload = String::from_utf8(out).unwrap();
+    assert_eq!(payload.matches("statement: ").count(), 1, "{payload}");
+    assert!(payload.contains("DROP TABLE t3"), "{payload}");
 }
 
 /// A rollback gives uses back only inside an explicit transaction block. In an implicit one (a multi-statement

@@ -97,9 +97,28 @@ pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<NewPayload> {
                 let entries = match source {
                     Source::Held(id) => vec![entry_of(id)?],
                     Source::Session(s) => {
-                        let session: u64 = match s.parse() {
-                            Ok(n) => n,
-                            Err(_) => entry_of(s)?.session.session_id,
+                        // Which session: by a held id of it, or by its number (the latest session with
+                        // that number: logs written before numbers went on across restarts reuse them).
+                        let named = match s.parse::<u64>() {
+                            Ok(n) => records
+                                .iter()
+                                .rev()
+                                .filter(|r| r["session_id"].as_u64() == Some(n))
+                                .find_map(|r| r["held_id"].as_str().and_then(|id| registry.get(id)))
+                                .ok_or_else(|| {
+                                    anyhow!(
+                                        "session {n} has no held statement in {}",
+                                        path.display()
+                                    )
+                                })?,
+                            Err(_) => entry_of(s)?,
+                        };
+                        let session = named.session.session_id;
+                        // Same number, other user, database or client: another session (an older log).
+                        let same = |e: &stepgate::gate::HeldEntry| {
+                            e.session.user == named.session.user
+                                && e.session.database == named.session.database
+                                && e.session.client_addr == named.session.client_addr
                         };
                         // In the order they were held; what already ran with a token or was dismissed is
                         // not listed, and a statement held again (a retry) is listed once.
@@ -113,6 +132,9 @@ pub fn new_payload(o: &NewToken<'_>, now: SystemTime) -> Result<NewPayload> {
                             else {
                                 continue;
                             };
+                            if !same(&e) {
+                                continue;
+                            }
                             if matches!(
                                 e.status,
                                 stepgate::gate::HeldStatus::Authorized

@@ -509,6 +509,11 @@ impl Backend {
                         b'E' if !self.logged_in => login_failed = true,
                         _ => {}
                     }
+                    if tag == b'Z' && flags.cancel_wait.load(Ordering::Relaxed) {
+                        // A cancel sent before this was for a statement that has now ended: it must not
+                        // end a later wait for an approval.
+                        flags.cancel_wait.store(false, Ordering::Release);
+                    }
                     if tag == b'E' && is_fatal(body) {
                         flags.upstream_fatal.store(true, Ordering::Release);
                     }

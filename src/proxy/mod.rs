@@ -186,6 +186,14 @@ impl Server {
             .filter(|r| r["event"] == "approved")
             .filter_map(|r| r["token"].as_str().map(str::to_string))
             .collect();
+        // Session numbers go on from the log's highest, so one number names one session of this state
+        // directory across restarts (`token new --session`, the audit trail).
+        let first_session = records
+            .iter()
+            .filter_map(|r| r["session_id"].as_u64())
+            .max()
+            .unwrap_or(0)
+            + 1;
         drop(records);
         for id in crate::audit::AuditLog::damaged_token_ids(&config.state_dir)? {
             warn!(token_id = %id, "a damaged audit record names this token: all its uses count as spent");
@@ -250,7 +258,7 @@ impl Server {
                 upstream_tls,
                 cancel_keys: DashMap::new(),
                 force_close: CancellationToken::new(),
-                next_session: AtomicU64::new(1),
+                next_session: AtomicU64::new(first_session),
                 gate: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(gate)),
                 options,
                 sessions: DashMap::new(),

@@ -15,8 +15,9 @@ use crate::gate::HeldStatus;
 pub(super) type Decided = Box<dyn FnOnce(&[u8], Action) + Send>;
 
 /// The work for the waiting thread. Each round reads the policy in force (`gate`: a reload while it waits
-/// applies to it). `cancel` is the session's flag a CancelRequest (or the client leaving) sets; a cancel sent
-/// before this wait began was for something else, so it is cleared here. `no_thread` is set when no thread
+/// applies to it). `cancel` is the session's flag a CancelRequest (or the client leaving) sets; each
+/// ReadyForQuery clears it (a cancel sent before was for a statement that has ended), and a wait begins only
+/// after every reply is in — so a cancel sent right behind the waiting query counts. `no_thread` is set when no thread
 /// could be started for the wait: the job then runs its last round at once, wherever it runs.
 pub(super) fn job(
     begin: Box<WaitStart>,
@@ -26,7 +27,6 @@ pub(super) fn job(
     no_thread: Arc<AtomicBool>,
     decided: Decided,
 ) -> MessageWork {
-    cancel.store(false, Ordering::Release);
     Box::new(move |msg: &[u8]| {
         let mut seen = begin.approvals_seen;
         loop {
@@ -80,7 +80,11 @@ pub(super) fn job(
             }
             // Decided: it runs (its entry is `authorized` once it has) or it was refused. A DISMISS that came
             // while it was decided wins: what it reserved is given back and it is refused.
-            if action == Action::Forward && !ctx.registry.claim(&begin.held_id) {
+            if action == Action::Forward {
+                if ctx.registry.claim(&begin.held_id) {
+                    decided(msg, action);
+                    return;
+                }
                 let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
                 s.withdraw_last(&ctx, "dismissed in the stepgate console while it waited");
                 s.wait_round(&begin, Some(WaitEnd::Dismissed));

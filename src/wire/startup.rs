@@ -297,8 +297,10 @@ fn take_from_options(
     options: &[u8],
     taken: &mut Vec<(String, String)>,
 ) -> Result<Vec<u8>, StartupError> {
+    // Looked for in the words as PostgreSQL reads them (a backslash escapes the next byte: `st\epgate.x`
+    // is `stepgate.x` to the server), never in the raw bytes.
     let tokens = split_options(options);
-    if !mentions_stepgate(options) {
+    if !tokens.iter().any(|t| mentions_stepgate(t)) {
         // The common case: nothing of ours inside, forward the original bytes untouched.
         return Ok(options.to_vec());
     }

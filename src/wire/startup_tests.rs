@@ -203,3 +203,22 @@ fn a_raw_clearsigned_token_in_options_is_refused_whole() {
         Some(&b"-c work_mem=1MB --search_path=x"[..])
     );
 }
+
+/// PostgreSQL unescapes `options` before it reads a name: `-c st\epgate\.x=1` is `stepgate.x` to the server.
+/// Such a spelling is taken (and so refused or used) like the plain one, never forwarded.
+#[test]
+fn escaped_stepgate_names_in_options_are_taken_not_forwarded() {
+    for opts in [
+        "-c stepgate\\.x=1",
+        "-c s\\tepgate.x=1",
+        "--s\\tepgate.x=1",
+        "-cs\\tepgate.x=1",
+        "-c st\\epgate\\.token=forged",
+    ] {
+        let mut m = parsed(&startup(&[("user", "u"), ("options", opts)]));
+        let taken = m.take_stepgate_settings().unwrap();
+        assert_eq!(taken.len(), 1, "{opts}");
+        assert!(taken[0].0.starts_with("stepgate."), "{taken:?}");
+        assert!(m.get("options").is_none(), "{:?}", m.get("options"));
+    }
+}

@@ -30,8 +30,19 @@ impl Command for Dismiss {
     }
     fn run(&self, cx: &Ctx<'_>, args: &[String]) -> Result<Table, ConsoleError> {
         let id = held_id(&args[0])?;
-        if !cx.gate.registry.dismiss(&id) {
-            return Err(ConsoleError::not_found(format!("no held statement {id}")));
+        match cx.gate.registry.dismiss(&id) {
+            Ok(()) => {}
+            Err(crate::gate::DismissError::NotFound) => {
+                return Err(ConsoleError::not_found(format!("no held statement {id}")))
+            }
+            Err(crate::gate::DismissError::Authorized) => {
+                return Err(ConsoleError {
+                    code: "55000",
+                    message: format!(
+                        "held statement {id} was authorized (a token or an approval covered it): it ran or is running, and cannot be dismissed"
+                    ),
+                })
+            }
         }
         Ok(Table { tag: "DISMISS".into(), ..Table::default() })
     }
