@@ -574,6 +574,12 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
                 String::from_utf8_lossy(&out.stderr)
             );
         };
+        // Signs (alice) a token for `sql` in `db`, writes it as `name` and approves it.
+        let approve_sql = |name: &str, db: &str, sql: &str| {
+            let file = dir.path().join(name);
+            std::fs::write(&file, sign(&payload(db, &[sql]), &["alice"])).unwrap();
+            tokio::task::block_in_place(|| approve(&file));
+        };
         // It waits: the NOTICE comes at once, the console lists it as waiting, nothing ran.
         let alter = "ALTER TABLE t ADD COLUMN b int";
         let mut waiter = tokio::task::block_in_place(|| Waiter::start(&g, &db, &[alter]));
@@ -721,9 +727,7 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         waiter.child.kill().unwrap();
         waiter.child.wait().unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let file = dir.path().join("t3.asc");
-        std::fs::write(&file, sign(&payload(&db, &["DROP TABLE t3"]), &["alice"])).unwrap();
-        tokio::task::block_in_place(|| approve(&file));
+        approve_sql("t3.asc", &db, "DROP TABLE t3");
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert!(
             exists(&direct, "t3").await,
@@ -757,9 +761,7 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
             }
             drop(r);
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let file = dir.path().join(format!("{col}.asc"));
-            std::fs::write(&file, sign(&payload(&db, &[&sql]), &["alice"])).unwrap();
-            tokio::task::block_in_place(|| approve(&file));
+            approve_sql(&format!("{col}.asc"), &db, &sql);
             tokio::time::sleep(Duration::from_millis(700)).await;
             assert!(
                 !has_column(&direct, &col).await,
@@ -783,16 +785,7 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
         .unwrap();
         let (waiter, id) = waiting(&g, &db, "ALTER TABLE t ADD COLUMN f int");
         g.handle().reload().unwrap();
-        let file = dir.path().join("f.asc");
-        std::fs::write(
-            &file,
-            sign(
-                &payload(&db, &["ALTER TABLE t ADD COLUMN f int"]),
-                &["alice"],
-            ),
-        )
-        .unwrap();
-        tokio::task::block_in_place(|| approve(&file));
+        approve_sql("f.asc", &db, "ALTER TABLE t ADD COLUMN f int");
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert!(
             !has_column(&direct, "f").await,
@@ -840,16 +833,7 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
                 .contains("canceled by the client while it waited")),
             "relay {i}: {err:?}"
         );
-        let file = dir.path().join("g.asc");
-        std::fs::write(
-            &file,
-            sign(
-                &payload(&db, &["ALTER TABLE t ADD COLUMN g int"]),
-                &["alice"],
-            ),
-        )
-        .unwrap();
-        tokio::task::block_in_place(|| approve(&file));
+        approve_sql("g.asc", &db, "ALTER TABLE t ADD COLUMN g int");
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert!(
             !has_column(&direct, "g").await,
@@ -908,9 +892,7 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
             "{err}"
         );
         assert!(!has_column(&direct_short, "d").await);
-        let late = dir.path().join("late.asc");
-        std::fs::write(&late, sign(&payload(&short, &[late_alter]), &["alice"])).unwrap();
-        tokio::task::block_in_place(|| approve(&late));
+        approve_sql("late.asc", &short, late_alter);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!has_column(&direct_short, "d").await);
         let (_, shown, _) = tokio::task::block_in_place(|| {
@@ -925,5 +907,10 @@ async fn a_waiting_statement_runs_once_approved_and_fails_when_the_wait_ends() {
             shown.contains("held") && !shown.contains("waiting"),
             "{shown}"
         );
+        // Every wait's evidence (held, approved, authorized/executed, released after a DISMISS won) verifies.
+        let files = stepgate::audit::log_files(g.state_dir());
+        let keyring = stepgate::token::signed::Keyring::load(&keys_dir().join("keyring")).unwrap();
+        let report = stepgate::audit_tool::verify(&files, Some(&keyring), None).unwrap();
+        assert!(report.ok, "relay {i}: {:?}", report.error);
     }
 }

@@ -300,70 +300,60 @@ impl Frontend {
                             } else {
                                 None
                             };
-                            if let Some((_, action)) = decided {
-                                let next = self.act(
-                                    action,
-                                    (data, &mut start, ready, len),
-                                    emit,
-                                    flags,
-                                    shared,
-                                    state,
-                                )?;
-                                match next {
-                                    Some(next) => {
-                                        ready = next;
-                                        continue;
+                            let action = match decided {
+                                Some((_, action)) => action,
+                                None => {
+                                    let (session, ctx) = gate.get();
+                                    if after.is_none()
+                                        && matches!(tag, b'Q' | b'P')
+                                        && msg.len() >= super::judge::OFFLOAD_BYTES
+                                    {
+                                        if let Some(job) =
+                                            session.offload(&shared.gate.load_full(), tag, msg)
+                                        {
+                                            // Classified elsewhere first; this message is fed again afterwards.
+                                            self.pending =
+                                                Some(super::judge::MessageJob::new(msg.len(), job));
+                                            self.offloaded = Some(Offload::Classify);
+                                            break;
+                                        }
                                     }
-                                    None => break,
+                                    if after != Some(Offload::Decide)
+                                        && matches!(tag, b'Q' | b'E')
+                                        && session.needs_durable_write(ctx, tag, msg)
+                                    {
+                                        // Decided on a judge thread, where its fsync'd evidence is written; this
+                                        // message is fed again afterwards and takes that decision.
+                                        let (state, ctx, slot, hasher) = (
+                                            state.clone(),
+                                            shared.gate.load_full(),
+                                            self.decided.clone(),
+                                            self.hasher.clone(),
+                                        );
+                                        drop(gate);
+                                        let decide = move |msg: &[u8]| {
+                                            let action = SessionState::on_frontend_durably(
+                                                &state, &ctx, tag, msg,
+                                            );
+                                            *slot.lock().unwrap_or_else(|p| p.into_inner()) =
+                                                Some((message_key(&hasher, msg), action));
+                                        };
+                                        self.pending = Some(super::judge::MessageJob::new(
+                                            msg.len(),
+                                            Box::new(decide),
+                                        ));
+                                        self.offloaded = Some(Offload::Decide);
+                                        break;
+                                    }
+                                    let action = session.on_frontend(ctx, tag, msg);
+                                    if msg.len() >= super::judge::TRIM_AFTER_BYTES
+                                        && matches!(tag, b'Q' | b'P')
+                                    {
+                                        super::judge::release_free_memory();
+                                    }
+                                    action
                                 }
-                            }
-                            let (session, ctx) = gate.get();
-                            if after.is_none()
-                                && matches!(tag, b'Q' | b'P')
-                                && msg.len() >= super::judge::OFFLOAD_BYTES
-                            {
-                                if let Some(job) =
-                                    session.offload(&shared.gate.load_full(), tag, msg)
-                                {
-                                    // Classified elsewhere first; this message is fed again afterwards.
-                                    self.pending =
-                                        Some(super::judge::MessageJob::new(msg.len(), job));
-                                    self.offloaded = Some(Offload::Classify);
-                                    break;
-                                }
-                            }
-                            if after != Some(Offload::Decide)
-                                && matches!(tag, b'Q' | b'E')
-                                && session.needs_durable_write(ctx, tag, msg)
-                            {
-                                // Decided on a judge thread, where its fsync'd evidence is written; this
-                                // message is fed again afterwards and takes that decision.
-                                let (state, ctx, slot, hasher) = (
-                                    state.clone(),
-                                    shared.gate.load_full(),
-                                    self.decided.clone(),
-                                    self.hasher.clone(),
-                                );
-                                drop(gate);
-                                let decide = move |msg: &[u8]| {
-                                    let action =
-                                        SessionState::on_frontend_durably(&state, &ctx, tag, msg);
-                                    *slot.lock().unwrap_or_else(|p| p.into_inner()) =
-                                        Some((message_key(&hasher, msg), action));
-                                };
-                                self.pending = Some(super::judge::MessageJob::new(
-                                    msg.len(),
-                                    Box::new(decide),
-                                ));
-                                self.offloaded = Some(Offload::Decide);
-                                break;
-                            }
-                            let action = session.on_frontend(ctx, tag, msg);
-                            if msg.len() >= super::judge::TRIM_AFTER_BYTES
-                                && matches!(tag, b'Q' | b'P')
-                            {
-                                super::judge::release_free_memory();
-                            }
+                            };
                             let next = self.act(
                                 action,
                                 (data, &mut start, ready, len),
